@@ -1,0 +1,70 @@
+"""Shared, session-scoped fixtures: tiny configs and models built once, and the shared datasets' location."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# This CPU advertises AMX but the VM does not enable it: oneDNN's bf16 kernels then die with SIGILL. Cap the ISA
+# (before torch initialises oneDNN; subprocesses inherit it). Harmless elsewhere: it only excludes AMX kernels.
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from vqtok import Autoencoder, AutoencoderConfig, GaussianConfig, VQConfig
+
+DATASETS = Path(os.environ.get("VQTOK_DATASETS", Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets"))
+
+
+def tiny_config(bottleneck, **overrides) -> AutoencoderConfig:
+    """A two-level (f = 2) model small enough for CPU tests, with attention at the 8x8 level."""
+    base = dict(
+        in_channels=3,
+        resolution=16,
+        base_channels=16,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        latent_channels=8,
+        norm_groups=8,
+        bottleneck=bottleneck,
+    )
+    base.update(overrides)
+    return AutoencoderConfig(**base)
+
+
+@pytest.fixture(scope="session")
+def vq_config() -> AutoencoderConfig:
+    return tiny_config(VQConfig(codebook_size=32, dim=4, kmeans_samples=64))
+
+
+@pytest.fixture(scope="session")
+def gaussian_config() -> AutoencoderConfig:
+    return tiny_config(GaussianConfig(dim=4))
+
+
+@pytest.fixture(scope="session")
+def vq_model(vq_config) -> Autoencoder:
+    torch.manual_seed(0)
+    return Autoencoder(vq_config).eval()
+
+
+@pytest.fixture(scope="session")
+def gaussian_model(gaussian_config) -> Autoencoder:
+    torch.manual_seed(0)
+    return Autoencoder(gaussian_config).eval()
+
+
+@pytest.fixture(scope="session")
+def images() -> torch.Tensor:
+    """A fixed batch of 4 RGB 16x16 images in [-1, 1]."""
+    return torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+@pytest.fixture
+def fresh(request):
+    """A fresh copy of a session model, for tests that change state."""
+    import copy
+
+    return lambda model: copy.deepcopy(model)

@@ -1,0 +1,37 @@
+"""Run under `torchrun --nproc_per_node 2`: one DDP training step per rank on half of a fixed batch, with DDP's
+buffer broadcast off, then save each rank's quantizer state for the test to compare (tests/test_distributed.py)."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_BF16")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+from tests.scripts.common import batch, ema_model, kmeans_restart_model, train_step  # noqa: E402
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+assert world == 2, f"expected 2 ranks, got {world}"
+out = Path(sys.argv[1])
+
+x = batch()
+local = x.chunk(world)[rank]
+model = ema_model()
+train_step(DistributedDataParallel(model, broadcast_buffers=False), model, local)
+
+other = kmeans_restart_model()
+ddp = DistributedDataParallel(other, broadcast_buffers=False)
+restarted = sum(int(train_step(ddp, other, local).get("restarted", 0)) for _ in range(4))
+
+vq, vq2 = model.bottleneck, other.bottleneck
+tensors = {"ema_count": vq.ema_count, "ema_sum": vq.ema_sum, "codebook": vq.codebook,
+           "kmeans_codebook": vq2.codebook, "kmeans_ema_count": vq2.ema_count,
+           "restarted": torch.tensor(restarted), "world": torch.tensor(world)}
+save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"rank{rank}.safetensors"))
+dist.destroy_process_group()

@@ -1,0 +1,212 @@
+"""The Hub format: save -> load is bit-identical; offline Hub cache by repo id; strict, pickle-free loading."""
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import vqtok
+from vqtok import Autoencoder, ConfigError
+
+
+@pytest.fixture(scope="module")
+def saved_vq(vq_model, tmp_path_factory, images):
+    model = Autoencoder(vq_model.config)
+    model.load_state_dict(vq_model.state_dict())
+    model.train()
+    model(images)
+    model.on_optimizer_step()  # k-means init: non-default buffers must survive the round trip too
+    model(images)
+    model.on_optimizer_step()
+    path = tmp_path_factory.mktemp("saved") / "vq"
+    model.eval().save_pretrained(path)
+    return model, path
+
+
+def _copy(path: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(path, tmp_path / "copy"))
+
+
+def test_roundtrip_is_bit_identical_vq(saved_vq, images):
+    model, path = saved_vq
+    loaded = vqtok.load(path)
+    assert type(loaded) is Autoencoder and not loaded.training
+    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    codes = model.encode(images)
+    assert torch.equal(codes, loaded.encode(images))
+    assert torch.equal(model.decode(codes), loaded.decode(codes))
+    assert model.bottleneck.codebook_stats().keys() == loaded.bottleneck.codebook_stats().keys()
+    for key, value in model.bottleneck.codebook_stats().items():
+        assert torch.equal(value, loaded.bottleneck.codebook_stats()[key]), key
+
+
+def test_roundtrip_is_bit_identical_gaussian(gaussian_model, tmp_path, images):
+    gaussian_model.save_pretrained(tmp_path)
+    loaded = Autoencoder.from_pretrained(tmp_path)
+    a, b = gaussian_model.encode(images), loaded.encode(images)
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.logvar, b.logvar)
+    assert torch.equal(gaussian_model.decode(a.mode()), loaded.decode(b.mode()))
+
+
+def test_saved_folder_layout(saved_vq):
+    _, path = saved_vq
+    assert sorted(os.listdir(path)) == ["README.md", "config.json", "model.safetensors"]
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "autoencoder" and config["vqtok_version"] == vqtok.__version__
+    assert config["downsampling_factor"] == 2 and config["latent_grid"] == [8, 8] and config["vocab_size"] == 32
+    assert config["input_range"] == "-1,1" and config["resolution"] == 16
+    card = (path / "README.md").read_text()
+    assert "library_name: vqtok" in card and "vocab size | 32" in card
+
+
+def _hub_cache(root: Path, repo_id: str, folder: Path, sha: str) -> Path:
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<sha>/files}."""
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    for f in folder.iterdir():
+        shutil.copy(f, snapshot / f.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    return root
+
+
+LOAD_BY_ID = """
+import sys, torch, vqtok
+model = vqtok.load(sys.argv[1])
+ref = vqtok.load(sys.argv[2])
+x = torch.rand(2, 3, 16, 16) * 2 - 1
+assert torch.equal(model.encode(x), ref.encode(x))
+print("OK", type(model).__name__)
+"""
+
+
+def test_load_by_repo_id_from_offline_hub_cache(saved_vq, tmp_path):
+    _, path = saved_vq
+    sha = "a" * 40
+    cache = _hub_cache(tmp_path / "hub", "org/tiny-vq", path, sha)
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    for name in ["org/tiny-vq", f"org/tiny-vq@{sha}"]:
+        result = subprocess.run(
+            [sys.executable, "-c", LOAD_BY_ID, name, str(path)], env=env, capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        assert "OK Autoencoder" in result.stdout
+
+
+@pytest.mark.parametrize("change", ["missing", "extra", "shape"])
+def test_weights_that_do_not_match_fail(saved_vq, tmp_path, change):
+    _, path = saved_vq
+    path = _copy(path, tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    if change == "missing":
+        del tensors["decoder.conv_out.bias"]
+        match = "missing 1 tensor.*decoder.conv_out.bias"
+    elif change == "extra":
+        tensors["encoder.extra"] = torch.zeros(1)
+        match = "unexpected 1 tensor.*encoder.extra"
+    else:
+        tensors["bottleneck.codebook"] = torch.zeros(31, 4)
+        match = "bottleneck.codebook' has shape"
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ValueError, match=match):
+        vqtok.load(path)
+
+
+class _Boom:
+    def __reduce__(self):
+        return (Path.touch, (Path(os.environ["VQTOK_PICKLE_MARKER"]),))
+
+
+def test_pickle_only_folder_is_refused_without_unpickling(saved_vq, tmp_path, monkeypatch):
+    _, path = saved_vq
+    folder = tmp_path / "pickled"
+    folder.mkdir()
+    shutil.copy(path / "config.json", folder / "config.json")
+    marker = tmp_path / "unpickled"
+    monkeypatch.setenv("VQTOK_PICKLE_MARKER", str(marker))
+    (folder / "pytorch_model.bin").write_bytes(pickle.dumps(_Boom()))
+    with pytest.raises(ValueError, match="never unpickles"):
+        vqtok.load(folder)
+    assert not marker.exists()
+    pickle.loads((folder / "pytorch_model.bin").read_bytes())  # the file really would have run code
+    assert marker.exists()
+
+
+def _edit_config(path: Path, tmp_path: Path, edit) -> Path:
+    path = _copy(path, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda c: c.update(model_type="diffusion"), "unknown model_type 'diffusion'"),
+        (lambda c: c.pop("model_type"), "unknown model_type None"),
+        (lambda c: c.update(vqtok_version="99.0.0"), "newer than the installed"),
+        (lambda c: c.update(vqtok_version="banana"), "vqtok_version' is missing or invalid"),
+        (lambda c: c.update(base_channel=16), "unknown key.*'base_channel'"),
+        (lambda c: c["bottleneck"].update(codebook_size="many"), "'bottleneck.codebook_size' must be an integer"),
+        (lambda c: c.update(downsampling_factor=8), "'downsampling_factor' is 8 but the config implies 2"),
+    ],
+)
+def test_bad_config_json_is_a_clear_error(saved_vq, tmp_path, edit, match):
+    _, path = saved_vq
+    with pytest.raises(ConfigError, match=match):
+        vqtok.load(_edit_config(path, tmp_path, edit))
+
+
+def test_malformed_json_and_missing_files(saved_vq, tmp_path):
+    _, path = saved_vq
+    broken = _copy(path, tmp_path)
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        vqtok.load(broken)
+    (broken / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        vqtok.load(broken)
+    truncated = Path(shutil.copytree(path, tmp_path / "truncated"))
+    data = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        vqtok.load(truncated)
+
+
+def test_save_replaces_files_atomically(saved_vq, tmp_path):
+    model, path = saved_vq
+    target = _copy(path, tmp_path)
+    with mock.patch("vqtok.hub.save_file", side_effect=RuntimeError("disk full")):
+        with pytest.raises(RuntimeError, match="disk full"):
+            model.save_pretrained(target)
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "config.json", "model.safetensors"]  # no temps
+    assert (target / "config.json").read_bytes() == (path / "config.json").read_bytes()
+    assert (target / "model.safetensors").read_bytes() == (path / "model.safetensors").read_bytes()
+
+
+def test_push_to_hub_uploads_the_saved_folder(saved_vq):
+    model, _ = saved_vq
+    uploaded = {}
+
+    def upload_folder(**kwargs):
+        uploaded["files"] = sorted(os.listdir(kwargs["folder_path"]))
+        uploaded["config"] = json.loads((Path(kwargs["folder_path"]) / "config.json").read_text())
+        return "https://huggingface.co/org/tiny/commit/1"
+
+    with mock.patch("huggingface_hub.hub_mixin.HfApi") as api:
+        api.return_value.create_repo.return_value.repo_id = "org/tiny"
+        api.return_value.upload_folder.side_effect = upload_folder
+        model.push_to_hub("org/tiny")
+    assert uploaded["files"] == ["README.md", "config.json", "model.safetensors"]
+    assert uploaded["config"]["model_type"] == "autoencoder"

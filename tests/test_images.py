@@ -1,0 +1,50 @@
+"""preprocess/postprocess between uint8/PIL images and the model's input range."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vqtok import Autoencoder
+from tests.conftest import tiny_config
+from vqtok.config import VQConfig
+
+
+@pytest.mark.parametrize("input_range", ["-1,1", "0,1"])
+def test_uint8_roundtrip_is_exact(input_range):
+    model = Autoencoder(tiny_config(VQConfig(codebook_size=8, dim=4), input_range=input_range))
+    images = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)
+    x = model.preprocess(images)
+    lo, hi = model.config.value_range
+    assert x.dtype == torch.float32 and x.min() >= lo and x.max() <= hi
+    assert torch.equal(model.postprocess(x), images)
+
+
+def test_pil_and_numpy_inputs(vq_model):
+    array = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    from_pil = vq_model.preprocess([Image.fromarray(array), Image.fromarray(array)])
+    from_numpy = vq_model.preprocess(array)
+    assert from_pil.shape == (2, 3, 16, 16)
+    assert torch.equal(from_pil[0], from_numpy[0])
+    pil = vq_model.postprocess(from_numpy, output_type="pil")
+    assert np.array_equal(np.asarray(pil[0]), array)
+
+
+def test_grey_pil_is_converted_for_rgb_models(vq_model):
+    grey = Image.fromarray(np.full((16, 16), 128, dtype=np.uint8), mode="L")
+    assert vq_model.preprocess(grey).shape == (1, 3, 16, 16)
+
+
+@pytest.mark.parametrize(
+    "bad, error, match",
+    [
+        (torch.zeros(1, 1, 16, 16, dtype=torch.uint8), ValueError, "1 channels, the model takes 3"),
+        (torch.zeros(1, 3, 16, 16), TypeError, "must be uint8"),
+        (np.zeros((16, 16, 3), dtype=np.float32), TypeError, "must be uint8"),
+        ([], ValueError, "no images"),
+        ("image.png", TypeError, "cannot read images"),
+    ],
+)
+def test_bad_inputs_are_clear_errors(vq_model, bad, error, match):
+    with pytest.raises(error, match=match):
+        vq_model.preprocess(bad)

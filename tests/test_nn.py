@@ -1,0 +1,66 @@
+"""Encoder/decoder shapes, attention against a float64 reference, and clear errors on bad images."""
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import tiny_config
+from vqtok import Autoencoder
+from vqtok.config import GaussianConfig, VQConfig
+from vqtok.nn import AttnBlock, Decoder, Encoder
+
+
+@pytest.mark.parametrize("mult, f", [((1,), 1), ((1, 2), 2), ((1, 1, 2), 4)])
+def test_encoder_decoder_shapes(mult, f):
+    config = tiny_config(VQConfig(codebook_size=8, dim=4), channel_mult=mult, attn_resolutions=())
+    enc, dec = Encoder(config, out_channels=5), Decoder(config, in_channels=5)
+    x = torch.randn(2, 3, 16, 24)
+    h = enc(x)
+    assert h.shape == (2, 5, 16 // f, 24 // f)
+    assert dec(h).shape == x.shape
+
+
+def test_attention_placement_follows_resolution():
+    config = tiny_config(VQConfig(codebook_size=8, dim=4), channel_mult=(1, 1, 2), attn_resolutions=(8,))
+    enc, dec = Encoder(config, 4), Decoder(config, 4)
+    has_attn = lambda level: any(isinstance(a, AttnBlock) for a in level.attns)  # noqa: E731
+    assert [has_attn(level) for level in enc.levels] == [False, True, False]  # sizes 16, 8, 4
+    assert [has_attn(level) for level in dec.levels] == [False, True, False]
+
+
+def test_attention_matches_float64_softmax_reference():
+    torch.manual_seed(0)
+    block = AttnBlock(16, groups=4).double()
+    x = torch.randn(2, 16, 5, 3, dtype=torch.float64)
+    h = block.norm(x)
+    q, k, v = (conv(h).flatten(2).transpose(1, 2) for conv in (block.q, block.k, block.v))  # [B, HW, C]
+    weights = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(16), dim=-1)
+    reference = x + block.proj((weights @ v).transpose(1, 2).reshape(2, 16, 5, 3))
+    torch.testing.assert_close(block(x), reference, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("bottleneck", [VQConfig(codebook_size=8, dim=4), GaussianConfig(dim=4)])
+def test_any_size_divisible_by_f_works(bottleneck):
+    model = Autoencoder(tiny_config(bottleneck)).eval()
+    for size in [(2, 2), (16, 16), (8, 30)]:
+        x = torch.rand(1, 3, *size) * 2 - 1
+        assert model(x).reconstruction.shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "x, error, match",
+    [
+        (torch.zeros(1, 1, 16, 16), ValueError, r"expected images \[B, 3, H, W\]"),
+        (torch.zeros(3, 16, 16), ValueError, r"expected images \[B, 3, H, W\]"),
+        (torch.zeros(1, 3, 15, 16), ValueError, "not divisible by the downsampling factor 2"),
+        (torch.full((1, 3, 16, 16), float("nan")), ValueError, "NaN"),
+        (torch.zeros(1, 3, 16, 16, dtype=torch.uint8), TypeError, "use preprocess"),
+    ],
+)
+def test_bad_images_are_clear_errors(vq_model, gaussian_model, x, error, match):
+    for model in (vq_model, gaussian_model):
+        with pytest.raises(error, match=match):
+            model(x)
+        with pytest.raises(error, match=match):
+            model.encode(x)

@@ -1,0 +1,71 @@
+"""The one interface every bottleneck implements (Gaussian, vector-quantized, and the hierarchical stacks).
+
+A bottleneck sits between the encoder's features and the decoder. Its `forward` returns the decoder input together
+with the regulariser to add to the reconstruction objective and detached statistics; `encode`/`decode` map features
+to the tokenizer's representation (codes or a posterior) and back. State that may change only once per optimizer
+step (EMA codebooks, restarts, k-means initialisation) changes in `on_optimizer_step`, which the training loop calls
+when gradients sync - never inside `forward`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BottleneckOutput:
+    """What a bottleneck's forward gives the model.
+
+    z: decoder input [B, dim, h, w], differentiable with respect to the encoder features.
+    loss: scalar regulariser, already weighted (beta * KL, or commitment + codebook terms), to add to the
+        reconstruction objective.
+    terms: the unweighted parts of `loss` for logging (e.g. 'kl' in nats per image, 'commitment', 'codebook').
+    stats: detached diagnostics of this batch (e.g. perplexity, quantization error).
+    codes: integer codes [B, h, w] for discrete bottlenecks, else None.
+    posterior: the approximate posterior for Gaussian bottlenecks, else None.
+    """
+
+    z: torch.Tensor
+    loss: torch.Tensor
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    codes: torch.Tensor | None = None
+    posterior: Any = None
+
+
+class Bottleneck(nn.Module, ABC):
+    """Base class: `in_channels` are taken from the encoder side, `dim` channels are given to the decoder side."""
+
+    in_channels: int
+    dim: int
+    vocab_size: int | None = None  # number of codes for discrete bottlenecks
+
+    @abstractmethod
+    def forward(self, h: torch.Tensor) -> BottleneckOutput: ...
+
+    @abstractmethod
+    def encode(self, h: torch.Tensor) -> Any:
+        """Features [B, in_channels, h, w] -> the tokenizer's representation (codes, or a posterior)."""
+
+    @abstractmethod
+    def decode(self, representation: torch.Tensor) -> torch.Tensor:
+        """Codes or latents -> decoder input [B, dim, h, w]."""
+
+    def on_optimizer_step(self, skipped: bool = False) -> dict[str, torch.Tensor]:
+        """Apply state updates gathered since the last optimizer step (once per step, when gradients sync).
+
+        `skipped=True` drops what was gathered (the training loop skipped the update, e.g. on a NaN gradient).
+        Returns statistics of the update for logging. Bottlenecks without such state do nothing.
+        """
+        return {}
+
+    def check_features(self, h: torch.Tensor) -> None:
+        if h.ndim != 4 or h.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__} expects features [B, {self.in_channels}, h, w], got {tuple(h.shape)}"
+            )

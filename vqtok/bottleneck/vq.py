@@ -1,0 +1,344 @@
+"""The vector-quantized bottleneck (VQ-VAE, van den Oord et al. 2017), with an EMA codebook by default.
+
+forward: each feature vector z goes to its nearest code e (exact float32 search, `search.py`); the decoder gets e
+with the straight-through gradient (d out / d z = I). The loss is
+
+    beta * ||z - sg(e)||^2                      (commitment, on the encoder)
+    + codebook_weight * ||sg(z) - e||^2          (codebook, only when the codebook is trained by gradients)
+
+as means over elements. Note where beta sits: on the encoder term (taming's `legacy=True` puts it on the other).
+
+EMA codebook (Sonnet's VectorQuantizerEMA, debiased): with n_k vectors assigned to code k in one optimizer step and
+s_k their sum (over micro-batches and ranks), hidden averages start at 0 and follow
+
+    N_k <- g N_k + (1 - g) n_k,    m_k <- g m_k + (1 - g) s_k,    t <- t + 1,
+    N^_k = N_k / (1 - g^t),        m^_k = m_k / (1 - g^t),
+    e_k  = (m^_k + eps * e_k) / (N^_k + eps).
+
+The Laplace pseudo-count eps sits at the code's current value rather than at the origin: a used code (N^ >> eps)
+gets Sonnet's m^/N^ to within eps/N^, while an unused one keeps its value - it neither blows up (taming's N=0 start)
+nor collapses to 0 (Sonnet's smoothing on zero sums). Dead codes - debiased count below `dead_threshold` times the
+expected count per code - restart at a recent encoder output with N^_k = threshold and m^_k = threshold * e_k, so the
+next EMA step does not undo them.
+
+All of that state changes only in `on_optimizer_step`: forward merely accumulates n_k, s_k (and restart candidates
+and the k-means reservoir) in plain attributes, not buffers, so DDP's buffer broadcast cannot overwrite them. Under
+torch.distributed the step packs them into one all-reduce; dead-code candidates for code k come from rank k mod W,
+so every rank draws the same restarts. Nothing communicates in eval mode or in forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from vqtok import distributed as dist
+from vqtok.bottleneck.base import Bottleneck, BottleneckOutput
+from vqtok.bottleneck.kmeans import kmeans
+from vqtok.bottleneck.search import nearest_code
+from vqtok.config import VQConfig
+
+NEVER = -(1 << 62)  # `last_used` of a code never assigned
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized vectors. Backward: the gradient goes to z unchanged, none to the codes."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+class VectorQuantizer(Bottleneck):
+    """Nearest-code quantizer with EMA or gradient-trained codebook, k-means init, restarts and usage statistics."""
+
+    FLOAT32_STATE = ("codebook", "ema_count", "ema_sum", "ema_sq_error")
+
+    def __init__(self, config: VQConfig):
+        super().__init__()
+        self.config = config
+        self.dim = self.in_channels = config.dim
+        self.vocab_size = k = config.codebook_size
+        init = torch.randn(k, config.dim, generator=torch.Generator().manual_seed(config.seed))
+        if config.l2_normalize:
+            init = F.normalize(init, dim=1)
+        if config.ema:
+            self.register_buffer("codebook", init)
+        else:
+            self.codebook = nn.Parameter(init)
+        # EMA state, debiased by 1 - decay ** ema_steps; counts are kept in both modes (usage, dead codes).
+        self.register_buffer("ema_count", torch.zeros(k))
+        self.register_buffer("ema_sum", torch.zeros(k, config.dim) if config.ema else torch.zeros(0))
+        self.register_buffer("ema_sq_error", torch.zeros(()))
+        self.register_buffer("ema_steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last_used", torch.full((k,), NEVER, dtype=torch.long))
+        self.register_buffer("restarts_total", torch.zeros((), dtype=torch.long))
+        self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
+        self._pending: dict[str, torch.Tensor] | None = None
+        self._recent: torch.Tensor | None = None
+        self._reservoir: list[torch.Tensor] = []
+        self._initialized_cache = False
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Keep the codebook and its statistics float32 under .to(dtype), .half(), .bfloat16().
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        before = {
+            name: t.detach()
+            for name, t in [*self._parameters.items(), *self._buffers.items()]
+            if name in self.FLOAT32_STATE and t is not None
+        }
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            current = self._parameters[name] if name in self._parameters else self._buffers[name]
+            if current.dtype != torch.float32:
+                restored = old.to(device=current.device)
+                if name in self._parameters:
+                    current.data = restored
+                else:
+                    self._buffers[name] = restored
+        return self
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Forward, encode, decode
+
+    def forward(self, h: torch.Tensor) -> BottleneckOutput:
+        self.check_features(h)
+        b, _, height, width = h.shape
+        z = self._flat_vectors(h)
+        codebook = self.code_vectors()
+        codes = nearest_code(z.detach(), codebook.detach(), chunk_elements=self.config.search_chunk)
+        quantized = F.embedding(codes, codebook)
+        commitment = F.mse_loss(z, quantized.detach())
+        loss = self.config.beta * commitment
+        terms = {"commitment": commitment}
+        if not self.config.ema:
+            terms["codebook"] = F.mse_loss(quantized, z.detach())
+            loss = loss + self.config.codebook_weight * terms["codebook"]
+        if self.training:
+            self._accumulate(z.detach(), codes, commitment.detach())
+        out = _StraightThrough.apply(z, quantized).to(h.dtype)
+        out = rearrange(out, "(b h w) d -> b d h w", b=b, h=height, w=width)
+        stats = {"perplexity": _perplexity(torch.bincount(codes, minlength=self.vocab_size)), "quant_error": commitment.detach()}
+        return BottleneckOutput(
+            z=out, loss=loss, terms=terms, stats=stats, codes=rearrange(codes, "(b h w) -> b h w", b=b, h=height)
+        )
+
+    @torch.no_grad()
+    def encode(self, h: torch.Tensor) -> torch.Tensor:
+        """Features [B, dim, h, w] -> codes LongTensor [B, h, w]."""
+        self.check_features(h)
+        b, _, height, _ = h.shape
+        codes = nearest_code(self._flat_vectors(h), self.code_vectors(), chunk_elements=self.config.search_chunk)
+        return rearrange(codes, "(b h w) -> b h w", b=b, h=height)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """Codes [B, h, w] -> decoder input [B, dim, h, w] (float32: the codebook's dtype)."""
+        if not torch.is_tensor(codes) or codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+            raise TypeError(f"codes must be an integer tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+        if codes.ndim != 3:
+            raise ValueError(f"codes must have shape [B, h, w], got {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.vocab_size):
+            raise ValueError(
+                f"codes must lie in [0, {self.vocab_size}), got values in [{int(codes.min())}, {int(codes.max())}]"
+            )
+        return rearrange(F.embedding(codes.long(), self.code_vectors()), "b h w d -> b d h w")
+
+    def code_vectors(self) -> torch.Tensor:
+        """The codebook as used for search and lookup (unit-norm rows when l2_normalize)."""
+        if self.config.l2_normalize and not self.config.ema:
+            return F.normalize(self.codebook, dim=1)
+        return self.codebook
+
+    def _flat_vectors(self, h: torch.Tensor) -> torch.Tensor:
+        z = rearrange(h, "b d h w -> (b h w) d").float()
+        return F.normalize(z, dim=1) if self.config.l2_normalize else z
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Accumulation between optimizer steps (forward, training mode)
+
+    def _generator(self, salt: int) -> torch.Generator:
+        """Deterministic per (seed, step, purpose), so restarts and k-means are reproducible and resume exactly."""
+        return torch.Generator().manual_seed(hash((self.config.seed, int(self.steps), salt)) & ((1 << 63) - 1))
+
+    @torch.no_grad()
+    def _accumulate(self, z: torch.Tensor, codes: torch.Tensor, sq_error: torch.Tensor) -> None:
+        if not self._initialized():
+            self._collect_reservoir(z)
+            return
+        p = self._pending
+        if p is None:
+            p = self._pending = self._empty_pending(z.device)
+        p["count"] += torch.bincount(codes, minlength=self.vocab_size).float()
+        if self.config.ema:
+            p["sum"].index_add_(0, codes, z)
+        p["sq_error"] += sq_error.float() * z.numel()
+        p["n"] += z.shape[0]
+        self._recent = z  # restart candidates are drawn from the last micro-batch, in the step hook
+
+    def _initialized(self) -> bool:
+        """`initialized` buffer, read from the device once and then cached (it never goes back to False)."""
+        if not self._initialized_cache:
+            self._initialized_cache = bool(self.initialized)
+        return self._initialized_cache
+
+    def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._initialized_cache = False
+
+    def _empty_pending(self, device: torch.device) -> dict[str, torch.Tensor]:
+        p = {"count": torch.zeros(self.vocab_size, device=device), "sq_error": torch.zeros((), device=device),
+             "n": torch.zeros((), device=device)}
+        if self.config.ema:
+            p["sum"] = torch.zeros_like(self.codebook)
+        return p
+
+    def _draw_candidates(self, device: torch.device) -> torch.Tensor:
+        """Restart candidates [K, D]: code k's row is a random recent vector of rank (k mod W), zero elsewhere, so
+        that after the sum all-reduce every rank holds the same candidates."""
+        k, d = self.codebook.shape
+        recent, self._recent = self._recent, None
+        if recent is None:
+            return torch.zeros(k, d, device=device)
+        picks = torch.randint(recent.shape[0], (k,), generator=self._generator(salt=dist.rank())).to(device)
+        mine = (torch.arange(k, device=device) % dist.world_size() == dist.rank())[:, None]
+        return torch.where(mine, recent[picks], torch.zeros((), device=device))
+
+    def _collect_reservoir(self, z: torch.Tensor) -> None:
+        need = self._reservoir_per_rank() - sum(len(r) for r in self._reservoir)
+        if need > 0:
+            take = torch.randperm(z.shape[0], generator=self._generator(salt=len(self._reservoir)))[:need]
+            self._reservoir.append(z[take.to(z.device)].clone())
+
+    def _reservoir_per_rank(self) -> int:
+        return math.ceil(self.config.kmeans_reservoir / dist.world_size())
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Once per optimizer step
+
+    @torch.no_grad()
+    def on_optimizer_step(self, skipped: bool = False) -> dict[str, torch.Tensor]:
+        pending, self._pending = self._pending, None
+        if skipped:
+            self._recent = None
+            return {}
+        if not self._initialized():
+            return self._maybe_kmeans_init()
+        if pending is None:
+            if dist.world_size() == 1:
+                return {}
+            pending = self._empty_pending(self.codebook.device)  # every rank must join the all-reduce
+        if self.config.dead_threshold > 0:
+            pending["candidates"] = self._draw_candidates(self.codebook.device)
+        count, total, candidates, sq_error, n = self._all_reduce(pending)
+        self.steps += 1
+        self.last_used[count > 0] = self.steps
+        self._update_ema(count, total, sq_error / n.clamp_min(1) / self.dim)
+        restarted = self._restart_dead_codes(candidates) if candidates is not None else 0
+        self.restarts_total += restarted
+        return {"step_perplexity": _perplexity(count), "restarted": torch.tensor(restarted), **self.codebook_stats()}
+
+    def _all_reduce(self, p: dict[str, torch.Tensor]):
+        k, d = self.codebook.shape
+        parts = [p["count"], p["sq_error"].reshape(1), p["n"].reshape(1)]
+        parts += [p["sum"].flatten()] if "sum" in p else []
+        parts += [p["candidates"].flatten()] if "candidates" in p else []
+        flat = dist.all_reduce_sum_(torch.cat(parts))
+        count, sq_error, n, rest = flat[:k], flat[k], flat[k + 1], flat[k + 2 :]
+        total = rest[: k * d].view(k, d) if "sum" in p else None
+        candidates = rest[-k * d :].view(k, d) if "candidates" in p else None
+        return count, total, candidates, sq_error, n
+
+    def _update_ema(self, count: torch.Tensor, total: torch.Tensor | None, sq_error: torch.Tensor) -> None:
+        g = self.config.decay
+        self.ema_steps += 1
+        self.ema_count.mul_(g).add_(count, alpha=1 - g)
+        self.ema_sq_error.mul_(g).add_(sq_error, alpha=1 - g)
+        if total is None:
+            return
+        self.ema_sum.mul_(g).add_(total, alpha=1 - g)
+        bias = 1 - g ** int(self.ema_steps)
+        eps = self.config.eps
+        # (m^ + eps e) / (N^ + eps), written so that an unused code (m^ = N^ = 0) stays bit-exact
+        n_hat = (self.ema_count / bias)[:, None]
+        codebook = self.codebook + (self.ema_sum / bias - n_hat * self.codebook) / (n_hat + eps)
+        self.codebook.copy_(F.normalize(codebook, dim=1) if self.config.l2_normalize else codebook)
+
+    def _restart_dead_codes(self, candidates: torch.Tensor) -> int:
+        bias = self._bias()
+        counts = self.ema_count / bias
+        threshold = self.config.dead_threshold * counts.sum() / self.vocab_size
+        dead = counts < threshold
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0
+        fresh = F.normalize(candidates, dim=1) if self.config.l2_normalize else candidates
+        self.codebook.data[dead] = fresh[dead]
+        self.ema_count[dead] = threshold * bias
+        if self.config.ema:
+            self.ema_sum[dead] = threshold * bias * fresh[dead]
+        return n_dead
+
+    def _maybe_kmeans_init(self) -> dict[str, torch.Tensor]:
+        have = sum(len(r) for r in self._reservoir)
+        device = self.codebook.device
+        ready = dist.all_reduce_min_(torch.tensor([float(have >= self._reservoir_per_rank())], device=device))
+        if not bool(ready.item()):
+            return {}
+        local = torch.cat(self._reservoir)[: self._reservoir_per_rank()].to(device)
+        self._reservoir = []
+        data = dist.all_gather_cat(local)
+        centres, _ = kmeans(
+            data,
+            self.vocab_size,
+            iters=self.config.kmeans_iters,
+            generator=self._generator(salt=-1),
+            spherical=self.config.l2_normalize,
+            chunk_elements=self.config.search_chunk,
+        )
+        dist.broadcast_(centres)  # identical on every rank even where kernels are not bitwise deterministic
+        self.codebook.data.copy_(centres)
+        self.ema_count.zero_()
+        if self.config.ema:
+            self.ema_sum.zero_()
+        self.ema_steps.zero_()
+        self.initialized.fill_(True)
+        self._initialized_cache = True
+        return {"kmeans_samples": torch.tensor(float(data.shape[0]))}
+
+    def _bias(self) -> float:
+        return 1 - self.config.decay ** max(int(self.ema_steps), 1)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Statistics from the saved state
+
+    @torch.no_grad()
+    def codebook_stats(self) -> dict[str, torch.Tensor]:
+        """Codebook health from the buffers saved with the model: usage over the recent window, dead codes, EMA
+        perplexity, EMA quantization error (mean squared error per element), restarts so far."""
+        counts = self.ema_count / self._bias()
+        threshold = self.config.dead_threshold * counts.sum() / self.vocab_size
+        recent = self.last_used > self.steps - self.config.usage_window
+        return {
+            "usage": recent.float().mean(),
+            "dead": (counts < threshold).sum() if self.config.dead_threshold > 0 else (counts == 0).sum(),
+            "ema_perplexity": _perplexity(counts),
+            "ema_quant_error": self.ema_sq_error / self._bias(),
+            "restarts_total": self.restarts_total.clone(),
+        }
+
+
+def _perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the code distribution given by counts: K for uniform use, 1 for a single code."""
+    counts = counts.float()
+    p = counts / counts.sum().clamp_min(1e-12)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())

@@ -1,0 +1,317 @@
+"""Configs as dataclasses, mirrored one-to-one by YAML and by `config.json`.
+
+Every config is a frozen dataclass whose `__post_init__` rejects bad values with a `ConfigError` naming the field.
+`from_dict` turns plain data (parsed YAML or JSON) into configs and is strict: an unknown key, a missing
+discriminator or a value of the wrong type is an error that names the key and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value, key or file that cannot be used; the message names the key and the source."""
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Bottlenecks
+
+
+@dataclass(frozen=True)
+class GaussianConfig:
+    """Diagonal Gaussian posterior q(z|x) = N(mu, sigma^2) with KL to N(0, I).
+
+    `beta` weights the KL (beta-VAE; 1 gives the ELBO). `free_bits` (nats per latent element, 0 = off) stops the
+    optimiser from pushing the batch-averaged KL of any latent element below that floor (Kingma et al. 2016).
+    """
+
+    kind: Literal["gaussian"] = "gaussian"
+    dim: int = 4
+    beta: float = 1.0
+    free_bits: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.dim >= 1, f"dim must be >= 1, got {self.dim}")
+        _require(self.beta >= 0 and _finite(self.beta), f"beta must be finite and >= 0, got {self.beta}")
+        _require(
+            self.free_bits >= 0 and _finite(self.free_bits),
+            f"free_bits must be finite and >= 0, got {self.free_bits}",
+        )
+
+
+@dataclass(frozen=True)
+class VQConfig:
+    """Vector-quantized bottleneck: nearest code, straight-through gradient, EMA or gradient-trained codebook.
+
+    `beta` weights the commitment term beta*||z - sg(e)||^2 (on the encoder). With `ema` the codebook follows
+    exponential moving averages of its assigned vectors and the codebook loss term does not exist; without it the
+    codebook is a parameter trained by ||sg(z) - e||^2 weighted by `codebook_weight`, which must then be set.
+    `dead_threshold` is relative to the expected count per code (vectors per step / K); 0 turns restarts off.
+    `kmeans_samples` of None means max(4096, 4 * codebook_size). `l2_normalize` puts z and codes on the unit sphere
+    (cosine similarity search; with a small `dim` this is the LlamaGen recipe).
+    """
+
+    kind: Literal["vq"] = "vq"
+    codebook_size: int = 1024
+    dim: int = 64
+    beta: float = 0.25
+    ema: bool = True
+    decay: float = 0.99
+    eps: float = 1e-5
+    codebook_weight: float | None = None
+    l2_normalize: bool = False
+    kmeans_init: bool = True
+    kmeans_iters: int = 10
+    kmeans_samples: int | None = None
+    dead_threshold: float = 0.03
+    usage_window: int = 100
+    search_chunk: int = 1 << 21
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}")
+        _require(self.codebook_size <= 1 << 31, f"codebook_size is too large: {self.codebook_size}")
+        _require(self.dim >= 1, f"dim must be >= 1, got {self.dim}")
+        _require(self.beta >= 0 and _finite(self.beta), f"beta must be finite and >= 0, got {self.beta}")
+        _require(0.0 < self.decay < 1.0, f"decay must be in (0, 1), got {self.decay}")
+        _require(0.0 < self.eps < 1.0, f"eps must be in (0, 1), got {self.eps}")
+        if self.ema:
+            _require(
+                self.codebook_weight is None,
+                "codebook_weight is set but ema is true: an EMA codebook is not trained by "
+                "gradients, so a codebook loss would have no effect. Remove codebook_weight or set ema: false.",
+            )
+        else:
+            _require(
+                self.codebook_weight is not None and self.codebook_weight > 0 and _finite(self.codebook_weight),
+                "ema is false, so the codebook is trained by its loss: set codebook_weight "
+                f"to a finite value > 0 (1.0 in VQ-VAE), got {self.codebook_weight}",
+            )
+        _require(self.kmeans_iters >= 1, f"kmeans_iters must be >= 1, got {self.kmeans_iters}")
+        if self.kmeans_samples is not None:
+            _require(
+                self.kmeans_samples >= self.codebook_size,
+                f"kmeans_samples ({self.kmeans_samples}) must be >= codebook_size ({self.codebook_size})",
+            )
+        _require(
+            0.0 <= self.dead_threshold < 1.0, f"dead_threshold must be in [0, 1), got {self.dead_threshold}"
+        )
+        _require(self.usage_window >= 1, f"usage_window must be >= 1, got {self.usage_window}")
+        _require(self.search_chunk >= 1, f"search_chunk must be >= 1, got {self.search_chunk}")
+
+    @property
+    def kmeans_reservoir(self) -> int:
+        """Encoder outputs gathered (over the first batches and all ranks) before k-means initialisation."""
+        return self.kmeans_samples if self.kmeans_samples is not None else max(4096, 4 * self.codebook_size)
+
+
+BottleneckConfig = Union[GaussianConfig, VQConfig]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tokenizer
+
+
+@dataclass(frozen=True)
+class AutoencoderConfig:
+    """Encoder + bottleneck + decoder, in the VQGAN/LDM layout (taming-transformers, diffusers).
+
+    The downsampling factor is 2 ** (len(channel_mult) - 1). Attention blocks go at the encoder/decoder levels
+    whose feature size, for an input of `resolution`, is in `attn_resolutions`; any input whose sides are divisible
+    by the factor works. `latent_channels` is the encoder's output width (taming's z_channels); 1x1 convolutions
+    map it to and from the bottleneck's `dim`. `input_range` is the range images are mapped into by `preprocess`.
+    """
+
+    bottleneck: BottleneckConfig = field(default_factory=VQConfig)
+    in_channels: int = 3
+    resolution: int = 32
+    base_channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 2, 4)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = ()
+    mid_attention: bool = True
+    latent_channels: int = 64
+    norm_groups: int = 32
+    dropout: float = 0.0
+    input_range: Literal["-1,1", "0,1"] = "-1,1"
+
+    def __post_init__(self) -> None:
+        _require(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
+        _require(self.base_channels >= 1, f"base_channels must be >= 1, got {self.base_channels}")
+        _require(len(self.channel_mult) >= 1, "channel_mult must name at least one level")
+        _require(all(m >= 1 for m in self.channel_mult), f"channel_mult entries must be >= 1, got {self.channel_mult}")
+        _require(self.num_res_blocks >= 1, f"num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        _require(self.latent_channels >= 1, f"latent_channels must be >= 1, got {self.latent_channels}")
+        _require(self.norm_groups >= 1, f"norm_groups must be >= 1, got {self.norm_groups}")
+        for width in sorted({self.base_channels * m for m in self.channel_mult} | {self.base_channels}):
+            _require(
+                width % self.norm_groups == 0,
+                f"norm_groups ({self.norm_groups}) must divide every block width; "
+                f"base_channels * channel_mult gives {width}",
+            )
+        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        f = self.downsampling_factor
+        _require(
+            self.resolution >= f and self.resolution % f == 0,
+            f"resolution ({self.resolution}) must be a positive multiple of the downsampling factor {f} "
+            f"(2 ** (len(channel_mult) - 1))",
+        )
+        reachable = {self.resolution // 2**i for i in range(len(self.channel_mult))}
+        unknown = sorted(set(self.attn_resolutions) - reachable)
+        _require(
+            not unknown,
+            f"attn_resolutions {unknown} are not feature sizes of this model at resolution {self.resolution}; "
+            f"the levels have sizes {sorted(reachable, reverse=True)}",
+        )
+
+    @property
+    def downsampling_factor(self) -> int:
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def latent_grid(self) -> tuple[int, int]:
+        side = self.resolution // self.downsampling_factor
+        return (side, side)
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        return (-1.0, 1.0) if self.input_range == "-1,1" else (0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plain data <-> dataclasses
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """A config as JSON/YAML-ready plain data (tuples become lists)."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(config)
+
+
+def from_dict(cls: type[T], data: Any, *, source: str = "config") -> T:
+    """Build the dataclass `cls` from plain data, strictly: unknown keys and ill-typed values raise ConfigError."""
+    return _convert(cls, data, path="", source=source)
+
+
+def load_yaml(path: str | Path, cls: type[T]) -> T:
+    """Read a YAML file into the config dataclass `cls`; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    return from_dict(cls, data if data is not None else {}, source=str(path))
+
+
+def save_yaml(config: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def _convert(tp: Any, value: Any, *, path: str, source: str) -> Any:
+    where = f"{source}: '{path or '<root>'}'"
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+
+    if dataclasses.is_dataclass(tp):
+        return _convert_dataclass(tp, value, path=path, source=source)
+    if origin in (Union, types.UnionType):
+        return _convert_union(args, value, path=path, source=source)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__} {value!r}")
+        item_type = args[0]
+        return tuple(_convert(item_type, v, path=f"{path}[{i}]", source=source) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config field type {tp!r} at {path}")  # a bug in a config class, not user input
+
+
+def _convert_union(args: tuple[Any, ...], value: Any, *, path: str, source: str) -> Any:
+    where = f"{source}: '{path or '<root>'}'"
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{where} must not be null")
+    options = [a for a in args if a is not type(None)]
+    dataclass_options = [a for a in options if dataclasses.is_dataclass(a)]
+    if dataclass_options:  # a tagged union: the 'kind' key picks the dataclass
+        kinds = {a.__dataclass_fields__["kind"].default: a for a in dataclass_options}
+        if not isinstance(value, dict) or "kind" not in value:
+            raise ConfigError(f"{where} must be a mapping with a 'kind' key, one of {sorted(kinds)}")
+        if value["kind"] not in kinds:
+            raise ConfigError(f"{where}.kind must be one of {sorted(kinds)}, got {value['kind']!r}")
+        return _convert_dataclass(kinds[value["kind"]], value, path=path, source=source)
+    if len(options) != 1:
+        raise TypeError(f"unsupported union {args!r} at {path}")
+    return _convert(options[0], value, path=path, source=source)
+
+
+def _convert_dataclass(cls: Any, value: Any, *, path: str, source: str) -> Any:
+    where = f"{source}: '{path or '<root>'}'"
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(value) - fields)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key(s) {', '.join(repr(f'{path}.{k}' if path else k) for k in unknown)}; "
+            f"allowed here: {sorted(fields)}"
+        )
+    kwargs = {
+        name: _convert(hints[name], v, path=f"{path}.{name}" if path else name, source=source)
+        for name, v in value.items()
+    }
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        prefix = f"{path}." if path else ""
+        raise ConfigError(f"{source}: {prefix}{e}") from None

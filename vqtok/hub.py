@@ -1,0 +1,319 @@
+"""The Hub format: a folder of `config.json` + `model.safetensors` + a model card, on top of huggingface_hub.
+
+`HubModel` builds on `huggingface_hub.ModelHubMixin` (save_pretrained, push_to_hub, model cards) and replaces its
+loading: the class comes from `config.json`'s `model_type`, the config is parsed strictly, weights are read only
+from safetensors (a folder or repo with only `pytorch_model.bin` is refused, never unpickled), and every tensor of
+the model must be in the file and nothing else. `vqtok.load` is `HubModel.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from huggingface_hub import ModelHubMixin, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+from packaging.version import InvalidVersion, Version
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from vqtok.config import ConfigError, from_dict, to_dict
+from vqtok.version import __version__
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PICKLED_WEIGHTS = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt")
+RESERVED_KEYS = ("model_type", "vqtok_version")
+
+MODEL_TYPES: dict[str, type["HubModel"]] = {}
+M = TypeVar("M", bound="HubModel")
+
+MODEL_CARD = """---
+{{ card_data }}
+---
+
+# {{ title }}
+
+A {{ description }} made with [vqtok](https://github.com/vqtok/vqtok).
+
+```python
+import vqtok
+model = vqtok.load("{{ repo_id }}")
+```
+
+## Model
+| | |
+|---|---|
+{% for key, value in facts.items() -%}
+| {{ key }} | {{ value }} |
+{% endfor %}
+{% if metrics %}
+## Measured
+| metric | value |
+|---|---|
+{% for key, value in metrics.items() -%}
+| {{ key }} | {{ value }} |
+{% endfor %}
+{% endif %}
+The full configuration is in `config.json`; weights are in `model.safetensors` (no pickles).
+"""
+
+
+class HubModel(
+    nn.Module,
+    ModelHubMixin,
+    library_name="vqtok",
+    tags=["vqtok"],
+    repo_url="https://github.com/vqtok/vqtok",
+    model_card_template=MODEL_CARD,
+):
+    """Base of every saved vqtok model. Subclasses declare `model_type=...` and a `config_class` dataclass."""
+
+    model_type: ClassVar[str]
+    config_class: ClassVar[type]
+    derived_keys: ClassVar[tuple[str, ...]] = ()  # the keys `derived_config` writes
+    config: Any
+
+    def __init_subclass__(cls, model_type: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if model_type is not None:
+            if model_type in MODEL_TYPES:
+                raise TypeError(f"model_type {model_type!r} is registered twice")
+            cls.model_type = model_type
+            MODEL_TYPES[model_type] = cls
+
+    def derived_config(self) -> dict[str, Any]:
+        """Facts implied by the config (downsampling factor, grid, vocabulary...), written to config.json for the
+        reader and checked against the config on load."""
+        return {}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Saving
+
+    def config_dict(self) -> dict[str, Any]:
+        return {
+            "model_type": self.model_type,
+            "vqtok_version": __version__,
+            **self.derived_config(),
+            **to_dict(self.config),
+        }
+
+    def save_pretrained(  # type: ignore[override]
+        self,
+        save_directory: str | Path,
+        *,
+        config: None = None,
+        repo_id: str | None = None,
+        push_to_hub: bool = False,
+        model_card_kwargs: dict[str, Any] | None = None,
+        **push_to_hub_kwargs: Any,
+    ) -> str | None:
+        """Write config.json, model.safetensors and (if absent) a model card README.md into `save_directory`.
+
+        Both files are written to temporaries first and renamed into place only when both are complete, so a
+        failed save leaves an existing folder as it was. `model_card_kwargs` (e.g. `metrics={...}`) fill the card.
+        """
+        if config is not None:
+            raise ValueError("the config of a vqtok model is its own `config`; do not pass another to save_pretrained")
+        save_directory = Path(save_directory)
+        save_directory.mkdir(parents=True, exist_ok=True)
+        self._save_pretrained(save_directory)
+        card_path = save_directory / "README.md"
+        if not card_path.exists():
+            self.generate_model_card(**(model_card_kwargs or {})).save(card_path)
+        if push_to_hub:
+            return self.push_to_hub(repo_id or save_directory.name, model_card_kwargs=model_card_kwargs,
+                                    **push_to_hub_kwargs)
+        return None
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        text = json.dumps(self.config_dict(), indent=2) + "\n"
+        with _staged(save_directory / WEIGHTS_NAME) as weights, _staged(save_directory / CONFIG_NAME) as config:
+            save_file(tensors, weights, metadata={"format": "pt"})
+            Path(config).write_text(text)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any):
+        facts = {"model type": self.model_type, "parameters": f"{sum(p.numel() for p in self.parameters()):,}"}
+        facts.update({k.replace("_", " "): v for k, v in self.derived_config().items() if v is not None})
+        kwargs.setdefault("title", f"vqtok {self.model_type}")
+        kwargs.setdefault("description", self.model_type)
+        kwargs.setdefault("repo_id", "ORG/NAME")
+        kwargs.setdefault("metrics", {})
+        return super().generate_model_card(*args, facts=facts, **kwargs)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Loading
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls: type[M],
+        pretrained_model_name_or_path: str | Path,
+        *,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        force_download: bool = False,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
+        map_location: str | torch.device = "cpu",
+    ) -> M:
+        """Load from a local folder or a Hub repo id (`revision`: branch, tag or commit), strictly and pickle-free."""
+        source = str(pretrained_model_name_or_path)
+        fetch = dict(revision=revision, cache_dir=cache_dir, force_download=force_download, token=token,
+                     local_files_only=local_files_only)
+        config_path = _resolve(source, CONFIG_NAME, **fetch)
+        raw = _read_config_json(config_path)
+        model_cls = _model_class(raw, config_path)
+        if cls is not HubModel and not issubclass(model_cls, cls):
+            raise ConfigError(f"{config_path}: holds a {raw['model_type']!r} model, not a {cls.model_type!r}")
+        config = parse_config(model_cls, raw, source=str(config_path))
+        model = model_cls(config)
+        model.check_derived(raw, source=str(config_path))
+        weights_path = _resolve(source, WEIGHTS_NAME, **fetch)
+        load_weights_strict(model, weights_path, map_location=map_location)
+        model.eval()
+        return model
+
+    def check_derived(self, raw: dict[str, Any], *, source: str) -> None:
+        for key, expected in self.derived_config().items():
+            if key in raw and raw[key] != expected:
+                raise ConfigError(f"{source}: '{key}' is {raw[key]!r} but the config implies {expected!r}")
+
+
+def load(
+    name_or_path: str | Path,
+    *,
+    revision: str | None = None,
+    map_location: str | torch.device = "cpu",
+    **hub_kwargs: Any,
+) -> HubModel:
+    """Load any vqtok model (tokenizer or prior) from a folder or a Hub repo id, e.g. `load("org/name")`.
+
+    A repo id may carry its revision as `org/name@revision`. The class is picked from config.json.
+    """
+    name = str(name_or_path)
+    if "@" in name and not os.path.exists(name):
+        name, at_revision = name.rsplit("@", 1)
+        if revision is not None and revision != at_revision:
+            raise ValueError(f"two revisions given: '@{at_revision}' and revision={revision!r}")
+        revision = at_revision
+    return HubModel.from_pretrained(name, revision=revision, map_location=map_location, **hub_kwargs)
+
+
+def parse_config(model_cls: type[HubModel], raw: dict[str, Any], *, source: str) -> Any:
+    """The config dataclass from config.json content, without the reserved and derived keys."""
+    skip = set(RESERVED_KEYS) | set(model_cls.derived_keys)
+    fields = {k: v for k, v in raw.items() if k not in skip}
+    return from_dict(model_cls.config_class, fields, source=source)
+
+
+def load_weights_strict(model: nn.Module, path: str | Path, *, map_location: str | torch.device = "cpu") -> None:
+    """Load a safetensors file into `model`; a missing, unexpected or mis-shaped tensor is an error naming it."""
+    try:
+        tensors = load_file(str(path), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} tensor(s): {_some(missing)}")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} tensor(s): {_some(unexpected)}")
+        raise ValueError(f"{path}: weights do not match the model's config ({'; '.join(parts)})")
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise ValueError(
+                f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
+            )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{path}: tensor '{name}' contains NaN or infinite values")
+    model.load_state_dict(tensors, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _resolve(source: str, filename: str, **fetch: Any) -> str:
+    """Path of `filename` in a local folder or a (cached) Hub repo; refuses pickled weights with a clear error."""
+    if os.path.isdir(source):
+        path = os.path.join(source, filename)
+        if os.path.isfile(path):
+            return path
+        _missing_file(source, filename, present=set(os.listdir(source)))
+    if os.path.exists(source):
+        raise ValueError(f"{source} is a file; vqtok models are folders with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        return hf_hub_download(repo_id=source, filename=filename, **fetch)
+    except (EntryNotFoundError, LocalEntryNotFoundError) as e:
+        _missing_file(source, filename, present=set(), cause=e)
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(f"{source}: neither a local folder nor a Hub repository") from None
+    except Exception as e:  # HFValidationError and friends: an id that cannot be a repo
+        if type(e).__name__ == "HFValidationError":
+            raise FileNotFoundError(f"{source}: not a local folder, and not a valid Hub repo id ({e})") from None
+        raise
+
+
+def _missing_file(source: str, filename: str, *, present: set[str], cause: Exception | None = None) -> None:
+    pickled = sorted(present & set(PICKLED_WEIGHTS))
+    if filename == WEIGHTS_NAME and pickled:
+        raise ValueError(
+            f"{source}: has {', '.join(pickled)} but no {WEIGHTS_NAME}; vqtok loads weights only from safetensors "
+            "and never unpickles files (a pickle can run arbitrary code). Convert the checkpoint with a trusted "
+            "script and save_pretrained()."
+        )
+    hint = f" ({type(cause).__name__})" if cause is not None else ""
+    raise FileNotFoundError(f"{source}: no {filename}{hint}")
+
+
+def _read_config_json(path: str) -> dict[str, Any]:
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must hold a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _model_class(raw: dict[str, Any], path: str) -> type[HubModel]:
+    model_type = raw.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"{path}: unknown model_type {model_type!r}; this vqtok knows {sorted(MODEL_TYPES)}")
+    saved = raw.get("vqtok_version")
+    try:
+        saved_version = Version(str(saved))
+    except InvalidVersion:
+        raise ConfigError(f"{path}: 'vqtok_version' is missing or invalid: {saved!r}") from None
+    if saved_version > Version(__version__):
+        raise ConfigError(
+            f"{path}: saved by vqtok {saved_version}, newer than the installed {__version__}; upgrade vqtok to load it"
+        )
+    return MODEL_TYPES[model_type]
+
+
+@contextmanager
+def _staged(path: Path) -> Iterator[str]:
+    """A temporary path beside `path`, renamed onto it when the block (and any enclosing one) succeeds."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+
+
+def _some(names: list[str], n: int = 5) -> str:
+    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")

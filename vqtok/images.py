@@ -1,0 +1,72 @@
+"""Between user images (PIL, uint8 arrays/tensors) and model tensors [B, C, H, W] in the model's input range."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+ImageInput = Union[Image.Image, Sequence[Image.Image], np.ndarray, torch.Tensor]
+
+
+def to_uint8_batch(images: ImageInput, channels: int) -> torch.Tensor:
+    """PIL image(s), uint8 numpy HWC/NHWC or uint8 tensor CHW/NCHW -> uint8 tensor [B, channels, H, W]."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, (list, tuple)):
+        if not images:
+            raise ValueError("no images given")
+        if not all(isinstance(im, Image.Image) for im in images):
+            raise TypeError("a list of images must hold PIL images only")
+        mode = {1: "L", 3: "RGB"}.get(channels)
+        if mode is None:
+            raise ValueError(f"PIL images can be converted to 1 or 3 channels, the model takes {channels}")
+        arrays = [np.asarray(im.convert(mode)) for im in images]
+        sizes = {a.shape[:2] for a in arrays}
+        if len(sizes) > 1:
+            raise ValueError(f"images in one batch must have the same size, got {sorted(sizes)}")
+        batch = torch.from_numpy(np.stack(arrays)).reshape(len(arrays), *arrays[0].shape[:2], channels)
+        return batch.permute(0, 3, 1, 2).contiguous()
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8:
+            raise TypeError(f"numpy images must be uint8 (HWC or NHWC), got {images.dtype}")
+        array = images[None] if images.ndim == 3 else images
+        if array.ndim == 2 or array.ndim != 4:
+            raise ValueError(f"numpy images must be HWC or NHWC, got shape {images.shape}")
+        return _check_channels(torch.from_numpy(np.ascontiguousarray(array)).permute(0, 3, 1, 2), channels)
+    if torch.is_tensor(images):
+        if images.dtype != torch.uint8:
+            raise TypeError(
+                f"tensor images for preprocess must be uint8 (CHW or NCHW), got {images.dtype}; float tensors "
+                "already in the model's range go to encode() directly"
+            )
+        batch = images[None] if images.ndim == 3 else images
+        if batch.ndim != 4:
+            raise ValueError(f"tensor images must be CHW or NCHW, got shape {tuple(images.shape)}")
+        return _check_channels(batch, channels)
+    raise TypeError(f"cannot read images of type {type(images).__name__}")
+
+
+def _check_channels(batch: torch.Tensor, channels: int) -> torch.Tensor:
+    if batch.shape[1] != channels:
+        raise ValueError(f"images have {batch.shape[1]} channels, the model takes {channels}")
+    return batch
+
+
+def uint8_to_range(batch: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
+    lo, hi = value_range
+    return batch.float().div(255.0).mul(hi - lo).add(lo)
+
+
+def range_to_uint8(x: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
+    lo, hi = value_range
+    return ((x.detach().float() - lo) / (hi - lo) * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+def to_pil(batch: torch.Tensor) -> list[Any]:
+    """uint8 [B, C, H, W] -> list of PIL images (mode L for 1 channel, RGB for 3)."""
+    arrays = batch.permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arrays]

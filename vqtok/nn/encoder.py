@@ -1,0 +1,41 @@
+"""The convolutional encoder: image [B, C, H, W] -> features [B, out_channels, H/f, W/f], f = 2 ** (levels - 1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqtok.config import AutoencoderConfig
+from vqtok.nn.blocks import AttnBlock, Downsample, Level, MidBlock, ResBlock, group_norm
+
+
+class Encoder(nn.Module):
+    """conv_in, one `Level` per entry of channel_mult (downsampling between levels), mid block, norm, conv_out."""
+
+    def __init__(self, config: AutoencoderConfig, out_channels: int):
+        super().__init__()
+        c = config
+        widths = [c.base_channels * m for m in c.channel_mult]
+        self.conv_in = nn.Conv2d(c.in_channels, c.base_channels, 3, padding=1)
+        levels, size, width = [], c.resolution, c.base_channels
+        for i, out_width in enumerate(widths):
+            blocks, attns = [], []
+            for _ in range(c.num_res_blocks):
+                blocks.append(ResBlock(width, out_width, groups=c.norm_groups, dropout=c.dropout))
+                attns.append(AttnBlock(out_width, groups=c.norm_groups) if size in c.attn_resolutions else nn.Identity())
+                width = out_width
+            last = i == len(widths) - 1
+            levels.append(Level(blocks, attns, nn.Identity() if last else Downsample(width)))
+            size //= 1 if last else 2
+        self.levels = nn.ModuleList(levels)
+        self.mid = MidBlock(width, groups=c.norm_groups, dropout=c.dropout, attention=c.mid_attention)
+        self.norm_out = group_norm(width, c.norm_groups)
+        self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        for level in self.levels:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))

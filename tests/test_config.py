@@ -98,3 +98,42 @@ def test_valid_configs_build_and_keep_their_shapes(levels, blocks, width, gaussi
     assert latent.shape[-2:] == (side, side + 1)
     assert model.decode(latent).shape == x.shape
     assert math.isfinite(model(x).loss.item())
+
+
+def test_every_shipped_config_parses():
+    from pathlib import Path
+
+    from vqtok.config import TrainConfig
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in configs:
+        load_yaml(path, TrainConfig)
+
+
+def test_quickstart_yaml_mirrors_the_quickstart():
+    from pathlib import Path
+
+    from vqtok.config import TrainConfig
+    from vqtok.train.quickstart import quickstart_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "digits_vq.yaml"
+    assert to_dict(load_yaml(path, TrainConfig)) == to_dict(quickstart_config("runs/digits_vq"))
+
+
+train_keys = st.sampled_from([f for f in __import__("vqtok.config").config.TrainConfig.__dataclass_fields__
+                              if f not in ("model", "data")])
+data_keys = st.sampled_from(list(__import__("vqtok.config").config.DataConfig.__dataclass_fields__))
+
+
+@settings(max_examples=300, deadline=None)
+@given(key=train_keys, value=scalars, data_key=data_keys, data_value=scalars, nested=st.booleans())
+def test_arbitrary_training_values_either_parse_or_raise_config_error(key, value, data_key, data_value, nested):
+    from vqtok.config import TrainConfig
+
+    data = {"data": {data_key: data_value}} if nested else {key: value}
+    try:
+        config = from_dict(TrainConfig, data)
+    except ConfigError:
+        return
+    assert from_dict(TrainConfig, to_dict(config)) == config

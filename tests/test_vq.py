@@ -8,7 +8,7 @@ import torch
 
 from vqtok import Autoencoder
 from vqtok.bottleneck import VectorQuantizer
-from vqtok.bottleneck.vq import _perplexity
+from vqtok.metrics import perplexity
 from vqtok.config import VQConfig
 from tests.conftest import tiny_config
 
@@ -211,9 +211,9 @@ def test_l2_normalised_codes_stay_on_the_sphere():
 
 
 def test_perplexity_hand_cases():
-    torch.testing.assert_close(_perplexity(torch.ones(8)), torch.tensor(8.0))
-    torch.testing.assert_close(_perplexity(torch.tensor([5.0, 0, 0, 0])), torch.tensor(1.0))
-    torch.testing.assert_close(_perplexity(torch.tensor([1.0, 1.0, 2.0])), torch.tensor(math.exp(1.5 * math.log(2))))
+    torch.testing.assert_close(perplexity(torch.ones(8)), torch.tensor(8.0))
+    torch.testing.assert_close(perplexity(torch.tensor([5.0, 0, 0, 0])), torch.tensor(1.0))
+    torch.testing.assert_close(perplexity(torch.tensor([1.0, 1.0, 2.0])), torch.tensor(math.exp(1.5 * math.log(2))))
 
 
 def test_usage_window_counts_recently_used_codes():

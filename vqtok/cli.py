@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from vqtok.version import __version__
 
@@ -12,26 +17,137 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vqtok", description="Image tokenizers for generative transformers.")
     parser.add_argument("--version", action="version", version=f"vqtok {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    quickstart = commands.add_parser("quickstart", help="train a small VQ tokenizer on built-in data (end to end)")
+
+    quickstart = commands.add_parser("quickstart", help="train a small VQ tokenizer on the built-in digits")
+    quickstart.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
+    quickstart.add_argument("--steps", type=int, default=600, help="optimizer steps (default: 600)")
     quickstart.set_defaults(run=_quickstart)
+
+    train = commands.add_parser("train", help="train a tokenizer from a YAML config")
+    train.add_argument("config", help="YAML file (a TrainConfig)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set max_steps=100 --set model.bottleneck.beta=0.5")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    train.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                       help="stop after STEP with a checkpoint (resume later with --resume)")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="PSNR, SSIM and codebook usage of a tokenizer on a dataset")
+    evaluate.add_argument("tokenizer", help="local folder or Hub repo id[@revision]")
+    evaluate.add_argument("--data", required=True, help="digits | folder:PATH | idx:IMAGES[,LABELS] | torchvision:NAME:ROOT")
+    evaluate.add_argument("--split", choices=["train", "test"], default="test")
+    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
+    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--out", default=None, help="also write the metrics as JSON here")
+    evaluate.set_defaults(run=_eval)
+
+    push = commands.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
+    push.add_argument("folder")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--branch", default=None)
+    push.add_argument("--message", default="Upload vqtok model")
+    push.set_defaults(run=_push)
+
     info = commands.add_parser("info", help="print a saved model's config and codebook statistics")
     info.add_argument("model", help="local folder or Hub repo id[@revision]")
     info.set_defaults(run=_info)
     return parser
 
 
+def parse_data_spec(spec: str, split: str = "train", limit: int | None = None):
+    """'digits' | 'folder:PATH' | 'idx:IMAGES[,LABELS]' | 'torchvision:NAME:ROOT' -> DataConfig."""
+    from vqtok.config import ConfigError, DataConfig
+
+    kind, _, rest = spec.partition(":")
+    if kind == "digits" and not rest:
+        return DataConfig(source="digits", split=split, limit=limit)
+    if kind == "folder" and rest:
+        return DataConfig(source="folder", path=rest, split=split, limit=limit)
+    if kind == "idx" and rest:
+        images, _, labels = rest.partition(",")
+        return DataConfig(source="idx", path=images, labels=labels or None, split=split, limit=limit)
+    if kind == "torchvision" and ":" in rest:
+        name, _, root = rest.partition(":")
+        return DataConfig(source="torchvision", name=name, path=root, split=split, limit=limit)
+    raise ConfigError(f"--data {spec!r}: expected digits, folder:PATH, idx:IMAGES[,LABELS] or torchvision:NAME:ROOT")
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply dotted KEY=VALUE overrides (values parsed as YAML) to nested config data."""
+    from vqtok.config import ConfigError
+
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+            node = child
+        node[leaf] = yaml.safe_load(value)
+    return data
+
+
 def _quickstart(args: argparse.Namespace) -> int:
-    print(
-        "vqtok quickstart is not yet available: the training loop lands with the training issue. "
-        "Meanwhile `vqtok info MODEL` inspects a saved tokenizer, and the Python API builds and saves one.",
-        file=sys.stderr,
-    )
-    return 2
+    from vqtok.train.quickstart import quickstart
+
+    return quickstart(args.out, args.steps)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from vqtok.config import ConfigError, TrainConfig, from_dict
+    from vqtok.train import train
+
+    path = Path(args.config)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must hold a mapping of config keys")
+    config = from_dict(TrainConfig, apply_overrides(data, args.set), source=str(path))
+    folder = train(config, resume=args.resume, stop_at=args.stop_at)
+    print(f"tokenizer saved to {folder}" if folder else f"stopped at step {args.stop_at}; continue with --resume")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    import vqtok
+    from vqtok.data import build_dataset
+    from vqtok.train.evaluate import evaluate, format_table
+
+    model = vqtok.load(args.tokenizer)
+    c = model.config
+    dataset = build_dataset(parse_data_spec(args.data, args.split, args.limit), channels=c.in_channels,
+                            preprocess=c.preprocess, size=None)
+    metrics = evaluate(model, dataset, batch_size=args.batch_size)
+    print(format_table(metrics))
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from huggingface_hub import HfApi
+
+    import vqtok
+
+    vqtok.load(args.folder)  # refuse to publish what would not load
+    api = HfApi()
+    repo_id = api.create_repo(args.repo_id, private=args.private, exist_ok=True).repo_id
+    url = api.upload_folder(repo_id=repo_id, folder_path=args.folder, revision=args.branch,
+                            commit_message=args.message, allow_patterns=["config.json", "model.safetensors", "README.md", "*.safetensors"])
+    print(f"pushed {args.folder} to {url}")
+    return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    import json
-
     import vqtok
 
     model = vqtok.load(args.model)
@@ -46,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:  # ConfigError is a ValueError
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:  # ConfigError is a ValueError
         print(f"vqtok {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -128,6 +128,23 @@ BottleneckConfig = Union[GaussianConfig, VQConfig]
 
 
 @dataclass(frozen=True)
+class PreprocessConfig:
+    """How images of any size become model inputs, recorded in config.json so `preprocess` repeats it exactly:
+    resize the shorter side to `resize` (bicubic, antialiased), then centre-crop to `crop` (None: no step)."""
+
+    resize: int | None = None
+    crop: int | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.resize is None or self.resize >= 1, f"resize must be >= 1, got {self.resize}")
+        _require(self.crop is None or self.crop >= 1, f"crop must be >= 1, got {self.crop}")
+        _require(
+            self.crop is None or self.resize is None or self.crop <= self.resize,
+            f"crop ({self.crop}) must not exceed resize ({self.resize})",
+        )
+
+
+@dataclass(frozen=True)
 class AutoencoderConfig:
     """Encoder + bottleneck + decoder, in the VQGAN/LDM layout (taming-transformers, diffusers).
 
@@ -149,8 +166,14 @@ class AutoencoderConfig:
     norm_groups: int = 32
     dropout: float = 0.0
     input_range: Literal["-1,1", "0,1"] = "-1,1"
+    decoder_output: Literal["image", "bernoulli_logits"] = "image"
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
+        _require(
+            self.decoder_output != "bernoulli_logits" or self.input_range == "0,1",
+            "decoder_output 'bernoulli_logits' models pixels in [0, 1]: set input_range to '0,1'",
+        )
         _require(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
         _require(self.base_channels >= 1, f"base_channels must be >= 1, got {self.base_channels}")
         _require(len(self.channel_mult) >= 1, "channel_mult must name at least one level")
@@ -191,6 +214,111 @@ class AutoencoderConfig:
     @property
     def value_range(self) -> tuple[float, float]:
         return (-1.0, 1.0) if self.input_range == "-1,1" else (0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data and training
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from.
+
+    source: 'digits' (built in: scikit-learn's 1,797 handwritten digits, 8x8 grey, needs the [quickstart] extra),
+    'folder' (an image folder; class sub-folders give labels), 'idx' (MNIST-style IDX files, plain or .gz: `path`
+    the images, `labels` the labels), 'torchvision' (`name`, e.g. MNIST or CIFAR10, from the local root `path`,
+    never downloaded). `split` selects train or test where the source has both. `skip_unreadable` skips and counts
+    images that cannot be decoded instead of failing on the first one. `limit` keeps the first N images.
+    """
+
+    source: Literal["digits", "folder", "idx", "torchvision"] = "digits"
+    path: str | None = None
+    labels: str | None = None
+    name: str | None = None
+    split: Literal["train", "test"] = "train"
+    skip_unreadable: bool = False
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        needs_path = self.source in ("folder", "idx", "torchvision")
+        _require(not needs_path or bool(self.path), f"path is required for source '{self.source}'")
+        _require(self.source != "digits" or self.path is None, "path is not used by the built-in 'digits'")
+        _require(self.source == "idx" or self.labels is None, "labels is only used by source 'idx'")
+        _require((self.source == "torchvision") == (self.name is not None),
+                 "name (e.g. MNIST, CIFAR10) is required for, and only for, source 'torchvision'")
+        _require(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A tokenizer training run (`vqtok train CONFIG.yaml`).
+
+    batch_size is the global batch of one optimizer step (over all processes and accumulation micro-batches).
+    loss: 'mse' / 'l1' (means over pixels, the VQ-VAE convention), 'gaussian' (unit-variance Gaussian NLL) or
+    'bernoulli' (needs decoder_output 'bernoulli_logits'), both in nats per image, the ELBO's scale.
+    kl_schedule scales a Gaussian bottleneck's loss by 1 ('constant'), a linear ramp from 0 over kl_warmup_steps
+    ('linear') or that ramp repeated every kl_cycle_steps ('cyclical', Fu et al. 2019).
+    skip_grad_norm skips updates whose gradient norm (before clipping) is above it or not finite; more than
+    max_consecutive_skips in a row stops the run with an error. weights_ema > 0 keeps an EMA of the weights, which is
+    what gets exported.
+    """
+
+    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval_data: DataConfig | None = None
+    output_dir: str = "runs/tokenizer"
+    seed: int = 0
+    max_steps: int = 1000
+    batch_size: int = 64
+    grad_accum: int = 1
+    lr: float = 2e-4
+    betas: tuple[float, ...] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    clip_grad_norm: float = 1.0
+    skip_grad_norm: float | None = None
+    max_consecutive_skips: int = 10
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    weights_ema: float = 0.0
+    loss: Literal["mse", "l1", "gaussian", "bernoulli"] = "mse"
+    kl_schedule: Literal["constant", "linear", "cyclical"] = "constant"
+    kl_warmup_steps: int = 0
+    kl_cycle_steps: int = 0
+    hflip: bool = False
+    eval_every: int = 250
+    eval_images: int = 256
+    checkpoint_every: int = 500
+    log_every: int = 10
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_images", "checkpoint_every",
+                     "log_every", "max_consecutive_skips"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        _require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(self.lr > 0 and _finite(self.lr), f"lr must be finite and > 0, got {self.lr}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two values in [0, 1), got {self.betas}")
+        _require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.clip_grad_norm >= 0, f"clip_grad_norm must be >= 0 (0 = off), got {self.clip_grad_norm}")
+        _require(self.skip_grad_norm is None or self.skip_grad_norm > 0, f"skip_grad_norm must be > 0, got {self.skip_grad_norm}")
+        _require(0 <= self.weights_ema < 1, f"weights_ema must be in [0, 1) (0 = off), got {self.weights_ema}")
+        gaussian = self.model.bottleneck.kind == "gaussian"
+        _require(
+            gaussian or self.kl_schedule == "constant",
+            f"kl_schedule '{self.kl_schedule}' needs a Gaussian bottleneck; this model's is '{self.model.bottleneck.kind}'",
+        )
+        _require(self.kl_schedule != "linear" or self.kl_warmup_steps >= 1, "kl_schedule 'linear' needs kl_warmup_steps >= 1")
+        _require(
+            self.kl_schedule != "cyclical" or 1 <= self.kl_warmup_steps <= self.kl_cycle_steps,
+            "kl_schedule 'cyclical' needs 1 <= kl_warmup_steps <= kl_cycle_steps",
+        )
+        _require(
+            (self.loss == "bernoulli") == (self.model.decoder_output == "bernoulli_logits"),
+            "loss 'bernoulli' and model.decoder_output 'bernoulli_logits' go together",
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,6 +407,8 @@ def _convert_union(args: tuple[Any, ...], value: Any, *, path: str, source: str)
             return None
         raise ConfigError(f"{where} must not be null")
     options = [a for a in args if a is not type(None)]
+    if len(options) == 1:  # Optional[X]
+        return _convert(options[0], value, path=path, source=source)
     dataclass_options = [a for a in options if dataclasses.is_dataclass(a)]
     if dataclass_options:  # a tagged union: the 'kind' key picks the dataclass
         kinds = {a.__dataclass_fields__["kind"].default: a for a in dataclass_options}
@@ -287,9 +417,7 @@ def _convert_union(args: tuple[Any, ...], value: Any, *, path: str, source: str)
         if value["kind"] not in kinds:
             raise ConfigError(f"{where}.kind must be one of {sorted(kinds)}, got {value['kind']!r}")
         return _convert_dataclass(kinds[value["kind"]], value, path=path, source=source)
-    if len(options) != 1:
-        raise TypeError(f"unsupported union {args!r} at {path}")
-    return _convert(options[0], value, path=path, source=source)
+    raise TypeError(f"unsupported union {args!r} at {path}")
 
 
 def _convert_dataclass(cls: Any, value: Any, *, path: str, source: str) -> Any:

@@ -56,6 +56,19 @@ def _check_channels(batch: torch.Tensor, channels: int) -> torch.Tensor:
     return batch
 
 
+def resize_and_crop(batch: torch.Tensor, resize: int | None, crop: int | None) -> torch.Tensor:
+    """uint8 [..., C, H, W]: shorter side to `resize` (bicubic, antialiased), then a centre crop to `crop`."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if resize is not None and min(batch.shape[-2:]) != resize:
+        batch = TF.resize(batch, [resize], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    if crop is not None:
+        if min(batch.shape[-2:]) < crop:
+            raise ValueError(f"image of size {tuple(batch.shape[-2:])} is smaller than the crop {crop}")
+        batch = TF.center_crop(batch, [crop, crop])
+    return batch
+
+
 def uint8_to_range(batch: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
     lo, hi = value_range
     return batch.float().div(255.0).mul(hi - lo).add(lo)

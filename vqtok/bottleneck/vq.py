@@ -41,6 +41,7 @@ from vqtok.bottleneck.base import Bottleneck, BottleneckOutput
 from vqtok.bottleneck.kmeans import kmeans
 from vqtok.bottleneck.search import nearest_code
 from vqtok.config import VQConfig
+from vqtok.metrics import perplexity
 
 NEVER = -(1 << 62)  # `last_used` of a code never assigned
 
@@ -128,7 +129,7 @@ class VectorQuantizer(Bottleneck):
             self._accumulate(z.detach(), codes, commitment.detach())
         out = _StraightThrough.apply(z, quantized).to(h.dtype)
         out = rearrange(out, "(b h w) d -> b d h w", b=b, h=height, w=width)
-        stats = {"perplexity": _perplexity(torch.bincount(codes, minlength=self.vocab_size)), "quant_error": commitment.detach()}
+        stats = {"perplexity": perplexity(torch.bincount(codes, minlength=self.vocab_size)), "quant_error": commitment.detach()}
         return BottleneckOutput(
             z=out, loss=loss, terms=terms, stats=stats, codes=rearrange(codes, "(b h w) -> b h w", b=b, h=height)
         )
@@ -245,7 +246,7 @@ class VectorQuantizer(Bottleneck):
         self._update_ema(count, total, sq_error / n.clamp_min(1) / self.dim)
         restarted = self._restart_dead_codes(candidates) if candidates is not None else 0
         self.restarts_total += restarted
-        return {"step_perplexity": _perplexity(count), "restarted": torch.tensor(restarted), **self.codebook_stats()}
+        return {"step_perplexity": perplexity(count), "restarted": torch.tensor(restarted), **self.codebook_stats()}
 
     def _all_reduce(self, p: dict[str, torch.Tensor]):
         k, d = self.codebook.shape
@@ -331,14 +332,8 @@ class VectorQuantizer(Bottleneck):
         return {
             "usage": recent.float().mean(),
             "dead": (counts < threshold).sum() if self.config.dead_threshold > 0 else (counts == 0).sum(),
-            "ema_perplexity": _perplexity(counts),
+            "ema_perplexity": perplexity(counts),
             "ema_quant_error": self.ema_sq_error / self._bias(),
             "restarts_total": self.restarts_total.clone(),
         }
 
-
-def _perplexity(counts: torch.Tensor) -> torch.Tensor:
-    """exp(entropy) of the code distribution given by counts: K for uniform use, 1 for a single code."""
-    counts = counts.float()
-    p = counts / counts.sum().clamp_min(1e-12)
-    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())

@@ -17,13 +17,14 @@ from torch import nn
 from vqtok.bottleneck import Bottleneck, BottleneckOutput, build_bottleneck
 from vqtok.config import AutoencoderConfig
 from vqtok.hub import HubModel
-from vqtok.images import ImageInput, range_to_uint8, to_pil, to_uint8_batch, uint8_to_range
+from vqtok.images import ImageInput, range_to_uint8, resize_and_crop, to_pil, to_uint8_batch, uint8_to_range
 from vqtok.nn import Decoder, Encoder
 
 
 @dataclass
 class AutoencoderOutput:
-    """reconstruction [B, C, H, W] in the model's range; bottleneck: its output (loss, terms, stats, codes)."""
+    """reconstruction: the decoder's output [B, C, H, W] (an image in the model's range, or Bernoulli logits when
+    config.decoder_output says so: `Autoencoder.to_image` turns either into an image); bottleneck: its output."""
 
     reconstruction: torch.Tensor
     bottleneck: BottleneckOutput
@@ -66,8 +67,10 @@ class Autoencoder(HubModel, model_type="autoencoder"):
     # Images <-> model range
 
     def preprocess(self, images: ImageInput) -> torch.Tensor:
-        """PIL image(s) or uint8 arrays/tensors -> float [B, C, H, W] in the model's input range, on its device."""
+        """PIL image(s) or uint8 arrays/tensors -> float [B, C, H, W] in the model's input range, on its device,
+        resized and cropped as recorded in the config (`config.preprocess`)."""
         batch = to_uint8_batch(images, self.config.in_channels)
+        batch = resize_and_crop(batch, self.config.preprocess.resize, self.config.preprocess.crop)
         return uint8_to_range(batch.to(self._device()), self.config.value_range)
 
     def postprocess(self, x: torch.Tensor, output_type: str = "uint8") -> torch.Tensor | list[Any]:
@@ -91,7 +94,11 @@ class Autoencoder(HubModel, model_type="autoencoder"):
 
     def decode(self, representation: torch.Tensor) -> torch.Tensor:
         """Codes [B, h, w] (VQ) or latents [B, dim, h, w] (Gaussian) -> images in the model range."""
-        return self._decode_z(self.bottleneck.decode(representation))
+        return self.to_image(self._decode_z(self.bottleneck.decode(representation)))
+
+    def to_image(self, decoder_output: torch.Tensor) -> torch.Tensor:
+        """The decoder's output as an image in the model range: itself, or the mean (sigmoid) of Bernoulli logits."""
+        return torch.sigmoid(decoder_output) if self.config.decoder_output == "bernoulli_logits" else decoder_output
 
     def on_optimizer_step(self, skipped: bool = False) -> dict[str, torch.Tensor]:
         """The once-per-optimizer-step hook of the bottleneck (EMA codebook, restarts); see `Bottleneck`."""

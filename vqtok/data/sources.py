@@ -1,0 +1,250 @@
+"""Image sources: the built-in digits, image folders, MNIST-style IDX files and local torchvision datasets.
+
+Every source is an `ImageDataset`: item i is (uint8 image [C, H, W], label) after the model's recorded
+preprocessing (resize, centre crop), with label -1 where the source has none. Decoding and preprocessing happen in
+`__getitem__`, so DataLoader workers do them in parallel.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from vqtok.config import DataConfig, PreprocessConfig
+from vqtok.images import resize_and_crop
+
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+TORCHVISION_NAMES = ("MNIST", "FashionMNIST", "KMNIST", "EMNIST", "QMNIST", "CIFAR10", "CIFAR100")
+
+
+class UnreadableImageError(ValueError):
+    """An image file that cannot be decoded; the message names its path."""
+
+
+class Source:
+    """Random access to the raw images of a source: `load(i)`, `describe(i)` (for error messages), `labels`."""
+
+    labels: list[int]
+    skipped: int = 0  # unreadable images left out (skip_unreadable)
+
+    def load(self, index: int) -> Image.Image | np.ndarray:
+        raise NotImplementedError
+
+    def describe(self, index: int) -> str:
+        raise NotImplementedError
+
+
+class ImageDataset(Dataset):
+    """(uint8 [C, H, W], label) pairs from a `Source`, each checked against the size the model trains at."""
+
+    def __init__(self, source: Source, *, channels: int, preprocess: PreprocessConfig, size: int | None):
+        self.source = source
+        self.channels = channels
+        self.preprocess = preprocess
+        self.size = size
+
+    @property
+    def labels(self) -> list[int]:
+        return self.source.labels
+
+    @property
+    def skipped(self) -> int:
+        return self.source.skipped
+
+    def __len__(self) -> int:
+        return len(self.source.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = to_chw(self.source.load(index), self.channels)
+        image = resize_and_crop(image, self.preprocess.resize, self.preprocess.crop)
+        if self.size is not None and tuple(image.shape[-2:]) != (self.size, self.size):
+            raise ValueError(
+                f"{self.source.describe(index)} is {image.shape[-2]}x{image.shape[-1]} after preprocessing, the "
+                f"model trains on {self.size}x{self.size}: set model.preprocess.resize and crop"
+            )
+        return image, self.source.labels[index]
+
+
+def to_chw(image: Image.Image | np.ndarray, channels: int) -> torch.Tensor:
+    """PIL image or uint8 HW/HWC array -> uint8 tensor [channels, H, W] (grey <-> RGB converted)."""
+    if isinstance(image, Image.Image):
+        image = np.array(image.convert("L" if channels == 1 else "RGB"))  # a writable copy
+    array = image[..., None] if image.ndim == 2 else image
+    if array.shape[-1] != channels:
+        if channels == 3 and array.shape[-1] == 1:
+            array = np.repeat(array, 3, axis=-1)
+        elif channels == 1 and array.shape[-1] == 3:
+            array = np.asarray(Image.fromarray(array).convert("L"))[..., None]
+        else:
+            raise ValueError(f"cannot turn a {array.shape[-1]}-channel image into {channels} channels")
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+
+
+def build_dataset(config: DataConfig, *, channels: int, preprocess: PreprocessConfig, size: int | None) -> ImageDataset:
+    """The dataset a `DataConfig` describes, ready for a model with `channels` inputs trained at `size`."""
+    builders = {"digits": ArraySource.digits, "folder": FolderSource, "idx": ArraySource.idx,
+                "torchvision": TorchvisionSource}
+    source = builders[config.source](config)
+    if config.limit is not None:
+        source.labels = source.labels[: config.limit]
+    if not source.labels:
+        raise ValueError(f"data source '{config.source}' ({config.path or 'built in'}) holds no images")
+    return ImageDataset(source, channels=channels, preprocess=preprocess, size=size)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class ArraySource(Source):
+    """Images held in one uint8 array [N, H, W] (or [N, H, W, C])."""
+
+    def __init__(self, images: np.ndarray, labels: list[int], name: str):
+        self.images, self.labels, self.name = images, labels, name
+
+    def load(self, index: int) -> np.ndarray:
+        return self.images[index]
+
+    def describe(self, index: int) -> str:
+        return f"{self.name} image {index}"
+
+    @classmethod
+    def digits(cls, config: DataConfig) -> "ArraySource":
+        """scikit-learn's bundled digits (UCI optdigits): 1,797 8x8 images with 17 grey levels, read straight from
+        the installed package's data file (scikit-learn itself is not imported). The first 1,500 are 'train', the
+        last 297 'test'."""
+        spec = importlib.util.find_spec("sklearn")
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(
+                "the built-in 'digits' data ships with scikit-learn: pip install 'vqtok[quickstart]' (or scikit-learn)"
+            )
+        path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / "digits.csv.gz"
+        table = np.loadtxt(path, delimiter=",", dtype=np.float64)
+        images = np.rint(table[:, :64] * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 8, 8)
+        labels = table[:, 64].astype(int)
+        keep = slice(0, 1500) if config.split == "train" else slice(1500, None)
+        return cls(images[keep], labels[keep].tolist(), "digits")
+
+    @classmethod
+    def idx(cls, config: DataConfig) -> "ArraySource":
+        images = read_idx(config.path)
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise ValueError(f"{config.path}: IDX images must be uint8 [count, rows, cols], got {images.dtype} {images.shape}")
+        if config.labels:
+            labels = read_idx(config.labels)
+            if labels.shape != (images.shape[0],):
+                raise ValueError(f"{config.labels}: {labels.shape[0]} labels for {images.shape[0]} images")
+            labels = labels.astype(int).tolist()
+        else:
+            labels = [-1] * images.shape[0]
+        return cls(images, labels, str(config.path))
+
+
+class FolderSource(Source):
+    """An image folder: class sub-folders (sorted names) give labels 0..C-1; images at the top level have -1."""
+
+    def __init__(self, config: DataConfig):
+        root = Path(config.path)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {root}")
+        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+        depth = [len(p.relative_to(root).parts) for p in files]
+        classes = sorted({p.relative_to(root).parts[0] for p, d in zip(files, depth) if d > 1})
+        if classes and 1 in depth:
+            raise ValueError(f"{root}: images both at the top level and in class sub-folders; use one layout")
+        index = {c: i for i, c in enumerate(classes)}
+        labels = [index[p.relative_to(root).parts[0]] if classes else -1 for p in files]
+        if config.skip_unreadable:
+            readable = [_readable(p) for p in tqdm(files, desc=f"checking {root.name}", unit="img", leave=False)]
+            self.skipped = readable.count(False)
+            files = [p for p, ok in zip(files, readable) if ok]
+            labels = [lab for lab, ok in zip(labels, readable) if ok]
+        self.files, self.labels, self.classes = files, labels, classes
+
+    def load(self, index: int) -> Image.Image:
+        return _open_image(self.files[index])
+
+    def describe(self, index: int) -> str:
+        return str(self.files[index])
+
+
+def _open_image(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise UnreadableImageError(
+            f"cannot read image {path}: {e} (set data.skip_unreadable: true to skip and count such files)"
+        ) from None
+
+
+def _readable(path: Path) -> bool:
+    try:
+        _open_image(path)
+        return True
+    except UnreadableImageError:
+        return False
+
+
+IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"),
+             0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (MNIST's format), gzip-compressed or not; a malformed file is an error naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"IDX file not found: {path}")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise ValueError(f"{path}: corrupt gzip data ({e})") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_TYPES:
+        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+    ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise ValueError(f"{path}: truncated IDX header")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(IDX_TYPES[raw[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    body = raw[4 + 4 * ndim :]
+    if len(body) != expected:
+        raise ValueError(f"{path}: IDX header promises {expected} bytes of data for shape {shape}, found {len(body)}")
+    return np.frombuffer(body, dtype=dtype).reshape(shape).copy()  # writable, native byte order kept by numpy
+
+
+class TorchvisionSource(Source):
+    """A torchvision dataset class read from a local root; never downloaded."""
+
+    def __init__(self, config: DataConfig):
+        import torchvision
+
+        if config.name not in TORCHVISION_NAMES:
+            raise ValueError(f"data.name must be one of {list(TORCHVISION_NAMES)}, got {config.name!r}")
+        kwargs: dict[str, Any] = {"train": config.split == "train", "download": False}
+        if config.name == "EMNIST":
+            kwargs["split"] = "balanced"
+        try:
+            self.dataset = getattr(torchvision.datasets, config.name)(config.path, **kwargs)
+        except RuntimeError as e:
+            raise FileNotFoundError(
+                f"torchvision {config.name} not found under {config.path} ({e}); vqtok never downloads data"
+            ) from None
+        self.name = config.name
+        self.labels = [int(t) for t in self.dataset.targets]
+
+    def load(self, index: int) -> Image.Image:
+        return self.dataset[index][0]
+
+    def describe(self, index: int) -> str:
+        return f"{self.name} image {index}"

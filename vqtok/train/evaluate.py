@@ -1,0 +1,85 @@
+"""Evaluating a tokenizer on images: PSNR, SSIM, code usage and perplexity (VQ), KL (Gaussian), and the PNG grids
+a person looks at (inputs above reconstructions; prior samples for Gaussian models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.utils import make_grid, save_image
+
+from vqtok.images import uint8_to_range
+from vqtok.metrics import code_usage, psnr, ssim
+from vqtok.models import Autoencoder
+
+
+@torch.inference_mode()
+def evaluate(
+    model: Autoencoder, dataset: Dataset, *, limit: int | None = None, batch_size: int = 64, num_workers: int = 0
+) -> dict[str, float]:
+    """Reconstruction metrics of `model` (in eval mode, so nothing is accumulated or communicated) on the first
+    `limit` images of `dataset`. PSNR and SSIM compare 8-bit images, as a person would see them."""
+    was_training = model.training
+    model.eval()
+    if limit is not None:
+        dataset = Subset(dataset, range(min(limit, len(dataset))))
+    device = next(model.parameters()).device
+    value_range = model.config.value_range
+    totals: dict[str, float] = {"psnr": 0.0, "ssim": 0.0, "kl": 0.0}
+    counts = torch.zeros(model.vocab_size or 1, dtype=torch.long, device=device)
+    n = 0
+    for images, _ in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+        images = images.to(device)
+        out = model(uint8_to_range(images, value_range))
+        recon = model.postprocess(model.to_image(out.reconstruction)).float()
+        totals["psnr"] += psnr(recon, images.float(), 255.0).sum().item()
+        totals["ssim"] += ssim(recon, images.float(), 255.0).sum().item()
+        if out.bottleneck.codes is not None:
+            counts += torch.bincount(out.bottleneck.codes.flatten(), minlength=counts.numel())
+        if "kl" in out.bottleneck.terms:
+            totals["kl"] += out.bottleneck.terms["kl"].item() * images.shape[0]
+        n += images.shape[0]
+    model.train(was_training)
+    metrics = {"psnr": totals["psnr"] / n, "ssim": totals["ssim"] / n, "images": float(n)}
+    if model.vocab_size:
+        metrics.update({f"code_{k}": v for k, v in code_usage(counts).items()})
+    else:
+        metrics["kl_nats_per_image"] = totals["kl"] / n
+    return metrics
+
+
+@torch.inference_mode()
+def save_reconstruction_grid(model: Autoencoder, images: torch.Tensor, path: str | Path) -> Path:
+    """PNG: a row of uint8 inputs [B, C, H, W] above their reconstructions (posterior mean for Gaussian models)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    x = uint8_to_range(images.to(device), model.config.value_range)
+    recon = model.postprocess(model.to_image(model(x).reconstruction))
+    model.train(was_training)
+    grid = make_grid(torch.cat([images.to(device), recon]).float() / 255.0, nrow=images.shape[0], padding=1)
+    return _save(grid, path)
+
+
+@torch.inference_mode()
+def save_prior_samples(model: Autoencoder, n: int, path: str | Path, *, seed: int = 0) -> Path:
+    """PNG: decodings of latents drawn from the Gaussian prior N(0, I) at the model's latent grid."""
+    device = next(model.parameters()).device
+    h, w = model.config.latent_grid
+    z = torch.randn(n, model.bottleneck.dim, h, w, generator=torch.Generator().manual_seed(seed)).to(device)
+    images = model.postprocess(model.decode(z)).float() / 255.0
+    return _save(make_grid(images, nrow=int(n**0.5) or 1, padding=1), path)
+
+
+def _save(grid: torch.Tensor, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(grid, path)
+    return path
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    width = max(len(k) for k in metrics)
+    return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}" for k, v in metrics.items())

@@ -216,6 +216,9 @@ def test_psnr_and_ssim_closed_forms():
 
 
 MNIST = DATASETS / "mnist"
+# Measured on 2 CPU cores with this exact run (150 steps, batch 32): test PSNR 21.08 dB, 100% of 64 codes used,
+# ~26 s. Asserted with a 1 dB margin for other kernels/threads.
+MNIST_PSNR = 21.08
 
 
 @pytest.mark.skipif(not (MNIST / "train-images-idx3-ubyte.gz").is_file(), reason=f"MNIST not found under {MNIST}")
@@ -238,4 +241,3 @@ def test_short_mnist_run_reaches_measured_psnr(tmp_path):
     assert metrics["code_usage"] >= 0.9, metrics
 
 
-MNIST_PSNR = 0.0  # measured: see the note in test_short_mnist_run_reaches_measured_psnr

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 21  # 8 MiB of float32 distances per chunk
+MIN_ROWS = 512
 
 
 @contextmanager
@@ -45,20 +46,31 @@ def exact_float32(device: torch.device) -> Iterator[None]:
 def nearest_code(
     z: torch.Tensor, codebook: torch.Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 ) -> torch.Tensor:
-    """Index of the nearest codebook row (squared Euclidean) for each row of z: [N, D], [K, D] -> LongTensor [N]."""
+    """Index of the nearest codebook row (squared Euclidean) for each row of z: [N, D], [K, D] -> LongTensor [N].
+
+    Rows are processed `rows` at a time, rows = chunk_elements // K but at least MIN_ROWS (a matmul with fewer rows
+    runs far below peak). The chunk's distances are one matmul of [z - c, 1] with [-2 (e - c), ||e - c||^2]^T into
+    a single preallocated buffer: no bias copy, no second chunk alive, no heap churn from a fresh buffer per chunk.
+    """
     if z.ndim != 2 or codebook.ndim != 2 or z.shape[1] != codebook.shape[1]:
         raise ValueError(f"nearest_code expects z [N, D] and codebook [K, D], got {tuple(z.shape)}, {tuple(codebook.shape)}")
-    n, k = z.shape[0], codebook.shape[0]
+    n, d = z.shape
+    k = codebook.shape[0]
     out = torch.empty(n, dtype=torch.long, device=z.device)
+    if n == 0:
+        return out
+    rows = min(n, max(chunk_elements // k, MIN_ROWS, 1))
     with exact_float32(z.device):
         codebook = codebook.float()
         center = codebook.mean(dim=0)
         codes = codebook - center
-        codes_t = codes.t()
-        sq_norms = codes.pow(2).sum(dim=1)
-        rows = max(1, chunk_elements // k)
+        rhs = torch.cat([codes.t() * -2.0, codes.pow(2).sum(dim=1)[None]])  # [D + 1, K]
+        lhs = torch.ones(rows, d + 1, device=z.device)  # last column stays 1: it adds ||e - c||^2
+        dist = torch.empty(rows, k, device=z.device)
+        best = torch.empty(rows, device=z.device)
         for start in range(0, n, rows):
-            chunk = z[start : start + rows].float() - center
-            dist = torch.addmm(sq_norms, chunk, codes_t, beta=1.0, alpha=-2.0)
-            torch.argmin(dist, dim=1, out=out[start : start + rows])
+            m = min(rows, n - start)
+            torch.sub(z[start : start + m], center, out=lhs[:m, :d])
+            torch.mm(lhs[:m], rhs, out=dist[:m])
+            torch.min(dist[:m], dim=1, out=(best[:m], out[start : start + m]))  # faster than argmin on CPU
     return out

@@ -46,16 +46,25 @@ from vqtok.metrics import perplexity
 NEVER = -(1 << 62)  # `last_used` of a code never assigned
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the quantized vectors. Backward: the gradient goes to z unchanged, none to the codes."""
+class _QuantizeWithCommitment(torch.autograd.Function):
+    """(z, e) -> (e, mean((z - e)^2)) with the straight-through gradient: d out / d z = I, nothing to e.
+
+    One function for both so that backward writes the encoder's gradient into a single new buffer
+    (g_out + g_commit * 2 (z - e) / numel) instead of the four N x D temporaries of `z + (e - z).detach()` plus
+    `mse_loss`; the forward's squared error is not kept either.
+    """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
-        return quantized
+    def forward(ctx, z: torch.Tensor, quantized: torch.Tensor):
+        ctx.save_for_backward(z, quantized)
+        commitment = torch.linalg.vector_norm(z - quantized).pow(2) / z.numel()
+        return quantized, commitment
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+    def backward(ctx, grad_out: torch.Tensor, grad_commitment: torch.Tensor):
+        z, quantized = ctx.saved_tensors
+        grad = torch.sub(z, quantized).mul_(grad_commitment * (2.0 / z.numel()))
+        return grad.add_(grad_out), None
 
 
 class VectorQuantizer(Bottleneck):
@@ -84,7 +93,8 @@ class VectorQuantizer(Bottleneck):
         self.register_buffer("last_used", torch.full((k,), NEVER, dtype=torch.long))
         self.register_buffer("restarts_total", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
-        self._pending: dict[str, torch.Tensor] | None = None
+        self._pending: torch.Tensor | None = None  # see _pending_views
+        self._has_pending = False
         self._recent: torch.Tensor | None = None
         self._reservoir: list[torch.Tensor] = []
         self._initialized_cache = False
@@ -119,17 +129,17 @@ class VectorQuantizer(Bottleneck):
         codebook = self.code_vectors()
         codes = nearest_code(z.detach(), codebook.detach(), chunk_elements=self.config.search_chunk)
         quantized = F.embedding(codes, codebook)
-        commitment = F.mse_loss(z, quantized.detach())
+        out, commitment = _QuantizeWithCommitment.apply(z, quantized.detach())
         loss = self.config.beta * commitment
         terms = {"commitment": commitment}
         if not self.config.ema:
             terms["codebook"] = F.mse_loss(quantized, z.detach())
             loss = loss + self.config.codebook_weight * terms["codebook"]
+        counts = torch.bincount(codes, minlength=self.vocab_size)
         if self.training:
-            self._accumulate(z.detach(), codes, commitment.detach())
-        out = _StraightThrough.apply(z, quantized).to(h.dtype)
-        out = rearrange(out, "(b h w) d -> b d h w", b=b, h=height, w=width)
-        stats = {"perplexity": perplexity(torch.bincount(codes, minlength=self.vocab_size)), "quant_error": commitment.detach()}
+            self._accumulate(z.detach(), codes, counts, commitment.detach())
+        out = rearrange(out.to(h.dtype), "(b h w) d -> b d h w", b=b, h=height, w=width)
+        stats = {"perplexity": perplexity(counts), "quant_error": commitment.detach()}
         return BottleneckOutput(
             z=out, loss=loss, terms=terms, stats=stats, codes=rearrange(codes, "(b h w) -> b h w", b=b, h=height)
         )
@@ -172,14 +182,13 @@ class VectorQuantizer(Bottleneck):
         return torch.Generator().manual_seed(hash((self.config.seed, int(self.steps), salt)) & ((1 << 63) - 1))
 
     @torch.no_grad()
-    def _accumulate(self, z: torch.Tensor, codes: torch.Tensor, sq_error: torch.Tensor) -> None:
+    def _accumulate(self, z: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor, sq_error: torch.Tensor) -> None:
         if not self._initialized():
             self._collect_reservoir(z)
             return
-        p = self._pending
-        if p is None:
-            p = self._pending = self._empty_pending(z.device)
-        p["count"] += torch.bincount(codes, minlength=self.vocab_size).float()
+        p = self._pending_views(z.device, fresh=not self._has_pending)
+        self._has_pending = True
+        p["count"] += counts
         if self.config.ema:
             p["sum"].index_add_(0, codes, z)
         p["sq_error"] += sq_error.float() * z.numel()
@@ -196,23 +205,36 @@ class VectorQuantizer(Bottleneck):
         super()._load_from_state_dict(*args, **kwargs)
         self._initialized_cache = False
 
-    def _empty_pending(self, device: torch.device) -> dict[str, torch.Tensor]:
-        p = {"count": torch.zeros(self.vocab_size, device=device), "sq_error": torch.zeros((), device=device),
-             "n": torch.zeros((), device=device)}
-        if self.config.ema:
-            p["sum"] = torch.zeros_like(self.codebook)
-        return p
-
-    def _draw_candidates(self, device: torch.device) -> torch.Tensor:
-        """Restart candidates [K, D]: code k's row is a random recent vector of rank (k mod W), zero elsewhere, so
-        that after the sum all-reduce every rank holds the same candidates."""
+    def _pending_views(self, device: torch.device, *, fresh: bool) -> dict[str, torch.Tensor]:
+        """Named views of one flat float32 buffer holding what forward gathers between optimizer steps (counts,
+        squared error, vector count, EMA sums, restart candidates), so that the step hook all-reduces it in place
+        in one call. The buffer lives across steps; `fresh` zeroes it."""
         k, d = self.codebook.shape
+        sizes = {"count": k, "sq_error": 1, "n": 1, "sum": k * d if self.config.ema else 0,
+                 "candidates": k * d if self.config.dead_threshold > 0 else 0}
+        if self._pending is None or self._pending.device != device:
+            self._pending = torch.zeros(sum(sizes.values()), device=device)
+        elif fresh:
+            self._pending.zero_()
+        views, offset = {}, 0
+        for name, size in sizes.items():
+            views[name] = self._pending[offset : offset + size]
+            offset += size
+        views["sum"], views["candidates"] = views["sum"].view(-1, d), views["candidates"].view(-1, d)
+        views["sq_error"], views["n"] = views["sq_error"][0], views["n"][0]
+        return views
+
+    def _draw_candidates(self, candidates: torch.Tensor) -> None:
+        """Fill restart candidates [K, D]: code k's row is a random recent vector of rank (k mod W), zero elsewhere,
+        so that after the sum all-reduce every rank holds the same candidates."""
         recent, self._recent = self._recent, None
         if recent is None:
-            return torch.zeros(k, d, device=device)
-        picks = torch.randint(recent.shape[0], (k,), generator=self._generator(salt=dist.rank())).to(device)
-        mine = (torch.arange(k, device=device) % dist.world_size() == dist.rank())[:, None]
-        return torch.where(mine, recent[picks], torch.zeros((), device=device))
+            return
+        k = candidates.shape[0]
+        rank, world = dist.rank(), dist.world_size()
+        mine = torch.arange(rank, k, world, device=candidates.device)
+        picks = torch.randint(recent.shape[0], (len(mine),), generator=self._generator(salt=rank))
+        candidates[mine] = recent[picks.to(recent.device)]
 
     def _collect_reservoir(self, z: torch.Tensor) -> None:
         need = self._reservoir_per_rank() - sum(len(r) for r in self._reservoir)
@@ -228,36 +250,25 @@ class VectorQuantizer(Bottleneck):
 
     @torch.no_grad()
     def on_optimizer_step(self, skipped: bool = False) -> dict[str, torch.Tensor]:
-        pending, self._pending = self._pending, None
+        had_pending, self._has_pending = self._has_pending, False
         if skipped:
             self._recent = None
             return {}
         if not self._initialized():
             return self._maybe_kmeans_init()
-        if pending is None:
-            if dist.world_size() == 1:
-                return {}
-            pending = self._empty_pending(self.codebook.device)  # every rank must join the all-reduce
+        if not had_pending and dist.world_size() == 1:
+            return {}
+        p = self._pending_views(self.codebook.device, fresh=not had_pending)  # every rank joins the all-reduce
         if self.config.dead_threshold > 0:
-            pending["candidates"] = self._draw_candidates(self.codebook.device)
-        count, total, candidates, sq_error, n = self._all_reduce(pending)
+            self._draw_candidates(p["candidates"])
+        dist.all_reduce_sum_(self._pending)
         self.steps += 1
-        self.last_used[count > 0] = self.steps
-        self._update_ema(count, total, sq_error / n.clamp_min(1) / self.dim)
-        restarted = self._restart_dead_codes(candidates) if candidates is not None else 0
+        self.last_used[p["count"] > 0] = self.steps
+        sq_error = p["sq_error"] / p["n"].clamp_min(1) / self.dim
+        self._update_ema(p["count"], p["sum"] if self.config.ema else None, sq_error)
+        restarted = self._restart_dead_codes(p["candidates"]) if self.config.dead_threshold > 0 else 0
         self.restarts_total += restarted
-        return {"step_perplexity": perplexity(count), "restarted": torch.tensor(restarted), **self.codebook_stats()}
-
-    def _all_reduce(self, p: dict[str, torch.Tensor]):
-        k, d = self.codebook.shape
-        parts = [p["count"], p["sq_error"].reshape(1), p["n"].reshape(1)]
-        parts += [p["sum"].flatten()] if "sum" in p else []
-        parts += [p["candidates"].flatten()] if "candidates" in p else []
-        flat = dist.all_reduce_sum_(torch.cat(parts))
-        count, sq_error, n, rest = flat[:k], flat[k], flat[k + 1], flat[k + 2 :]
-        total = rest[: k * d].view(k, d) if "sum" in p else None
-        candidates = rest[-k * d :].view(k, d) if "candidates" in p else None
-        return count, total, candidates, sq_error, n
+        return {"step_perplexity": perplexity(p["count"]), "restarted": torch.tensor(restarted), **self.codebook_stats()}
 
     def _update_ema(self, count: torch.Tensor, total: torch.Tensor | None, sq_error: torch.Tensor) -> None:
         g = self.config.decay
@@ -269,10 +280,14 @@ class VectorQuantizer(Bottleneck):
         self.ema_sum.mul_(g).add_(total, alpha=1 - g)
         bias = 1 - g ** int(self.ema_steps)
         eps = self.config.eps
-        # (m^ + eps e) / (N^ + eps), written so that an unused code (m^ = N^ = 0) stays bit-exact
+        # e + (m^ - N^ e) / (N^ + eps) = (m^ + eps e) / (N^ + eps); an unused code (m^ = N^ = 0) stays bit-exact.
+        # In place, with one K x D temporary.
         n_hat = (self.ema_count / bias)[:, None]
-        codebook = self.codebook + (self.ema_sum / bias - n_hat * self.codebook) / (n_hat + eps)
-        self.codebook.copy_(F.normalize(codebook, dim=1) if self.config.l2_normalize else codebook)
+        step = self.codebook * -n_hat
+        step.add_(self.ema_sum, alpha=1.0 / bias).div_(n_hat + eps)
+        self.codebook.add_(step)
+        if self.config.l2_normalize:
+            self.codebook.copy_(F.normalize(self.codebook, dim=1))
 
     def _restart_dead_codes(self, candidates: torch.Tensor) -> int:
         bias = self._bias()

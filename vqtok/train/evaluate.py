@@ -59,8 +59,8 @@ def save_reconstruction_grid(model: Autoencoder, images: torch.Tensor, path: str
     x = uint8_to_range(images.to(device), model.config.value_range)
     recon = model.postprocess(model.to_image(model(x).reconstruction))
     model.train(was_training)
-    grid = make_grid(torch.cat([images.to(device), recon]).float() / 255.0, nrow=images.shape[0], padding=1)
-    return _save(grid, path)
+    tiles = _enlarge(torch.cat([images.to(device), recon]).float() / 255.0)
+    return _save(make_grid(tiles, nrow=images.shape[0], padding=2), path)
 
 
 @torch.inference_mode()
@@ -69,8 +69,14 @@ def save_prior_samples(model: Autoencoder, n: int, path: str | Path, *, seed: in
     device = next(model.parameters()).device
     h, w = model.config.latent_grid
     z = torch.randn(n, model.bottleneck.dim, h, w, generator=torch.Generator().manual_seed(seed)).to(device)
-    images = model.postprocess(model.decode(z)).float() / 255.0
-    return _save(make_grid(images, nrow=int(n**0.5) or 1, padding=1), path)
+    images = _enlarge(model.postprocess(model.decode(z)).float() / 255.0)
+    return _save(make_grid(images, nrow=int(n**0.5) or 1, padding=2), path)
+
+
+def _enlarge(images: torch.Tensor, min_side: int = 64) -> torch.Tensor:
+    """Nearest-neighbour enlargement of small images (e.g. 16x16 digits) so that a person can see them."""
+    factor = max(1, min_side // max(images.shape[-2:]))
+    return torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
 
 
 def _save(grid: torch.Tensor, path: str | Path) -> Path:

@@ -6,6 +6,7 @@
 """
 
 from vqtok.config import AutoencoderConfig, ConfigError, GaussianConfig, VQConfig, load_yaml
+from vqtok.data import TokenDataset, encode_dataset
 from vqtok.hub import load
 from vqtok.models import Autoencoder, AutoencoderOutput
 from vqtok.version import __version__
@@ -16,8 +17,10 @@ __all__ = [
     "AutoencoderOutput",
     "ConfigError",
     "GaussianConfig",
+    "TokenDataset",
     "VQConfig",
     "__version__",
+    "encode_dataset",
     "load",
     "load_yaml",
 ]

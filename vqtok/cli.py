@@ -41,6 +41,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="also write the metrics as JSON here")
     evaluate.set_defaults(run=_eval)
 
+    encode = commands.add_parser("encode", help="encode a dataset into a token store (resumable, multi-process)")
+    encode.add_argument("--tokenizer", required=True, help="local folder or Hub repo id[@revision]")
+    encode.add_argument("--data", required=True, help="digits | folder:PATH | idx:IMAGES[,LABELS] | torchvision:NAME:ROOT")
+    encode.add_argument("--split", choices=["train", "test"], default="train")
+    encode.add_argument("--out", required=True, help="the store folder (re-run with the same arguments to resume)")
+    encode.add_argument("--batch-size", type=int, default=256)
+    encode.add_argument("--shard-size", type=int, default=10_000)
+    encode.add_argument("--hflip", action="store_true", help="also store the codes of horizontally flipped images")
+    encode.add_argument("--num-workers", type=int, default=4)
+    encode.add_argument("--limit", type=int, default=None, help="encode the first N images only")
+    encode.set_defaults(run=_encode)
+
+    decode = commands.add_parser("decode", help="decode stored codes back to images (a PNG grid)")
+    decode.add_argument("codes", help="a token store folder, or a .npy file of codes [n, h, w] (needs --tokenizer)")
+    decode.add_argument("--out", required=True, help="PNG file to write")
+    decode.add_argument("--tokenizer", default=None, help="for a .npy file: the tokenizer folder or Hub id")
+    decode.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    decode.set_defaults(run=_decode)
+
     push = commands.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
     push.add_argument("folder")
     push.add_argument("repo_id")
@@ -130,6 +149,43 @@ def _eval(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    from vqtok.data.token_store import encode_dataset
+
+    data = parse_data_spec(args.data, args.split, args.limit)
+    augmentations = ("none", "hflip") if args.hflip else ("none",)
+    out = encode_dataset(args.tokenizer, data, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
+                         augmentations=augmentations, num_workers=args.num_workers)
+    print(f"token store written to {out}")
+    return 0
+
+
+def _decode(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    import vqtok
+    from vqtok.data.token_store import TokenDataset
+    from vqtok.train.evaluate import save_image_grid
+
+    path = Path(args.codes)
+    if path.is_dir():
+        store = TokenDataset(path)
+        tokenizer = vqtok.load(args.tokenizer) if args.tokenizer else store.load_tokenizer()
+        store.check_tokenizer(tokenizer)
+        step = len(store.augmentations)
+        codes = torch.stack([store[i][0] for i in range(0, min(args.n * step, len(store)), step)])
+    else:
+        if not args.tokenizer:
+            raise ValueError("decoding a .npy file of codes needs --tokenizer")
+        tokenizer = vqtok.load(args.tokenizer)
+        codes = torch.from_numpy(np.load(path, allow_pickle=False)[: args.n]).long()
+    images = tokenizer.postprocess(tokenizer.decode(codes.to(torch.float32) if tokenizer.is_gaussian else codes))
+    save_image_grid(images, args.out)
+    print(f"wrote {len(images)} decoded images to {args.out}")
     return 0
 
 

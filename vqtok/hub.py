@@ -8,11 +8,9 @@ the model must be in the file and nothing else. `vqtok.load` is `HubModel.from_p
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -25,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from vqtok.config import ConfigError, from_dict, to_dict
+from vqtok.files import staged
 from vqtok.version import __version__
 
 CONFIG_NAME = "config.json"
@@ -136,7 +135,7 @@ class HubModel(
     def _save_pretrained(self, save_directory: Path) -> None:
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
         text = json.dumps(self.config_dict(), indent=2) + "\n"
-        with _staged(save_directory / WEIGHTS_NAME) as weights, _staged(save_directory / CONFIG_NAME) as config:
+        with staged(save_directory / WEIGHTS_NAME) as weights, staged(save_directory / CONFIG_NAME) as config:
             save_file(tensors, weights, metadata={"format": "pt"})
             Path(config).write_text(text)
 
@@ -205,6 +204,17 @@ def load(
             raise ValueError(f"two revisions given: '@{at_revision}' and revision={revision!r}")
         revision = at_revision
     return HubModel.from_pretrained(name, revision=revision, map_location=map_location, **hub_kwargs)
+
+
+def weights_sha256(model: nn.Module) -> str:
+    """A hash of every tensor of the model (name, dtype, shape, bytes, in name order): identifies a tokenizer's
+    weights whatever file they came from, so token stores and priors can refuse a different one."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def parse_config(model_cls: type[HubModel], raw: dict[str, Any], *, source: str) -> Any:
@@ -300,19 +310,6 @@ def _model_class(raw: dict[str, Any], path: str) -> type[HubModel]:
             f"{path}: saved by vqtok {saved_version}, newer than the installed {__version__}; upgrade vqtok to load it"
         )
     return MODEL_TYPES[model_type]
-
-
-@contextmanager
-def _staged(path: Path) -> Iterator[str]:
-    """A temporary path beside `path`, renamed onto it when the block (and any enclosing one) succeeds."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
 
 
 def _some(names: list[str], n: int = 5) -> str:

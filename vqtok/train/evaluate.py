@@ -69,14 +69,19 @@ def save_prior_samples(model: Autoencoder, n: int, path: str | Path, *, seed: in
     device = next(model.parameters()).device
     h, w = model.config.latent_grid
     z = torch.randn(n, model.bottleneck.dim, h, w, generator=torch.Generator().manual_seed(seed)).to(device)
-    images = _enlarge(model.postprocess(model.decode(z)).float() / 255.0)
-    return _save(make_grid(images, nrow=int(n**0.5) or 1, padding=2), path)
+    return save_image_grid(model.postprocess(model.decode(z)), path)
 
 
 def _enlarge(images: torch.Tensor, min_side: int = 64) -> torch.Tensor:
     """Nearest-neighbour enlargement of small images (e.g. 16x16 digits) so that a person can see them."""
     factor = max(1, min_side // max(images.shape[-2:]))
     return torch.nn.functional.interpolate(images, scale_factor=factor, mode="nearest") if factor > 1 else images
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """PNG grid of uint8 images [B, C, H, W] (small ones enlarged)."""
+    tiles = _enlarge(images.float() / 255.0)
+    return _save(make_grid(tiles, nrow=nrow or max(1, int(len(images) ** 0.5)), padding=2), path)
 
 
 def _save(grid: torch.Tensor, path: str | Path) -> Path:

@@ -1,0 +1,26 @@
+"""Atomic file writes: nothing is ever left half-written where a reader would take it for complete."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+@contextmanager
+def staged(path: str | Path) -> Iterator[str]:
+    """A temporary path beside `path`, fsynced and renamed onto it when the block (and any enclosing one) succeeds,
+    removed when it fails."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)

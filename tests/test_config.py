@@ -137,3 +137,18 @@ def test_arbitrary_training_values_either_parse_or_raise_config_error(key, value
     except ConfigError:
         return
     assert from_dict(TrainConfig, to_dict(config)) == config
+
+
+def test_python_built_configs_and_odd_keys():
+    config = AutoencoderConfig(channel_mult=[1, 2], attn_resolutions=[16])
+    assert config.channel_mult == (1, 2) and hash(config) == hash(from_dict(AutoencoderConfig, to_dict(config)))
+    with pytest.raises(ConfigError, match="keys must be strings"):
+        from_dict(AutoencoderConfig, {1: 2, "zz": 3})
+
+
+def test_gaussian_bottleneck_needs_a_likelihood_in_nats():
+    from vqtok.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="would scale beta by the number of pixels"):
+        TrainConfig(model=AutoencoderConfig(bottleneck=GaussianConfig()), loss="mse")
+    TrainConfig(model=AutoencoderConfig(bottleneck=GaussianConfig()), loss="gaussian")

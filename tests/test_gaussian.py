@@ -76,3 +76,17 @@ def test_train_samples_eval_uses_mean():
 def test_wrong_feature_channels_is_a_clear_error():
     with pytest.raises(ValueError, match=r"expects features \[B, 4, h, w\]"):
         GaussianBottleneck(GaussianConfig(dim=2))(torch.randn(1, 3, 2, 2))
+
+
+def test_kl_under_bf16_autocast_matches_float64():
+    """Near the prior the KL is a small difference of large terms: it must not be computed in bf16."""
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(4, 8, 8, 8, generator=g) * 0.05).bfloat16()
+    reference = DiagonalGaussian(*h.double().chunk(2, dim=1)).kl()
+    layer = GaussianBottleneck(GaussianConfig(dim=4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        kl = layer.encode(h).kl()
+        out = layer(h)
+    assert kl.dtype == torch.float32 and (kl >= 0).all()
+    torch.testing.assert_close(kl.double(), reference, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.terms["kl"].double(), reference.sum(dim=(1, 2, 3)).mean(), rtol=1e-4, atol=1e-5)

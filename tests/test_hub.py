@@ -210,3 +210,36 @@ def test_push_to_hub_uploads_the_saved_folder(saved_vq):
         model.push_to_hub("org/tiny")
     assert uploaded["files"] == ["README.md", "config.json", "model.safetensors"]
     assert uploaded["config"]["model_type"] == "autoencoder"
+
+
+def test_saved_files_are_readable_by_others_and_the_card_follows_the_metrics(saved_vq, tmp_path):
+    model, _ = saved_vq
+    old_umask = os.umask(0o022)
+    try:
+        model.save_pretrained(tmp_path, model_card_kwargs={"metrics": {"psnr": 1.0}})
+        model.save_pretrained(tmp_path, model_card_kwargs={"metrics": {"psnr": 99.0}})
+    finally:
+        os.umask(old_umask)
+    assert {(tmp_path / f).stat().st_mode & 0o777 for f in ("config.json", "model.safetensors")} == {0o644}
+    card = (tmp_path / "README.md").read_text()
+    assert "| psnr | 99.0 |" in card and "| psnr | 1.0 |" not in card
+    (tmp_path / "README.md").write_text("# my own card\n")  # a card a person wrote is kept
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "README.md").read_text() == "# my own card\n"
+
+
+def test_a_tensor_of_the_wrong_dtype_fails(saved_vq, tmp_path):
+    _, path = saved_vq
+    path = _copy(path, tmp_path)
+    tensors = load_file(path / "model.safetensors")
+    tensors["bottleneck.last_used"] = tensors["bottleneck.last_used"].float()
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(ValueError, match="'bottleneck.last_used' is torch.float32, the model expects torch.int64"):
+        vqtok.load(path)
+
+
+def test_repo_missing_from_the_offline_cache_says_so(tmp_path):
+    code = "import vqtok; vqtok.load('org/absent')"
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "not in the local Hub cache" in result.stderr

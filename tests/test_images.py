@@ -48,3 +48,12 @@ def test_grey_pil_is_converted_for_rgb_models(vq_model):
 def test_bad_inputs_are_clear_errors(vq_model, bad, error, match):
     with pytest.raises(error, match=match):
         vq_model.preprocess(bad)
+
+
+def test_16_bit_images_are_scaled_not_clipped(vq_model):
+    values = (np.arange(16 * 16, dtype=np.uint16).reshape(16, 16) * 257)  # 0 .. 65535 in steps of 257
+    image = Image.fromarray(values)  # mode I;16
+    x = vq_model.postprocess(vq_model.preprocess(image))
+    assert torch.equal(x[0, 0], torch.from_numpy((values >> 8).astype(np.uint8)))
+    with pytest.raises(ValueError, match="mode F"):
+        vq_model.preprocess(Image.fromarray(np.zeros((16, 16), dtype=np.float32)))

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ENCODE_FLAGS = ["--data", "digits", "--limit", "1200", "--shard-size", "100", "--batch-size", "24", "--num-workers", "0"]
 
 
-def make_tokenizer(path: Path, bottleneck) -> Path:
-    torch.manual_seed(0)
+def make_tokenizer(path: Path, bottleneck, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
     config = tiny_config(bottleneck, in_channels=1, base_channels=16, preprocess=PreprocessConfig(resize=16))
     vqtok.Autoencoder(config).save_pretrained(path)
     return path
@@ -132,7 +132,7 @@ def test_tampered_truncated_and_mismatched(reference_store, tokenizer_dir, tmp_p
     (store / "manifest.json").write_text("{broken")
     with pytest.raises(TokenStoreError, match="not valid JSON"):
         TokenDataset(store)
-    other = make_tokenizer(tmp_path / "other", VQConfig(codebook_size=16, dim=4, kmeans_init=False, seed=1))
+    other = make_tokenizer(tmp_path / "other", VQConfig(codebook_size=16, dim=4, kmeans_init=False), seed=1)
     with pytest.raises(TokenStoreError, match="encoded by a tokenizer with weights"):
         TokenDataset(reference_store, tokenizer=vqtok.load(other))
     with pytest.raises(TokenStoreError, match="different arguments"):

@@ -19,7 +19,7 @@ import vqtok
 from tests.conftest import DATASETS
 from tests.scripts.common import WORLD_INVARIANT_VQ, tiny_train_config
 from vqtok.cli import main
-from vqtok.config import ConfigError, DataConfig, save_yaml
+from vqtok.config import ConfigError, DataConfig, VQConfig, save_yaml
 from vqtok.losses import kl_weight, lr_factor, reconstruction_loss
 from vqtok.metrics import psnr, ssim
 from vqtok.train import TooManySkippedSteps, train
@@ -53,16 +53,18 @@ def test_run_leaves_the_artefacts_a_person_looks_at(finished_run):
     assert bool(model.bottleneck.initialized)  # k-means ran on the first step's reservoir
 
 
-def test_resume_continues_exactly(finished_run, tmp_path):
-    out, folder = finished_run
-    config = tiny_train_config(str(tmp_path / "split"))
-    assert train(config, stop_at=3) is None
-    assert (tmp_path / "split" / "checkpoints" / "step_000003" / "train_state.json").is_file()
+def test_resume_continues_exactly(tmp_path):
+    """Stopped while the k-means reservoir is half full (3000 vectors, 1024 a step) and with a weights EMA."""
+    vq = VQConfig(codebook_size=16, dim=4, kmeans_samples=3000)
+    full = train(tiny_train_config(str(tmp_path / "full"), vq=vq, weights_ema=0.5))
+    config = tiny_train_config(str(tmp_path / "split"), vq=vq, weights_ema=0.5)
+    assert train(config, stop_at=2) is None
+    assert (tmp_path / "split" / "checkpoints" / "step_000002" / "bottleneck_rank0.safetensors").is_file()
     resumed = train(config, resume=True)
-    full_losses = [(r["step"], r["loss"]) for r in metrics_lines(out)]
+    full_losses = [(r["step"], r["loss"]) for r in metrics_lines(tmp_path / "full")]
     split_losses = [(r["step"], r["loss"]) for r in metrics_lines(tmp_path / "split")]
     assert split_losses == full_losses  # bit for bit on CPU
-    a, b = load_file(folder / "model.safetensors"), load_file(resumed / "model.safetensors")
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -74,19 +76,30 @@ def test_two_processes_match_one_on_the_same_batches(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [json.loads((tmp_path / f"world{r}.json").read_text())["world"] for r in range(2)] == [2, 2]
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
-    single = train(tiny_train_config(str(tmp_path / "single"), vq=WORLD_INVARIANT_VQ, max_steps=3))
-    vq = vqtok.load(single).bottleneck
+    single = train(tiny_train_config(str(tmp_path / "single"), vq=WORLD_INVARIANT_VQ, max_steps=4, hflip=True))
+    # the same learning-rate schedule (once per optimizer step, not once per process) ...
+    lrs = lambda run: [r["lr"] for r in metrics_lines(run)]  # noqa: E731
+    assert lrs(tmp_path / "run") == lrs(tmp_path / "single")
+    # ... the same weights (DDP's mean of the ranks' gradients = one process's gradient on the whole batch) ...
+    weights = load_file(single / "model.safetensors")
     for rank in ranks:
-        torch.testing.assert_close(rank["ema_count"], vq.ema_count, rtol=1e-5, atol=1e-4)
-        torch.testing.assert_close(rank["ema_sum"], vq.ema_sum, rtol=1e-4, atol=1e-4)
-        torch.testing.assert_close(rank["codebook"], vq.codebook, rtol=1e-4, atol=1e-4)
-    assert torch.equal(ranks[0]["codebook"], ranks[1]["codebook"])
+        for name in weights:
+            torch.testing.assert_close(rank[name], weights[name], rtol=1e-4, atol=1e-5, msg=name)
+    # ... and the codebook's EMA statistics, summed over ranks in the step hook (DDP's buffer broadcast is off)
+    assert torch.equal(ranks[0]["bottleneck.codebook"], ranks[1]["bottleneck.codebook"])
+    torch.testing.assert_close(ranks[0]["bottleneck.ema_count"], weights["bottleneck.ema_count"], rtol=1e-5, atol=1e-4)
 
 
 def test_bf16_mixed_precision_keeps_the_codebook_float32(tmp_path):
-    folder = train(tiny_train_config(str(tmp_path / "bf16"), max_steps=2, mixed_precision="bf16", eval_images=8))
+    fp32 = tiny_train_config(str(tmp_path / "fp32"), max_steps=2, eval_images=8)
+    bf16 = tiny_train_config(str(tmp_path / "bf16"), max_steps=2, eval_images=8, mixed_precision="bf16")
+    train(fp32)
+    folder = train(bf16)
+    loss = lambda run: metrics_lines(run)[0]["loss"]  # noqa: E731
+    assert loss(tmp_path / "bf16") != loss(tmp_path / "fp32")  # autocast really ran in bf16 ...
+    assert loss(tmp_path / "bf16") == pytest.approx(loss(tmp_path / "fp32"), rel=0.05)  # ... and it is close
     state = load_file(folder / "model.safetensors")
-    assert state["bottleneck.codebook"].dtype == torch.float32 and state["encoder.conv_in.weight"].dtype == torch.float32
+    assert state["bottleneck.codebook"].dtype == torch.float32 and state["bottleneck.ema_sum"].dtype == torch.float32
 
 
 def test_gaussian_run_writes_prior_samples(tmp_path):
@@ -202,6 +215,27 @@ def test_schedules_hand_values():
     assert lr_factor(0, warmup_steps=4, max_steps=10, min_ratio=0.1) == 0.25
     assert lr_factor(4, warmup_steps=4, max_steps=10, min_ratio=0.1) == 1.0
     assert math.isclose(lr_factor(10, warmup_steps=4, max_steps=10, min_ratio=0.1), 0.1)
+
+
+def test_ssim_matches_a_brute_force_float64_reference():
+    """Wang et al.: Gaussian window 11, sigma 1.5, statistics per valid window position, mean over positions."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 2, 13, 14, generator=g)
+    y = (x + 0.2 * torch.randn(1, 2, 13, 14, generator=g)).clamp(0, 1)
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    w1 = torch.exp(-coords**2 / (2 * 1.5**2))
+    w = torch.outer(w1, w1) / torch.outer(w1, w1).sum()
+    c1, c2 = 0.01**2, 0.03**2
+    values = []
+    for c in range(2):
+        for i in range(13 - 10):
+            for j in range(14 - 10):
+                a, b = x[0, c, i : i + 11, j : j + 11].double(), y[0, c, i : i + 11, j : j + 11].double()
+                ma, mb = (w * a).sum(), (w * b).sum()
+                va, vb = (w * a * a).sum() - ma**2, (w * b * b).sum() - mb**2
+                cov = (w * a * b).sum() - ma * mb
+                values.append((2 * ma * mb + c1) * (2 * cov + c2) / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    torch.testing.assert_close(ssim(x, y, 1.0).double(), torch.stack(values).mean()[None], rtol=1e-6, atol=1e-7)
 
 
 def test_psnr_and_ssim_closed_forms():

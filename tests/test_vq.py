@@ -131,12 +131,16 @@ def test_state_stays_float32_under_bf16():
     assert out.reconstruction.dtype == torch.bfloat16
     model.on_optimizer_step()
     assert model.bottleneck.codebook.dtype == torch.float32
+    model.eval()  # the documented pipeline on a bf16 model: preprocess gives float32, encode/decode cope
+    codes = model.encode(model.preprocess(torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)))
+    assert model.decode(codes.to(torch.uint16)).dtype == torch.bfloat16  # uint16: how a token store keeps codes
 
 
 def test_gradient_accumulation_changes_the_codebook_once_per_step():
     torch.manual_seed(0)
     h1, h2 = torch.randn(2, 4, 4, 4), torch.randn(3, 4, 4, 4)
     micro, whole = quantizer(codebook_size=32, dim=4), quantizer(codebook_size=32, dim=4)
+    whole.load_state_dict(micro.state_dict())
     start = micro.codebook.clone()
     micro(h1)
     micro(h2)

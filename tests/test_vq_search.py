@@ -53,10 +53,12 @@ def test_bf16_expansion_would_fail_where_ours_agrees():
 
 def test_chunk_size_does_not_change_the_codes():
     z, codebook = clustered(3000, 300, 16, scale=1.0, offset=0.0, seed=3)
-    reference = nearest_code(z, codebook, chunk_elements=1 << 30)
-    for chunk in [1, 299, 301, 1 << 16]:
-        same = nearest_code(z, codebook, chunk_elements=chunk) == reference
-        assert agreement(z, codebook, reference[~same]).all() if (~same).any() else same.all()
+    reference = nearest_code(z, codebook, chunk_elements=1 << 30)  # one chunk
+    for chunk in [1, 300 * 7, 300 * 1000 + 17, None]:  # one row, 7 rows, 1000 rows (ragged end), the default
+        codes = nearest_code(z, codebook, chunk_elements=chunk)
+        differ = codes != reference
+        assert differ.float().mean() <= 1e-3
+        assert agreement(z[differ], codebook, codes[differ]).all()  # any difference is a near-tie
 
 
 def test_codes_agree_across_batch_sizes_and_train_eval():

@@ -63,7 +63,8 @@ class VQConfig:
     codebook is a parameter trained by ||sg(z) - e||^2 weighted by `codebook_weight`, which must then be set.
     `dead_threshold` is relative to the expected count per code (vectors per step / K); 0 turns restarts off.
     `kmeans_samples` of None means max(4096, 4 * codebook_size). `l2_normalize` puts z and codes on the unit sphere
-    (cosine similarity search; with a small `dim` this is the LlamaGen recipe).
+    (cosine similarity search; with a small `dim` this is the LlamaGen recipe). `search_chunk` bounds the distance
+    matrix of the nearest-code search to that many floats; None picks max(2^21, 512 * K) up to 2^25 (128 MiB).
     """
 
     kind: Literal["vq"] = "vq"
@@ -80,8 +81,7 @@ class VQConfig:
     kmeans_samples: int | None = None
     dead_threshold: float = 0.03
     usage_window: int = 100
-    search_chunk: int = 1 << 21
-    seed: int = 0
+    search_chunk: int | None = None
 
     def __post_init__(self) -> None:
         _require(self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}")
@@ -112,7 +112,7 @@ class VQConfig:
             0.0 <= self.dead_threshold < 1.0, f"dead_threshold must be in [0, 1), got {self.dead_threshold}"
         )
         _require(self.usage_window >= 1, f"usage_window must be >= 1, got {self.usage_window}")
-        _require(self.search_chunk >= 1, f"search_chunk must be >= 1, got {self.search_chunk}")
+        _require(self.search_chunk is None or self.search_chunk >= 1, f"search_chunk must be >= 1, got {self.search_chunk}")
 
     @property
     def kmeans_reservoir(self) -> int:
@@ -170,6 +170,7 @@ class AutoencoderConfig:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
+        _freeze_lists(self)
         _require(
             self.decoder_output != "bernoulli_logits" or self.input_range == "0,1",
             "decoder_output 'bernoulli_logits' models pixels in [0, 1]: set input_range to '0,1'",
@@ -293,6 +294,8 @@ class TrainConfig:
     num_workers: int = 2
 
     def __post_init__(self) -> None:
+        _freeze_lists(self)
+        _require(0 <= self.seed < 2**32, f"seed must be in [0, 2^32), got {self.seed}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_images", "checkpoint_every",
                      "log_every", "max_consecutive_skips"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -319,10 +322,25 @@ class TrainConfig:
             (self.loss == "bernoulli") == (self.model.decoder_output == "bernoulli_logits"),
             "loss 'bernoulli' and model.decoder_output 'bernoulli_logits' go together",
         )
+        _require(
+            not gaussian or self.loss in ("gaussian", "bernoulli"),
+            f"loss '{self.loss}' is a mean over pixels but a Gaussian bottleneck's KL is in nats per image, which "
+            "would scale beta by the number of pixels; use loss 'gaussian' or 'bernoulli' and set "
+            "model.bottleneck.beta",
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Plain data <-> dataclasses
+
+
+def _freeze_lists(config: Any) -> None:
+    """Lists given for tuple fields (e.g. built in Python) become tuples, so configs stay hashable and equal to
+    their parsed copies."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, list):
+            object.__setattr__(config, f.name, tuple(value))
 
 
 def _finite(x: float) -> bool:
@@ -428,6 +446,9 @@ def _convert_dataclass(cls: Any, value: Any, *, path: str, source: str) -> Any:
         raise ConfigError(f"{where} must be a mapping, got {type(value).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    not_text = [k for k in value if not isinstance(k, str)]
+    if not_text:
+        raise ConfigError(f"{where}: keys must be strings, got {not_text!r}")
     unknown = sorted(set(value) - fields)
     if unknown:
         raise ConfigError(

@@ -16,7 +16,14 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 from huggingface_hub import ModelHubMixin, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    GatedRepoError,
+    HFValidationError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from packaging.version import InvalidVersion, Version
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -125,7 +132,8 @@ class HubModel(
         save_directory.mkdir(parents=True, exist_ok=True)
         self._save_pretrained(save_directory)
         card_path = save_directory / "README.md"
-        if not card_path.exists():
+        # A card vqtok wrote is rewritten (its metrics would go stale); one a person wrote is kept.
+        if not card_path.exists() or "library_name: vqtok" in card_path.read_text(errors="replace"):
             self.generate_model_card(**(model_card_kwargs or {})).save(card_path)
         if push_to_hub:
             return self.push_to_hub(repo_id or save_directory.name, model_card_kwargs=model_card_kwargs,
@@ -135,7 +143,9 @@ class HubModel(
     def _save_pretrained(self, save_directory: Path) -> None:
         tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
         text = json.dumps(self.config_dict(), indent=2) + "\n"
-        with staged(save_directory / WEIGHTS_NAME) as weights, staged(save_directory / CONFIG_NAME) as config:
+        # Both files are written before either is renamed; the weights are renamed first, the config last (the
+        # commit of the pair).
+        with staged(save_directory / CONFIG_NAME) as config, staged(save_directory / WEIGHTS_NAME) as weights:
             save_file(tensors, weights, metadata={"format": "pt"})
             Path(config).write_text(text)
 
@@ -168,6 +178,9 @@ class HubModel(
         fetch = dict(revision=revision, cache_dir=cache_dir, force_download=force_download, token=token,
                      local_files_only=local_files_only)
         config_path = _resolve(source, CONFIG_NAME, **fetch)
+        commit = _snapshot_commit(config_path)
+        if commit is not None:  # fetch the weights from the same commit, even if the branch moves meanwhile
+            fetch["revision"] = commit
         raw = _read_config_json(config_path)
         model_cls = _model_class(raw, config_path)
         if cls is not HubModel and not issubclass(model_cls, cls):
@@ -176,6 +189,7 @@ class HubModel(
         model = model_cls(config)
         model.check_derived(raw, source=str(config_path))
         weights_path = _resolve(source, WEIGHTS_NAME, **fetch)
+        model.to(map_location)
         load_weights_strict(model, weights_path, map_location=map_location)
         model.eval()
         return model
@@ -245,6 +259,8 @@ def load_weights_strict(model: nn.Module, path: str | Path, *, map_location: str
             raise ValueError(
                 f"{path}: tensor '{name}' has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
             )
+        if tensor.dtype != expected[name].dtype and not (tensor.is_floating_point() and expected[name].is_floating_point()):
+            raise ValueError(f"{path}: tensor '{name}' is {tensor.dtype}, the model expects {expected[name].dtype}")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise ValueError(f"{path}: tensor '{name}' contains NaN or infinite values")
     model.load_state_dict(tensors, strict=True)
@@ -264,14 +280,31 @@ def _resolve(source: str, filename: str, **fetch: Any) -> str:
         raise ValueError(f"{source} is a file; vqtok models are folders with {CONFIG_NAME} and {WEIGHTS_NAME}")
     try:
         return hf_hub_download(repo_id=source, filename=filename, **fetch)
-    except (EntryNotFoundError, LocalEntryNotFoundError) as e:
+    except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: first)
+        raise FileNotFoundError(
+            f"{source}: {filename} is not in the local Hub cache and the Hub cannot be reached (offline, or "
+            "HF_HUB_OFFLINE=1?)"
+        ) from None
+    except EntryNotFoundError as e:
         _missing_file(source, filename, present=set(), cause=e)
+    except GatedRepoError:
+        raise PermissionError(f"{source}: a gated repository; accept its terms on the Hub and log in") from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"{source}: revision {fetch.get('revision')!r} not found") from None
     except RepositoryNotFoundError:
-        raise FileNotFoundError(f"{source}: neither a local folder nor a Hub repository") from None
-    except Exception as e:  # HFValidationError and friends: an id that cannot be a repo
-        if type(e).__name__ == "HFValidationError":
-            raise FileNotFoundError(f"{source}: not a local folder, and not a valid Hub repo id ({e})") from None
-        raise
+        raise FileNotFoundError(
+            f"{source}: neither a local folder nor a Hub repository you can access (private? log in)"
+        ) from None
+    except HFValidationError as e:
+        raise FileNotFoundError(f"{source}: not a local folder, and not a valid Hub repo id ({e})") from None
+
+
+def _snapshot_commit(path: str) -> str | None:
+    """The commit of a file in the Hub cache (.../snapshots/<commit>/file), None for a local folder."""
+    parts = Path(path).parts
+    if len(parts) >= 3 and parts[-3] == "snapshots" and len(parts[-2]) == 40:
+        return parts[-2]
+    return None
 
 
 def _missing_file(source: str, filename: str, *, present: set[str], cause: Exception | None = None) -> None:
@@ -298,7 +331,7 @@ def _read_config_json(path: str) -> dict[str, Any]:
 
 def _model_class(raw: dict[str, Any], path: str) -> type[HubModel]:
     model_type = raw.get("model_type")
-    if model_type not in MODEL_TYPES:
+    if not isinstance(model_type, str) or model_type not in MODEL_TYPES:
         raise ConfigError(f"{path}: unknown model_type {model_type!r}; this vqtok knows {sorted(MODEL_TYPES)}")
     saved = raw.get("vqtok_version")
     try:

@@ -12,6 +12,22 @@ from PIL import Image
 ImageInput = Union[Image.Image, Sequence[Image.Image], np.ndarray, torch.Tensor]
 
 
+def pil_to_array(image: Image.Image, channels: int) -> np.ndarray:
+    """A PIL image as uint8 [H, W, channels] (grey <-> RGB converted). 16-bit images are scaled to 8 bits (PIL's
+    own conversion would clip them to 255); floating-point and 32-bit images are refused."""
+    if channels not in (1, 3):
+        raise ValueError(f"PIL images can be converted to 1 or 3 channels, the model takes {channels}")
+    if image.mode.startswith("I"):
+        values = np.array(image, dtype=np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise ValueError(f"a {image.mode} image with values outside 0..65535; convert it to 8 or 16 bits")
+        image = Image.fromarray((values >> 8).astype(np.uint8))
+    elif image.mode == "F":
+        raise ValueError("floating-point (mode F) images are not supported; convert them to 8 or 16 bits")
+    array = np.array(image.convert("L" if channels == 1 else "RGB"))
+    return array[..., None] if array.ndim == 2 else array
+
+
 def to_uint8_batch(images: ImageInput, channels: int) -> torch.Tensor:
     """PIL image(s), uint8 numpy HWC/NHWC or uint8 tensor CHW/NCHW -> uint8 tensor [B, channels, H, W]."""
     if isinstance(images, Image.Image):
@@ -21,15 +37,11 @@ def to_uint8_batch(images: ImageInput, channels: int) -> torch.Tensor:
             raise ValueError("no images given")
         if not all(isinstance(im, Image.Image) for im in images):
             raise TypeError("a list of images must hold PIL images only")
-        mode = {1: "L", 3: "RGB"}.get(channels)
-        if mode is None:
-            raise ValueError(f"PIL images can be converted to 1 or 3 channels, the model takes {channels}")
-        arrays = [np.asarray(im.convert(mode)) for im in images]
+        arrays = [pil_to_array(im, channels) for im in images]
         sizes = {a.shape[:2] for a in arrays}
         if len(sizes) > 1:
             raise ValueError(f"images in one batch must have the same size, got {sorted(sizes)}")
-        batch = torch.from_numpy(np.stack(arrays)).reshape(len(arrays), *arrays[0].shape[:2], channels)
-        return batch.permute(0, 3, 1, 2).contiguous()
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     if isinstance(images, np.ndarray):
         if images.dtype != np.uint8:
             raise TypeError(f"numpy images must be uint8 (HWC or NHWC), got {images.dtype}")

@@ -15,18 +15,18 @@ from tests.scripts.common import WORLD_INVARIANT_VQ, tiny_train_config  # noqa: 
 from vqtok.train import loop  # noqa: E402
 
 out = Path(sys.argv[1])
+HFLIP = os.environ.get("HFLIP", "1") == "1"
 seen = {}
 original = loop._export
 
 
 def capture(accelerator, raw, *args, **kwargs):
     seen["world"] = accelerator.num_processes
-    vq = raw.bottleneck
-    save_file({"ema_count": vq.ema_count, "ema_sum": vq.ema_sum, "codebook": vq.codebook.contiguous()},
+    save_file({k: v.contiguous() for k, v in raw.state_dict().items()},
               str(out / f"rank{accelerator.process_index}.safetensors"))
     return original(accelerator, raw, *args, **kwargs)
 
 
 loop._export = capture
-loop.train(tiny_train_config(str(out / "run"), vq=WORLD_INVARIANT_VQ, max_steps=3))
+loop.train(tiny_train_config(str(out / "run"), vq=WORLD_INVARIANT_VQ, max_steps=4, hflip=HFLIP))
 (out / f"world{os.environ['RANK']}.json").write_text(json.dumps(seen))

@@ -40,8 +40,14 @@ class DiagonalGaussian:
         return self.mean
 
     def kl(self) -> torch.Tensor:
-        """KL to N(0, I) per latent element, in nats, same shape as the mean."""
-        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar)
+        """KL to N(0, I) per latent element, in nats, float32 (or float64), same shape as the mean.
+
+        Computed as 0.5 (mu^2 + expm1(logvar) - logvar) in at least float32: in bf16, exp(lv) - 1 - lv cancels
+        catastrophically near the prior (11% low, with negative elements, in a near-prior case).
+        """
+        dtype = torch.promote_types(self.mean.dtype, torch.float32)
+        mean, logvar = self.mean.to(dtype), self.logvar.to(dtype)
+        return 0.5 * (mean.pow(2) + torch.expm1(logvar) - logvar)
 
 
 class GaussianBottleneck(Bottleneck):
@@ -56,7 +62,7 @@ class GaussianBottleneck(Bottleneck):
     def forward(self, h: torch.Tensor) -> BottleneckOutput:
         posterior = self.encode(h)
         z = posterior.sample() if self.training else posterior.mode()
-        kl = posterior.kl().float()
+        kl = posterior.kl()
         kl_per_image = reduce(kl, "b c h w -> b", "sum").mean()
         if self.config.free_bits > 0:
             per_element = reduce(kl, "b c h w -> c h w", "mean")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vqtok.bottleneck.search import DEFAULT_CHUNK_ELEMENTS, nearest_code
+from vqtok.bottleneck.search import nearest_code
 
 
 @torch.no_grad()
@@ -16,7 +16,7 @@ def kmeans(
     iters: int,
     generator: torch.Generator,
     spherical: bool = False,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    chunk_elements: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cluster the rows of x [M, D] (M >= k) into k centres; returns (centres [k, D], counts [k]) in float32.
 

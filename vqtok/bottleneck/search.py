@@ -16,6 +16,7 @@ import torch
 
 DEFAULT_CHUNK_ELEMENTS = 1 << 21  # 8 MiB of float32 distances per chunk
 MIN_ROWS = 512
+MAX_CHUNK_ELEMENTS = 1 << 25  # 128 MiB
 
 
 @contextmanager
@@ -42,14 +43,18 @@ def exact_float32(device: torch.device) -> Iterator[None]:
                 matmul.allow_tf32 = old
 
 
+def default_chunk_elements(k: int) -> int:
+    """At least MIN_ROWS rows per chunk (a matmul with fewer rows runs far below peak), 8 MiB of distances at
+    least, 128 MiB at most."""
+    return min(max(DEFAULT_CHUNK_ELEMENTS, MIN_ROWS * k), MAX_CHUNK_ELEMENTS)
+
+
 @torch.no_grad()
-def nearest_code(
-    z: torch.Tensor, codebook: torch.Tensor, *, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
-) -> torch.Tensor:
+def nearest_code(z: torch.Tensor, codebook: torch.Tensor, *, chunk_elements: int | None = None) -> torch.Tensor:
     """Index of the nearest codebook row (squared Euclidean) for each row of z: [N, D], [K, D] -> LongTensor [N].
 
-    Rows are processed `rows` at a time, rows = chunk_elements // K but at least MIN_ROWS (a matmul with fewer rows
-    runs far below peak). The chunk's distances are one matmul of [z - c, 1] with [-2 (e - c), ||e - c||^2]^T into
+    Rows are processed chunk_elements // K at a time (at least one; None: `default_chunk_elements(K)`), so the
+    distance buffer never holds more than chunk_elements floats (or one row). The chunk's distances are one matmul of [z - c, 1] with [-2 (e - c), ||e - c||^2]^T into
     a single preallocated buffer: no bias copy, no second chunk alive, no heap churn from a fresh buffer per chunk.
     """
     if z.ndim != 2 or codebook.ndim != 2 or z.shape[1] != codebook.shape[1]:
@@ -59,7 +64,7 @@ def nearest_code(
     out = torch.empty(n, dtype=torch.long, device=z.device)
     if n == 0:
         return out
-    rows = min(n, max(chunk_elements // k, MIN_ROWS, 1))
+    rows = min(n, max(1, (chunk_elements or default_chunk_elements(k)) // k))
     with exact_float32(z.device):
         codebook = codebook.float()
         center = codebook.mean(dim=0)

@@ -77,7 +77,7 @@ class VectorQuantizer(Bottleneck):
         self.config = config
         self.dim = self.in_channels = config.dim
         self.vocab_size = k = config.codebook_size
-        init = torch.randn(k, config.dim, generator=torch.Generator().manual_seed(config.seed))
+        init = torch.randn(k, config.dim)  # the run's seeded RNG, as every other weight
         if config.l2_normalize:
             init = F.normalize(init, dim=1)
         if config.ema:
@@ -93,10 +93,14 @@ class VectorQuantizer(Bottleneck):
         self.register_buffer("last_used", torch.full((k,), NEVER, dtype=torch.long))
         self.register_buffer("restarts_total", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialized", torch.tensor(not config.kmeans_init))
+        # Seeds the restart and k-means draws (with the step): drawn from the run's RNG, saved, so a resumed or
+        # reloaded quantizer draws exactly as the original would have.
+        self.register_buffer("rng_seed", torch.randint(0, 1 << 62, ()))
         self._pending: torch.Tensor | None = None  # see _pending_views
         self._has_pending = False
         self._recent: torch.Tensor | None = None
         self._reservoir: list[torch.Tensor] = []
+        self._reservoir_kept = 0  # reservoir entries from steps that were not skipped
         self._initialized_cache = False
 
     # ------------------------------------------------------------------------------------------------------------
@@ -156,13 +160,14 @@ class VectorQuantizer(Bottleneck):
         """Codes [B, h, w] -> decoder input [B, dim, h, w] (float32: the codebook's dtype)."""
         if not torch.is_tensor(codes) or codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
             raise TypeError(f"codes must be an integer tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+        codes = codes.long()  # uint16 codes (a token store's) have no min/max kernels
         if codes.ndim != 3:
             raise ValueError(f"codes must have shape [B, h, w], got {tuple(codes.shape)}")
         if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.vocab_size):
             raise ValueError(
                 f"codes must lie in [0, {self.vocab_size}), got values in [{int(codes.min())}, {int(codes.max())}]"
             )
-        return rearrange(F.embedding(codes.long(), self.code_vectors()), "b h w d -> b d h w")
+        return rearrange(F.embedding(codes, self.code_vectors()), "b h w d -> b d h w")
 
     def code_vectors(self) -> torch.Tensor:
         """The codebook as used for search and lookup (unit-norm rows when l2_normalize)."""
@@ -179,7 +184,7 @@ class VectorQuantizer(Bottleneck):
 
     def _generator(self, salt: int) -> torch.Generator:
         """Deterministic per (seed, step, purpose), so restarts and k-means are reproducible and resume exactly."""
-        return torch.Generator().manual_seed(hash((self.config.seed, int(self.steps), salt)) & ((1 << 63) - 1))
+        return torch.Generator().manual_seed(hash((int(self.rng_seed), int(self.steps), salt)) & ((1 << 63) - 1))
 
     @torch.no_grad()
     def _accumulate(self, z: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor, sq_error: torch.Tensor) -> None:
@@ -237,10 +242,23 @@ class VectorQuantizer(Bottleneck):
         candidates[mine] = recent[picks.to(recent.device)]
 
     def _collect_reservoir(self, z: torch.Tensor) -> None:
-        need = self._reservoir_per_rank() - sum(len(r) for r in self._reservoir)
+        have = sum(len(r) for r in self._reservoir)
+        need = self._reservoir_per_rank() - have
         if need > 0:
-            take = torch.randperm(z.shape[0], generator=self._generator(salt=len(self._reservoir)))[:need]
+            take = torch.randperm(z.shape[0], generator=self._generator(salt=have))[:need]
             self._reservoir.append(z[take.to(z.device)].clone())
+
+    def transient_state(self) -> dict[str, torch.Tensor]:
+        """This rank's state that lives between optimizer steps and is not a buffer: the k-means reservoir while
+        it fills. A training checkpoint saves it (per rank) so resuming is exact; empty once initialised."""
+        if self._initialized() or not self._reservoir_kept:
+            return {}
+        return {"kmeans_reservoir": torch.cat(self._reservoir[: self._reservoir_kept]).cpu().contiguous()}
+
+    def load_transient_state(self, state: dict[str, torch.Tensor]) -> None:
+        reservoir = state.get("kmeans_reservoir")
+        self._reservoir = [reservoir.to(self.codebook.device)] if reservoir is not None else []
+        self._reservoir_kept = len(self._reservoir)
 
     def _reservoir_per_rank(self) -> int:
         return math.ceil(self.config.kmeans_reservoir / dist.world_size())
@@ -253,7 +271,9 @@ class VectorQuantizer(Bottleneck):
         had_pending, self._has_pending = self._has_pending, False
         if skipped:
             self._recent = None
+            del self._reservoir[self._reservoir_kept :]  # vectors of a skipped (perhaps non-finite) step
             return {}
+        self._reservoir_kept = len(self._reservoir)
         if not self._initialized():
             return self._maybe_kmeans_init()
         if not had_pending and dist.world_size() == 1:
@@ -266,9 +286,13 @@ class VectorQuantizer(Bottleneck):
         self.last_used[p["count"] > 0] = self.steps
         sq_error = p["sq_error"] / p["n"].clamp_min(1) / self.dim
         self._update_ema(p["count"], p["sum"] if self.config.ema else None, sq_error)
-        restarted = self._restart_dead_codes(p["candidates"]) if self.config.dead_threshold > 0 else 0
-        self.restarts_total += restarted
-        return {"step_perplexity": perplexity(p["count"]), "restarted": torch.tensor(restarted), **self.codebook_stats()}
+        stats = {"step_perplexity": perplexity(p["count"])}
+        if self.config.dead_threshold > 0:
+            restarted = self._restart_dead_codes(p["candidates"])
+            self.restarts_total += restarted
+            # every dead code found by this step is restarted: report them as found, before their revival
+            stats.update(dead=torch.tensor(restarted), restarted=torch.tensor(restarted))
+        return {**self.codebook_stats(), **stats}
 
     def _update_ema(self, count: torch.Tensor, total: torch.Tensor | None, sq_error: torch.Tensor) -> None:
         g = self.config.decay
@@ -311,7 +335,7 @@ class VectorQuantizer(Bottleneck):
         if not bool(ready.item()):
             return {}
         local = torch.cat(self._reservoir)[: self._reservoir_per_rank()].to(device)
-        self._reservoir = []
+        self._reservoir, self._reservoir_kept = [], 0
         data = dist.all_gather_cat(local)
         centres, _ = kmeans(
             data,

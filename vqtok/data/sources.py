@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from vqtok.config import DataConfig, PreprocessConfig
-from vqtok.images import resize_and_crop
+from vqtok.images import pil_to_array, resize_and_crop
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 TORCHVISION_NAMES = ("MNIST", "FashionMNIST", "KMNIST", "EMNIST", "QMNIST", "CIFAR10", "CIFAR100")
@@ -76,15 +76,11 @@ class ImageDataset(Dataset):
 def to_chw(image: Image.Image | np.ndarray, channels: int) -> torch.Tensor:
     """PIL image or uint8 HW/HWC array -> uint8 tensor [channels, H, W] (grey <-> RGB converted)."""
     if isinstance(image, Image.Image):
-        image = np.array(image.convert("L" if channels == 1 else "RGB"))  # a writable copy
-    array = image[..., None] if image.ndim == 2 else image
-    if array.shape[-1] != channels:
-        if channels == 3 and array.shape[-1] == 1:
-            array = np.repeat(array, 3, axis=-1)
-        elif channels == 1 and array.shape[-1] == 3:
-            array = np.asarray(Image.fromarray(array).convert("L"))[..., None]
-        else:
-            raise ValueError(f"cannot turn a {array.shape[-1]}-channel image into {channels} channels")
+        array = pil_to_array(image, channels)
+    else:
+        array = image[..., None] if image.ndim == 2 else image
+        if array.shape[-1] != channels:
+            array = pil_to_array(Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array), channels)
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
 
 

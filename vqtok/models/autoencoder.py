@@ -106,7 +106,7 @@ class Autoencoder(HubModel, model_type="autoencoder"):
 
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_images(x)
-        return self.quant_conv(self.encoder(x))
+        return self.quant_conv(self.encoder(x.to(self.encoder.conv_in.weight.dtype)))
 
     def _decode_z(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))

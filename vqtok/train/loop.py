@@ -75,14 +75,18 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = No
 
 def _train(config: TrainConfig, *, resume: bool, stop_at: int | None) -> Path | None:
     out = Path(config.output_dir)
+    if config.mixed_precision == "fp16" and not _has_accelerator():
+        raise ValueError("mixed_precision 'fp16' needs a GPU (on CPU it would silently run in float32); use 'bf16' or 'no'")
     accelerator = Accelerator(
         cpu=not _has_accelerator(),  # without it, torchrun on a CPU-only machine silently gives one process per rank
         mixed_precision=config.mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        step_scheduler_with_optimizer=False,  # else Accelerate steps the schedule once per process per update
         log_with=_trackers(),
         project_dir=str(out),
     )
-    set_seed(config.seed)
+    set_seed(config.seed)  # the same on every rank while the model is built: DDP with broadcast_buffers=False does
+    # not copy rank 0's buffers (the codebook) when it wraps the model
     model_config = config.model
     dataset = build_dataset(config.data, channels=model_config.in_channels, preprocess=model_config.preprocess,
                             size=model_config.resolution)
@@ -93,6 +97,8 @@ def _train(config: TrainConfig, *, resume: bool, stop_at: int | None) -> Path | 
         accelerator.print(f"skipped {dataset.skipped} unreadable images")
 
     model = Autoencoder(model_config)
+    # Then per-rank streams for sampling noise and dropout; data order and flips depend on config.seed alone.
+    set_seed(config.seed, device_specific=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=tuple(config.betas),
                                   weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -102,14 +108,14 @@ def _train(config: TrainConfig, *, resume: bool, stop_at: int | None) -> Path | 
     raw: Autoencoder = accelerator.unwrap_model(model)
     ema = WeightsEMA(raw, config.weights_ema) if config.weights_ema > 0 else None
 
-    step, skipped_total = 0, 0
+    step, skipped_total, consecutive_skips = 0, 0, 0
     if resume:
-        step, skipped_total = _load_checkpoint(accelerator, out, ema)
+        step, skipped_total, consecutive_skips = _load_checkpoint(accelerator, out, raw, ema)
 
     sampler = StepBatchSampler(len(dataset), batch_size=config.batch_size, grad_accum=config.grad_accum,
                                rank=accelerator.process_index, world=accelerator.num_processes, seed=config.seed,
                                start_step=step, max_steps=config.max_steps)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=config.num_workers,
+    loader = DataLoader(_Indexed(dataset), batch_sampler=sampler, num_workers=config.num_workers,
                         pin_memory=accelerator.device.type == "cuda", persistent_workers=config.num_workers > 0)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -118,7 +124,6 @@ def _train(config: TrainConfig, *, resume: bool, stop_at: int | None) -> Path | 
     fixed_images = torch.stack([eval_dataset[i][0] for i in range(min(8, len(eval_dataset)))])
 
     batches = iter(loader)
-    consecutive_skips = 0
     progress = tqdm(total=config.max_steps, initial=step, desc="train", disable=not accelerator.is_local_main_process)
     started = time.perf_counter()
     end = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
@@ -127,8 +132,17 @@ def _train(config: TrainConfig, *, resume: bool, stop_at: int | None) -> Path | 
         logs = _accumulate_step(config, accelerator, model, batches, step)
         max_norm = config.clip_grad_norm if config.clip_grad_norm > 0 else math.inf
         grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-        skip = not math.isfinite(grad_norm) or (config.skip_grad_norm is not None and grad_norm > config.skip_grad_norm)
-        if skip:
+        finite = math.isfinite(grad_norm)
+        scaler = accelerator.scaler
+        if not finite and scaler is not None:
+            # fp16: an overflow is the GradScaler's business - its step skips the update and lowers the scale.
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            raw.on_optimizer_step(skipped=True)
+            logs["fp16_overflow"] = 1.0
+        elif not finite or (config.skip_grad_norm is not None and grad_norm > config.skip_grad_norm):
+            if scaler is not None:
+                scaler.update()  # close the unscale_ done by clipping, or the next step's clipping fails
             optimizer.zero_grad(set_to_none=True)
             raw.on_optimizer_step(skipped=True)
             consecutive_skips += 1
@@ -154,7 +168,8 @@ def _train(config: TrainConfig, *, resume: bool, stop_at: int | None) -> Path | 
         if step % config.eval_every == 0 or step == config.max_steps:
             _evaluate(accelerator, raw, eval_dataset, fixed_images, config, out, step)
         if step % config.checkpoint_every == 0 or step == end:
-            _save_checkpoint(accelerator, out, step, skipped_total, ema)
+            _save_checkpoint(accelerator, out, raw, ema, step=step, skipped_total=skipped_total,
+                             consecutive_skips=consecutive_skips)
     progress.close()
     if step < config.max_steps:
         accelerator.end_training()
@@ -168,11 +183,11 @@ def _accumulate_step(config, accelerator, model, batches, step: int) -> dict[str
     factor = kl_weight(config.kl_schedule, step, warmup_steps=config.kl_warmup_steps, cycle_steps=config.kl_cycle_steps)
     logs: dict[str, Any] = {}
     for micro in range(config.grad_accum):
-        images, _ = next(batches)
+        images, _, indices = next(batches)
         x = uint8_to_range(images.to(accelerator.device, non_blocking=True), value_range)
-        if config.hflip:
-            flip = torch.rand(x.shape[0], generator=_generator(config.seed, step, micro, accelerator.process_index)) < 0.5
-            x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+        if config.hflip:  # a coin per (seed, step, image): the same flips whatever the world size
+            flip = torch.tensor([_coin(config.seed, step, int(i)) for i in indices], device=x.device)
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         last = micro == config.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
@@ -190,8 +205,22 @@ def _accumulate_step(config, accelerator, model, batches, step: int) -> dict[str
     return logs
 
 
-def _generator(seed: int, *parts: int) -> torch.Generator:
-    return torch.Generator().manual_seed(hash((seed, *parts)) & ((1 << 63) - 1))
+class _Indexed(torch.utils.data.Dataset):
+    """Items as (image, label, index), so per-image randomness can be keyed by the global index."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+def _coin(seed: int, step: int, index: int) -> bool:
+    return torch.rand((), generator=torch.Generator().manual_seed(hash((seed, step, index)) & ((1 << 63) - 1))) < 0.5
 
 
 def _log(accelerator, out: Path, step: int, logs: dict[str, Any], progress, started: float) -> None:
@@ -222,30 +251,57 @@ def _evaluate(accelerator, raw: Autoencoder, dataset, fixed_images, config: Trai
     return metrics
 
 
-def _save_checkpoint(accelerator, out: Path, step: int, skipped_total: int, ema: WeightsEMA | None) -> None:
-    """Accelerate's state (model, optimizer, scheduler, RNGs) plus vqtok's own step counter and weights EMA."""
+def _save_checkpoint(accelerator, out: Path, raw: Autoencoder, ema: WeightsEMA | None, *, step: int,
+                     skipped_total: int, consecutive_skips: int) -> None:
+    """Accelerate's state (model, optimizer, scheduler, RNGs), plus vqtok's counters, the weights' EMA and each
+    rank's bottleneck state that lives between steps (the k-means reservoir before initialisation)."""
     path = out / "checkpoints" / f"step_{step:06d}"
     accelerator.save_state(str(path))
-    if accelerator.is_main_process:
-        if ema is not None:
-            save_file(ema.shadow, str(path / "weights_ema.safetensors"))
-        (path / "train_state.json").write_text(json.dumps({"step": step, "skipped_total": skipped_total}))
+    transient = raw.bottleneck.transient_state() if hasattr(raw.bottleneck, "transient_state") else {}
+    if transient:
+        save_file(transient, str(path / f"bottleneck_rank{accelerator.process_index}.safetensors"))
+    if accelerator.is_main_process and ema is not None:
+        save_file(ema.shadow, str(path / "weights_ema.safetensors"))
+    accelerator.wait_for_everyone()  # every rank's files are on disk
+    if accelerator.is_main_process:  # written last: marks the checkpoint complete
+        state = {"step": step, "skipped_total": skipped_total, "consecutive_skips": consecutive_skips,
+                 "world_size": accelerator.num_processes}
+        (path / "train_state.json").write_text(json.dumps(state))
     accelerator.wait_for_everyone()
 
 
-def _load_checkpoint(accelerator, out: Path, ema: WeightsEMA | None) -> tuple[int, int]:
-    """Restore the newest complete checkpoint under out/checkpoints; (0, 0) when there is none."""
-    complete = sorted(p for p in (out / "checkpoints").glob("step_*") if (p / "train_state.json").is_file())
+def _load_checkpoint(accelerator, out: Path, raw: Autoencoder, ema: WeightsEMA | None) -> tuple[int, int, int]:
+    """Restore the newest complete checkpoint under out/checkpoints; zeros when there is none."""
+    complete = [p for p in (out / "checkpoints").glob("step_*") if (p / "train_state.json").is_file()]
     if not complete:
         accelerator.print(f"no checkpoint under {out / 'checkpoints'}: starting from step 0")
-        return 0, 0
-    path = complete[-1]
+        return 0, 0, 0
+    path = max(complete, key=lambda p: int(p.name.split("_")[1]))
     accelerator.load_state(str(path))
     state = json.loads((path / "train_state.json").read_text())
     if ema is not None:
-        ema.shadow = load_file(str(path / "weights_ema.safetensors"))
+        saved = load_file(str(path / "weights_ema.safetensors"), device=str(accelerator.device))
+        if saved.keys() != ema.shadow.keys():
+            raise ValueError(f"{path}: weights_ema.safetensors does not match the model's parameters")
+        for name, tensor in saved.items():
+            ema.shadow[name].copy_(tensor)
+    transient = path / f"bottleneck_rank{accelerator.process_index}.safetensors"
+    if transient.is_file():
+        if state.get("world_size", 1) != accelerator.num_processes:
+            raise ValueError(f"{path} was saved by {state['world_size']} processes during codebook initialisation; "
+                             f"resume it with the same number, not {accelerator.num_processes}")
+        raw.bottleneck.load_transient_state(load_file(str(transient)))
+    if accelerator.is_main_process:
+        _truncate_metrics(out / "metrics.jsonl", state["step"])
     accelerator.print(f"resumed from {path} at step {state['step']}")
-    return int(state["step"]), int(state["skipped_total"])
+    return int(state["step"]), int(state["skipped_total"]), int(state.get("consecutive_skips", 0))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint being resumed, so the file reads as one run."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
 
 
 def _export(accelerator, raw: Autoencoder, ema: WeightsEMA | None, eval_dataset, config: TrainConfig, out: Path) -> Path:
@@ -270,9 +326,9 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
 
 
-def _trackers() -> list[str]:
+def _trackers() -> list[str] | None:
     try:
         import tensorboard  # noqa: F401
     except ImportError:
-        return []
+        return None
     return ["tensorboard"]

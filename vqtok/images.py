@@ -70,7 +70,9 @@ def _check_channels(batch: torch.Tensor, channels: int) -> torch.Tensor:
 
 def resize_and_crop(batch: torch.Tensor, resize: int | None, crop: int | None) -> torch.Tensor:
     """uint8 [..., C, H, W]: shorter side to `resize` (bicubic, antialiased), then a centre crop to `crop`."""
-    from torchvision.transforms.v2 import functional as TF
+    if resize is None and crop is None:
+        return batch
+    from torchvision.transforms.v2 import functional as TF  # imported on first use: ~1 s, paid by every worker
 
     if resize is not None and min(batch.shape[-2:]) != resize:
         batch = TF.resize(batch, [resize], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)

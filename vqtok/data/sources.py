@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import os
 from pathlib import Path
 from typing import Any
 
@@ -150,13 +151,14 @@ class FolderSource(Source):
         root = Path(config.path)
         if not root.is_dir():
             raise FileNotFoundError(f"image folder not found: {root}")
-        files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        depth = [len(p.relative_to(root).parts) for p in files]
-        classes = sorted({p.relative_to(root).parts[0] for p, d in zip(files, depth) if d > 1})
+        relative = sorted(_image_files(root))
+        depth = [len(parts) for parts in relative]
+        classes = sorted({parts[0] for parts in relative if len(parts) > 1})
         if classes and 1 in depth:
             raise ValueError(f"{root}: images both at the top level and in class sub-folders; use one layout")
         index = {c: i for i, c in enumerate(classes)}
-        labels = [index[p.relative_to(root).parts[0]] if classes else -1 for p in files]
+        labels = [index[parts[0]] if classes else -1 for parts in relative]
+        files = [root.joinpath(*parts) for parts in relative]
         if config.skip_unreadable:
             readable = [_readable(p) for p in tqdm(files, desc=f"checking {root.name}", unit="img", leave=False)]
             self.skipped = readable.count(False)
@@ -169,6 +171,20 @@ class FolderSource(Source):
 
     def describe(self, index: int) -> str:
         return str(self.files[index])
+
+
+def _image_files(root: Path) -> list[tuple[str, ...]]:
+    """Relative paths (as parts) of the image files under root, found with os.scandir (no stat per file)."""
+    found, stack = [], [()]
+    while stack:
+        prefix = stack.pop()
+        with os.scandir(root.joinpath(*prefix)) as entries:
+            for entry in entries:
+                if entry.is_dir():
+                    stack.append((*prefix, entry.name))
+                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                    found.append((*prefix, entry.name))
+    return found
 
 
 def _open_image(path: Path) -> Image.Image:

@@ -47,23 +47,23 @@ NEVER = -(1 << 62)  # `last_used` of a code never assigned
 
 
 class _QuantizeWithCommitment(torch.autograd.Function):
-    """(z, e) -> (e, mean((z - e)^2)) with the straight-through gradient: d out / d z = I, nothing to e.
+    """(h, e) -> (e, mean((h - e)^2)) with the straight-through gradient: d out / d h = I, nothing to e.
 
-    One function for both so that backward writes the encoder's gradient into a single new buffer
-    (g_out + g_commit * 2 (z - e) / numel) instead of the four N x D temporaries of `z + (e - z).detach()` plus
-    `mse_loss`; the forward's squared error is not kept either.
+    h and e are [B, D, H, W] (e a view of the looked-up [N, D] rows). One function for both so that backward writes
+    the encoder's gradient, g_out + g_commit * 2 (h - e) / numel, into a single new buffer in h's own layout, and
+    saves the features the caller holds anyway: no flattened copy kept for backward, no layout copy in backward.
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, quantized: torch.Tensor):
-        ctx.save_for_backward(z, quantized)
-        commitment = torch.linalg.vector_norm(z - quantized).pow(2) / z.numel()
+    def forward(ctx, h: torch.Tensor, quantized: torch.Tensor):
+        ctx.save_for_backward(h, quantized)
+        commitment = torch.linalg.vector_norm(h - quantized).pow(2) / h.numel()
         return quantized, commitment
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor, grad_commitment: torch.Tensor):
-        z, quantized = ctx.saved_tensors
-        grad = torch.sub(z, quantized).mul_(grad_commitment * (2.0 / z.numel()))
+        h, quantized = ctx.saved_tensors
+        grad = torch.sub(h, quantized).mul_(grad_commitment * (2.0 / h.numel()))
         return grad.add_(grad_out), None
 
 
@@ -129,20 +129,22 @@ class VectorQuantizer(Bottleneck):
     def forward(self, h: torch.Tensor) -> BottleneckOutput:
         self.check_features(h)
         b, _, height, width = h.shape
-        z = self._flat_vectors(h)
+        features = self._prepared(h)
+        z = rearrange(features.detach(), "b d h w -> (b h w) d")  # rows for the search and the statistics
         codebook = self.code_vectors()
-        codes = nearest_code(z.detach(), codebook.detach(), chunk_elements=self.config.search_chunk)
+        codes = nearest_code(z, codebook.detach(), chunk_elements=self.config.search_chunk)
         quantized = F.embedding(codes, codebook)
-        out, commitment = _QuantizeWithCommitment.apply(z, quantized.detach())
+        as_grid = lambda rows: rearrange(rows, "(b h w) d -> b d h w", b=b, h=height, w=width)  # noqa: E731 (a view)
+        out, commitment = _QuantizeWithCommitment.apply(features, as_grid(quantized.detach()))
         loss = self.config.beta * commitment
         terms = {"commitment": commitment}
         if not self.config.ema:
-            terms["codebook"] = F.mse_loss(quantized, z.detach())
+            terms["codebook"] = F.mse_loss(quantized, z)
             loss = loss + self.config.codebook_weight * terms["codebook"]
         counts = torch.bincount(codes, minlength=self.vocab_size)
         if self.training:
-            self._accumulate(z.detach(), codes, counts, commitment.detach())
-        out = rearrange(out.to(h.dtype), "(b h w) d -> b d h w", b=b, h=height, w=width)
+            self._accumulate(z, codes, counts, commitment.detach())
+        out = out.to(h.dtype)
         stats = {"perplexity": perplexity(counts), "quant_error": commitment.detach()}
         return BottleneckOutput(
             z=out, loss=loss, terms=terms, stats=stats, codes=rearrange(codes, "(b h w) -> b h w", b=b, h=height)
@@ -153,7 +155,8 @@ class VectorQuantizer(Bottleneck):
         """Features [B, dim, h, w] -> codes LongTensor [B, h, w]."""
         self.check_features(h)
         b, _, height, _ = h.shape
-        codes = nearest_code(self._flat_vectors(h), self.code_vectors(), chunk_elements=self.config.search_chunk)
+        z = rearrange(self._prepared(h), "b d h w -> (b h w) d")
+        codes = nearest_code(z, self.code_vectors(), chunk_elements=self.config.search_chunk)
         return rearrange(codes, "(b h w) -> b h w", b=b, h=height)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -175,9 +178,10 @@ class VectorQuantizer(Bottleneck):
             return F.normalize(self.codebook, dim=1)
         return self.codebook
 
-    def _flat_vectors(self, h: torch.Tensor) -> torch.Tensor:
-        z = rearrange(h, "b d h w -> (b h w) d").float()
-        return F.normalize(z, dim=1) if self.config.l2_normalize else z
+    def _prepared(self, h: torch.Tensor) -> torch.Tensor:
+        """Features as the codes see them: float32, unit-norm along D when l2_normalize."""
+        h = h.float()
+        return F.normalize(h, dim=1) if self.config.l2_normalize else h
 
     # ------------------------------------------------------------------------------------------------------------
     # Accumulation between optimizer steps (forward, training mode)

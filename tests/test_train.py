@@ -90,6 +90,17 @@ def test_two_processes_match_one_on_the_same_batches(tmp_path):
     torch.testing.assert_close(ranks[0]["bottleneck.ema_count"], weights["bottleneck.ema_count"], rtol=1e-5, atol=1e-4)
 
 
+def test_gradient_accumulation_matches_one_batch(tmp_path):
+    """Two micro-batches of 8 per step = one batch of 16: same weights, and the codebook's statistics gathered
+    over both micro-batches and applied once per step."""
+    whole = train(tiny_train_config(str(tmp_path / "whole"), vq=WORLD_INVARIANT_VQ, max_steps=3))
+    micro = train(tiny_train_config(str(tmp_path / "micro"), vq=WORLD_INVARIANT_VQ, max_steps=3, grad_accum=2))
+    a, b = load_file(whole / "model.safetensors"), load_file(micro / "model.safetensors")
+    assert int(b["bottleneck.steps"]) == 3  # one codebook update per optimizer step, not per micro-batch
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_bf16_mixed_precision_keeps_the_codebook_float32(tmp_path):
     fp32 = tiny_train_config(str(tmp_path / "fp32"), max_steps=2, eval_images=8)
     bf16 = tiny_train_config(str(tmp_path / "bf16"), max_steps=2, eval_images=8, mixed_precision="bf16")

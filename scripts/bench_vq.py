@@ -292,7 +292,7 @@ def run_config(n: int, k: int, d: int, impls: list[str], plan: Schedule, seed: i
     for runner in runners:
         inputs = runner.prepare(z)  # everything that exists before the step is in the baseline:
         searched = runner.codebook().detach().clone()  # the codebook before this step's EMA update
-        extra, codes = peak_extra_bytes(lambda: runner.step(inputs))
+        extra, codes = peak_extra_bytes(lambda r=runner, i=inputs: r.step(i))
         results.append(Result(
             k=k, d=d, n=n, impl=runner.name, ms_per_step=statistics.median(times[runner.name]),
             step_ms=[round(t, 2) for t in times[runner.name]], peak_extra_mib=extra / MIB,

@@ -19,7 +19,7 @@ import vqtok
 from tests.conftest import DATASETS
 from tests.scripts.common import WORLD_INVARIANT_VQ, tiny_train_config
 from vqtok.cli import main
-from vqtok.config import ConfigError, DataConfig, VQConfig, save_yaml
+from vqtok.config import DataConfig, VQConfig, save_yaml
 from vqtok.losses import kl_weight, lr_factor, reconstruction_loss
 from vqtok.metrics import psnr, ssim
 from vqtok.train import TooManySkippedSteps, train

@@ -6,9 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-import yaml
 
 from vqtok.version import __version__
 
@@ -92,25 +90,6 @@ def parse_data_spec(spec: str, split: str = "train", limit: int | None = None):
     raise ConfigError(f"--data {spec!r}: expected digits, folder:PATH, idx:IMAGES[,LABELS] or torchvision:NAME:ROOT")
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply dotted KEY=VALUE overrides (values parsed as YAML) to nested config data."""
-    from vqtok.config import ConfigError
-
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"--set {key}: '{part}' is not a section")
-            node = child
-        node[leaf] = yaml.safe_load(value)
-    return data
-
-
 def _quickstart(args: argparse.Namespace) -> int:
     from vqtok.train.quickstart import quickstart
 
@@ -118,19 +97,10 @@ def _quickstart(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from vqtok.config import ConfigError, TrainConfig, from_dict
+    from vqtok.config import TrainConfig, load_yaml
     from vqtok.train import train
 
-    path = Path(args.config)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: must hold a mapping of config keys")
-    config = from_dict(TrainConfig, apply_overrides(data, args.set), source=str(path))
+    config = load_yaml(args.config, TrainConfig, overrides=args.set)
     folder = train(config, resume=args.resume, stop_at=args.stop_at)
     print(f"tokenizer saved to {folder}" if folder else f"stopped at step {args.stop_at}; continue with --resume")
     return 0

@@ -11,6 +11,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
@@ -365,8 +366,9 @@ def from_dict(cls: type[T], data: Any, *, source: str = "config") -> T:
     return _convert(cls, data, path="", source=source)
 
 
-def load_yaml(path: str | Path, cls: type[T]) -> T:
-    """Read a YAML file into the config dataclass `cls`; errors name the file and the key."""
+def load_yaml(path: str | Path, cls: type[T], overrides: Sequence[str] = ()) -> T:
+    """Read a YAML file into the config dataclass `cls`, after applying dotted KEY=VALUE `overrides` (values parsed
+    as YAML, e.g. "model.bottleneck.beta=0.5"); errors name the file and the key."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -374,7 +376,32 @@ def load_yaml(path: str | Path, cls: type[T]) -> T:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    return from_dict(cls, data if data is not None else {}, source=str(path))
+    data = data if data is not None else {}
+    if overrides:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: must hold a mapping of config keys")
+        apply_overrides(data, overrides)
+    return from_dict(cls, data, source=str(path))
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply dotted KEY=VALUE overrides (values parsed as YAML) to nested config data, in place."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+            node = child
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+    return data
 
 
 def save_yaml(config: Any, path: str | Path) -> None:

@@ -306,7 +306,7 @@ class VectorQuantizer(Bottleneck):
         if total is None:
             return
         self.ema_sum.mul_(g).add_(total, alpha=1 - g)
-        bias = 1 - g ** int(self.ema_steps)
+        bias = self._bias()
         eps = self.config.eps
         # e + (m^ - N^ e) / (N^ + eps) = (m^ + eps e) / (N^ + eps); an unused code (m^ = N^ = 0) stays bit-exact.
         # In place, with one K x D temporary.
@@ -319,9 +319,7 @@ class VectorQuantizer(Bottleneck):
 
     def _restart_dead_codes(self, candidates: torch.Tensor) -> int:
         bias = self._bias()
-        counts = self.ema_count / bias
-        threshold = self.config.dead_threshold * counts.sum() / self.vocab_size
-        dead = counts < threshold
+        dead, threshold = self._dead_codes()
         n_dead = int(dead.sum())
         if n_dead == 0:
             return 0
@@ -362,6 +360,14 @@ class VectorQuantizer(Bottleneck):
     def _bias(self) -> float:
         return 1 - self.config.decay ** max(int(self.ema_steps), 1)
 
+    def _dead_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask of dead codes, threshold): debiased count below dead_threshold x the expected count per code
+        (with restarts off, dead_threshold is 0 and 'dead' means never assigned in the EMA's memory)."""
+        counts = self.ema_count / self._bias()
+        threshold = self.config.dead_threshold * counts.sum() / self.vocab_size
+        dead = counts < threshold if self.config.dead_threshold > 0 else counts == 0
+        return dead, threshold
+
     # ------------------------------------------------------------------------------------------------------------
     # Statistics from the saved state
 
@@ -370,11 +376,10 @@ class VectorQuantizer(Bottleneck):
         """Codebook health from the buffers saved with the model: usage over the recent window, dead codes, EMA
         perplexity, EMA quantization error (mean squared error per element), restarts so far."""
         counts = self.ema_count / self._bias()
-        threshold = self.config.dead_threshold * counts.sum() / self.vocab_size
         recent = self.last_used > self.steps - self.config.usage_window
         return {
             "usage": recent.float().mean(),
-            "dead": (counts < threshold).sum() if self.config.dead_threshold > 0 else (counts == 0).sum(),
+            "dead": self._dead_codes()[0].sum(),
             "ema_perplexity": perplexity(counts),
             "ema_quant_error": self.ema_sq_error / self._bias(),
             "restarts_total": self.restarts_total.clone(),

@@ -68,3 +68,30 @@ def fresh(request):
     import copy
 
     return lambda model: copy.deepcopy(model)
+
+
+MNIST = DATASETS / "mnist"
+
+
+@pytest.fixture(scope="session")
+def mnist_tokenizer_run(tmp_path_factory) -> Path:
+    """A short real tokenizer run on MNIST (150 steps, batch 32, 4,800 images; f = 4 with 64 codes, ~26 s), shared
+    by the training test that checks its PSNR and the prior test that trains on its codes."""
+    if not (MNIST / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"MNIST not found under {MNIST}")
+    from vqtok.config import DataConfig, TrainConfig
+    from vqtok.train import train
+
+    out = tmp_path_factory.mktemp("mnist") / "tokenizer_run"
+    model = AutoencoderConfig(
+        in_channels=1, resolution=28, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=16,
+        norm_groups=8, bottleneck=VQConfig(codebook_size=64, dim=8, kmeans_samples=1024),
+    )
+    config = TrainConfig(
+        model=model, output_dir=str(out), max_steps=150, batch_size=32, lr=2e-3, warmup_steps=10,
+        data=DataConfig(source="idx", path=str(MNIST / "train-images-idx3-ubyte.gz"), limit=4800),
+        eval_data=DataConfig(source="idx", path=str(MNIST / "t10k-images-idx3-ubyte.gz"), limit=500),
+        eval_every=150, eval_images=500, checkpoint_every=150, log_every=50, num_workers=0,
+    )
+    train(config)
+    return out

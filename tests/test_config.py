@@ -103,12 +103,12 @@ def test_valid_configs_build_and_keep_their_shapes(levels, blocks, width, gaussi
 def test_every_shipped_config_parses():
     from pathlib import Path
 
-    from vqtok.config import TrainConfig
+    from vqtok.config import PriorTrainConfig, TrainConfig
 
     configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-    assert configs
+    assert any(p.name.endswith("_prior.yaml") for p in configs) and configs
     for path in configs:
-        load_yaml(path, TrainConfig)
+        load_yaml(path, PriorTrainConfig if path.name.endswith("_prior.yaml") else TrainConfig)
 
 
 def test_quickstart_yaml_mirrors_the_quickstart():
@@ -119,6 +119,16 @@ def test_quickstart_yaml_mirrors_the_quickstart():
 
     path = Path(__file__).resolve().parents[1] / "configs" / "digits_vq.yaml"
     assert to_dict(load_yaml(path, TrainConfig)) == to_dict(quickstart_config("runs/digits_vq"))
+
+
+def test_quickstart_prior_yaml_mirrors_the_quickstart():
+    from pathlib import Path
+
+    from vqtok.config import PriorTrainConfig
+    from vqtok.train.quickstart import quickstart_prior_config
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "digits_prior.yaml"
+    assert to_dict(load_yaml(path, PriorTrainConfig)) == to_dict(quickstart_prior_config("runs/quickstart"))
 
 
 train_keys = st.sampled_from([f for f in __import__("vqtok.config").config.TrainConfig.__dataclass_fields__

@@ -3,12 +3,14 @@
     tok = vqtok.load("org/name")             # or a local folder
     codes = tok.encode(tok.preprocess(images))
     images = tok.postprocess(tok.decode(codes))
+    prior = vqtok.load("org/prior")          # a transformer prior over a tokenizer's codes
+    codes = prior.generate(16, labels=3, cfg_scale=2.0, seed=0)
 """
 
-from vqtok.config import AutoencoderConfig, ConfigError, GaussianConfig, VQConfig, load_yaml
+from vqtok.config import AutoencoderConfig, ConfigError, GaussianConfig, PriorConfig, VQConfig, load_yaml
 from vqtok.data import TokenDataset, encode_dataset
 from vqtok.hub import load
-from vqtok.models import Autoencoder, AutoencoderOutput
+from vqtok.models import Autoencoder, AutoencoderOutput, PriorTokenizerMismatch, TransformerPrior
 from vqtok.version import __version__
 
 __all__ = [
@@ -17,7 +19,10 @@ __all__ = [
     "AutoencoderOutput",
     "ConfigError",
     "GaussianConfig",
+    "PriorConfig",
+    "PriorTokenizerMismatch",
     "TokenDataset",
+    "TransformerPrior",
     "VQConfig",
     "__version__",
     "encode_dataset",

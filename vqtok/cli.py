@@ -16,19 +16,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"vqtok {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    quickstart = commands.add_parser("quickstart", help="train a small VQ tokenizer on the built-in digits")
+    quickstart = commands.add_parser(
+        "quickstart", help="the whole pipeline on the built-in digits: tokenizer, token stores, prior, new samples")
     quickstart.add_argument("--out", default="runs/quickstart", help="output folder (default: runs/quickstart)")
-    quickstart.add_argument("--steps", type=int, default=600, help="optimizer steps (default: 600)")
+    quickstart.add_argument("--steps", type=int, default=600, help="tokenizer optimizer steps (default: 600)")
+    quickstart.add_argument("--prior-steps", type=int, default=600, help="prior optimizer steps (default: 600)")
     quickstart.set_defaults(run=_quickstart)
 
     train = commands.add_parser("train", help="train a tokenizer from a YAML config")
-    train.add_argument("config", help="YAML file (a TrainConfig)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set max_steps=100 --set model.bottleneck.beta=0.5")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
-    train.add_argument("--stop-at", type=int, default=None, metavar="STEP",
-                       help="stop after STEP with a checkpoint (resume later with --resume)")
+    _run_options(train, "a TrainConfig", "model.bottleneck.beta=0.5")
     train.set_defaults(run=_train)
+
+    train_prior = commands.add_parser("train-prior", help="train a transformer prior on a token store")
+    _run_options(train_prior, "a PriorTrainConfig", "prior.n_layer=4")
+    train_prior.set_defaults(run=_train_prior)
+
+    sample = commands.add_parser("sample", help="sample codes from a prior and decode them into images")
+    sample.add_argument("--prior", required=True, help="the prior: local folder or Hub repo id[@revision]")
+    sample.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    sample.add_argument("--class", dest="label", type=int, default=None,
+                        help="class of every sample (conditional priors; default: unconditional)")
+    sample.add_argument("--temperature", type=float, default=1.0)
+    sample.add_argument("--top-k", type=int, default=None)
+    sample.add_argument("--top-p", type=float, default=None)
+    sample.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (needs --class)")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--batch-size", type=int, default=None, help="samples generated at once (default: all)")
+    sample.add_argument("--tokenizer", default=None,
+                        help="decode with this tokenizer instead of the recorded one (it must be the same weights)")
+    sample.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    sample.add_argument("--out", required=True, help="PNG grid to write")
+    sample.add_argument("--images-dir", default=None, help="also write each image as a PNG into this folder")
+    sample.add_argument("--codes", default=None, help="also write the sampled codes [n, h, w] to this .npy file")
+    sample.set_defaults(run=_sample)
 
     evaluate = commands.add_parser("eval", help="PSNR, SSIM and codebook usage of a tokenizer on a dataset")
     evaluate.add_argument("tokenizer", help="local folder or Hub repo id[@revision]")
@@ -72,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_options(parser: argparse.ArgumentParser, config_kind: str, example: str) -> None:
+    """The arguments every training command takes: the YAML config, overrides, resume and stop."""
+    parser.add_argument("config", help=f"YAML file ({config_kind})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config value, e.g. --set max_steps=100 --set {example}")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                        help="stop after STEP with a checkpoint (resume later with --resume)")
+
+
 def parse_data_spec(spec: str, split: str = "train", limit: int | None = None):
     """'digits' | 'folder:PATH' | 'idx:IMAGES[,LABELS]' | 'torchvision:NAME:ROOT' -> DataConfig."""
     from vqtok.config import ConfigError, DataConfig
@@ -93,7 +123,7 @@ def parse_data_spec(spec: str, split: str = "train", limit: int | None = None):
 def _quickstart(args: argparse.Namespace) -> int:
     from vqtok.train.quickstart import quickstart
 
-    return quickstart(args.out, args.steps)
+    return quickstart(args.out, args.steps, args.prior_steps)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -103,6 +133,52 @@ def _train(args: argparse.Namespace) -> int:
     config = load_yaml(args.config, TrainConfig, overrides=args.set)
     folder = train(config, resume=args.resume, stop_at=args.stop_at)
     print(f"tokenizer saved to {folder}" if folder else f"stopped at step {args.stop_at}; continue with --resume")
+    return 0
+
+
+def _train_prior(args: argparse.Namespace) -> int:
+    from vqtok.config import PriorTrainConfig, load_yaml
+    from vqtok.train.prior import train_prior
+
+    config = load_yaml(args.config, PriorTrainConfig, overrides=args.set)
+    folder = train_prior(config, resume=args.resume, stop_at=args.stop_at)
+    print(f"prior saved to {folder}" if folder else f"stopped at step {args.stop_at}; continue with --resume")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    import vqtok
+    from vqtok.files import staged
+    from vqtok.images import to_pil
+    from vqtok.train.evaluate import save_image_grid
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    prior = vqtok.load(args.prior, map_location=device)
+    if not isinstance(prior, vqtok.TransformerPrior):
+        raise ValueError(f"{args.prior} holds a {prior.model_type}, not a transformer prior")
+    if args.tokenizer:
+        prior.attach_tokenizer(vqtok.load(args.tokenizer))  # refused unless it is the recorded tokenizer
+    tokenizer = prior.tokenizer.to(device)
+    codes = prior.generate(args.n, labels=args.label, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size)
+    with torch.inference_mode():
+        images = torch.cat([tokenizer.postprocess(tokenizer.decode(chunk)) for chunk in codes.split(256)])
+    save_image_grid(images, args.out)
+    written = [args.out]
+    if args.codes:
+        with staged(args.codes) as tmp, open(tmp, "wb") as f:
+            np.save(f, codes.cpu().numpy(), allow_pickle=False)
+        written.append(args.codes)
+    if args.images_dir:
+        folder = Path(args.images_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(to_pil(images)):
+            image.save(folder / f"{i:05d}.png")
+        written.append(f"{folder}/ ({len(images)} PNG files)")
+    print(f"sampled {args.n} images; wrote " + ", ".join(str(w) for w in written))
     return 0
 
 
@@ -164,11 +240,13 @@ def _push(args: argparse.Namespace) -> int:
 
     import vqtok
 
-    vqtok.load(args.folder)  # refuse to publish what would not load
+    model = vqtok.load(args.folder)  # refuse to publish what would not load
+    if isinstance(model, vqtok.TransformerPrior):
+        model.load_tokenizer()  # ... or a prior whose tokenizer is missing or not the recorded one
     api = HfApi()
     repo_id = api.create_repo(args.repo_id, private=args.private, exist_ok=True).repo_id
     url = api.upload_folder(repo_id=repo_id, folder_path=args.folder, revision=args.branch,
-                            commit_message=args.message, allow_patterns=["config.json", "model.safetensors", "README.md", "*.safetensors"])
+                            commit_message=args.message, allow_patterns=["config.json", "README.md", "*.safetensors", "tokenizer/config.json", "tokenizer/README.md"])
     print(f"pushed {args.folder} to {url}")
     return 0
 
@@ -178,7 +256,7 @@ def _info(args: argparse.Namespace) -> int:
 
     model = vqtok.load(args.model)
     print(json.dumps(model.config_dict(), indent=2))
-    stats = getattr(model.bottleneck, "codebook_stats", None)
+    stats = getattr(getattr(model, "bottleneck", None), "codebook_stats", None)
     if stats is not None:
         print(json.dumps({k: v.item() for k, v in stats().items()}, indent=2))
     return 0

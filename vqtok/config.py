@@ -252,23 +252,16 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """A tokenizer training run (`vqtok train CONFIG.yaml`).
+class RunConfig:
+    """What every training run shares (tokenizers and priors): the optimisation, its safeguards and bookkeeping.
 
     batch_size is the global batch of one optimizer step (over all processes and accumulation micro-batches).
-    loss: 'mse' / 'l1' (means over pixels, the VQ-VAE convention), 'gaussian' (unit-variance Gaussian NLL) or
-    'bernoulli' (needs decoder_output 'bernoulli_logits'), both in nats per image, the ELBO's scale.
-    kl_schedule scales a Gaussian bottleneck's loss by 1 ('constant'), a linear ramp from 0 over kl_warmup_steps
-    ('linear') or that ramp repeated every kl_cycle_steps ('cyclical', Fu et al. 2019).
+    AdamW with `warmup_steps` of linear warm-up, then cosine decay to `min_lr_ratio` x lr at max_steps.
     skip_grad_norm skips updates whose gradient norm (before clipping) is above it or not finite; more than
     max_consecutive_skips in a row stops the run with an error. weights_ema > 0 keeps an EMA of the weights, which is
     what gets exported.
     """
 
-    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    eval_data: DataConfig | None = None
-    output_dir: str = "runs/tokenizer"
     seed: int = 0
     max_steps: int = 1000
     batch_size: int = 64
@@ -283,24 +276,16 @@ class TrainConfig:
     max_consecutive_skips: int = 10
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     weights_ema: float = 0.0
-    loss: Literal["mse", "l1", "gaussian", "bernoulli"] = "mse"
-    kl_schedule: Literal["constant", "linear", "cyclical"] = "constant"
-    kl_warmup_steps: int = 0
-    kl_cycle_steps: int = 0
-    hflip: bool = False
     eval_every: int = 250
-    eval_images: int = 256
     checkpoint_every: int = 500
     log_every: int = 10
-    num_workers: int = 2
 
     def __post_init__(self) -> None:
         _freeze_lists(self)
         _require(0 <= self.seed < 2**32, f"seed must be in [0, 2^32), got {self.seed}")
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "eval_images", "checkpoint_every",
-                     "log_every", "max_consecutive_skips"):
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every", "log_every",
+                     "max_consecutive_skips"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
-        _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         _require(self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}")
         _require(self.lr > 0 and _finite(self.lr), f"lr must be finite and > 0, got {self.lr}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two values in [0, 1), got {self.betas}")
@@ -309,6 +294,34 @@ class TrainConfig:
         _require(self.clip_grad_norm >= 0, f"clip_grad_norm must be >= 0 (0 = off), got {self.clip_grad_norm}")
         _require(self.skip_grad_norm is None or self.skip_grad_norm > 0, f"skip_grad_norm must be > 0, got {self.skip_grad_norm}")
         _require(0 <= self.weights_ema < 1, f"weights_ema must be in [0, 1) (0 = off), got {self.weights_ema}")
+
+
+@dataclass(frozen=True)
+class TrainConfig(RunConfig):
+    """A tokenizer training run (`vqtok train CONFIG.yaml`); the optimisation fields are RunConfig's.
+
+    loss: 'mse' / 'l1' (means over pixels, the VQ-VAE convention), 'gaussian' (unit-variance Gaussian NLL) or
+    'bernoulli' (needs decoder_output 'bernoulli_logits'), both in nats per image, the ELBO's scale.
+    kl_schedule scales a Gaussian bottleneck's loss by 1 ('constant'), a linear ramp from 0 over kl_warmup_steps
+    ('linear') or that ramp repeated every kl_cycle_steps ('cyclical', Fu et al. 2019).
+    """
+
+    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval_data: DataConfig | None = None
+    output_dir: str = "runs/tokenizer"
+    loss: Literal["mse", "l1", "gaussian", "bernoulli"] = "mse"
+    kl_schedule: Literal["constant", "linear", "cyclical"] = "constant"
+    kl_warmup_steps: int = 0
+    kl_cycle_steps: int = 0
+    hflip: bool = False
+    eval_images: int = 256
+    num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.eval_images >= 1, f"eval_images must be >= 1, got {self.eval_images}")
+        _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         gaussian = self.model.bottleneck.kind == "gaussian"
         _require(
             gaussian or self.kl_schedule == "constant",
@@ -329,6 +342,113 @@ class TrainConfig:
             "would scale beta by the number of pixels; use loss 'gaussian' or 'bernoulli' and set "
             "model.bottleneck.beta",
         )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The prior
+
+
+@dataclass(frozen=True)
+class TokenizerRef:
+    """The tokenizer whose codes a prior models: a Hub repo id at a revision (a commit where known), or
+    repo_id None for the copy saved in the prior's own `tokenizer/` sub-folder. weights_sha256 checks either."""
+
+    repo_id: str | None = None
+    revision: str | None = None
+    weights_sha256: str = ""
+
+    def __post_init__(self) -> None:
+        _require(len(self.weights_sha256) == 64 and all(c in "0123456789abcdef" for c in self.weights_sha256),
+                 f"weights_sha256 must be 64 lowercase hex digits, got {self.weights_sha256!r}")
+        _require(self.repo_id is not None or self.revision is None,
+                 "revision is set but repo_id is not: a revision only applies to a Hub repository")
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """An autoregressive transformer over a tokenizer's code grid in raster order (decoder-only, pre-norm, GPT-2).
+
+    `vocab_size`, `grid` ([h, w]) and `num_classes` (0: unconditional) describe the codes; left at None in a
+    training config they are read from the token store (num_classes: 1 + the largest label, 0 when no image has
+    one; a store where only some have labels needs an explicit 0). The sequence starts with a class token (or a start token when unconditional); `label_dropout` replaces
+    the label with the null class that often in training so that classifier-free guidance works (None: 0.1 when
+    class-conditional). `positions`: learned absolute embeddings or rotary (RoPE) in the attention.
+    `tokenizer` is filled in by training from the token store and saved in config.json.
+    """
+
+    vocab_size: int | None = None
+    grid: tuple[int, ...] | None = None
+    num_classes: int | None = None
+    n_layer: int = 8
+    n_head: int = 8
+    n_embd: int = 256
+    mlp_ratio: int = 4
+    dropout: float = 0.0
+    positions: Literal["learned", "rotary"] = "learned"
+    label_dropout: float | None = None
+    tokenizer: TokenizerRef | None = None
+
+    def __post_init__(self) -> None:
+        _freeze_lists(self)
+        _require(self.vocab_size is None or self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
+        _require(self.grid is None or (len(self.grid) == 2 and all(g >= 1 for g in self.grid)),
+                 f"grid must be [h, w] with positive sides, got {self.grid}")
+        _require(self.num_classes is None or self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
+        for name in ("n_layer", "n_head", "n_embd", "mlp_ratio"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        _require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        _require(self.positions != "rotary" or (self.n_embd // self.n_head) % 2 == 0,
+                 f"rotary positions need an even head size, got n_embd / n_head = {self.n_embd // self.n_head}")
+        _require(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        if self.label_dropout is not None:
+            _require(0.0 <= self.label_dropout < 1.0, f"label_dropout must be in [0, 1), got {self.label_dropout}")
+            _require(self.label_dropout == 0 or self.num_classes != 0,
+                     "label_dropout is set but num_classes is 0 (an unconditional prior has no labels to drop)")
+
+    @property
+    def resolved(self) -> bool:
+        """Whether the code description is complete (a model can be built)."""
+        return None not in (self.vocab_size, self.grid, self.num_classes)
+
+    @property
+    def seq_len(self) -> int:
+        h, w = self.grid
+        return h * w
+
+    @property
+    def class_dropout(self) -> float:
+        if self.label_dropout is not None:
+            return self.label_dropout
+        return 0.1 if self.num_classes else 0.0
+
+
+@dataclass(frozen=True)
+class PriorTrainConfig(RunConfig):
+    """A prior training run on a token store (`vqtok train-prior CONFIG.yaml`); optimisation fields are RunConfig's.
+
+    `tokens` is the store's folder; `eval_tokens` a store of held-out images made by the same tokenizer (None: a
+    seeded random 5% of `tokens`' images is held out and not trained on). Held-out loss is reported in bits per code,
+    over at most `eval_items` images at periodic evaluations and over all of them at the end. About `num_samples`
+    codes are sampled and decoded to a PNG grid at every evaluation.
+    """
+
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    tokens: str = ""
+    eval_tokens: str | None = None
+    output_dir: str = "runs/prior"
+    lr: float = 3e-4
+    betas: tuple[float, ...] = (0.9, 0.95)
+    weight_decay: float = 0.1
+    eval_items: int = 10_000
+    num_samples: int = 64
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(bool(self.tokens), "tokens (the token store folder to train on) is required")
+        _require(self.eval_items >= 1, f"eval_items must be >= 1, got {self.eval_items}")
+        _require(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
+        _require(self.prior.tokenizer is None,
+                 "prior.tokenizer is recorded from the token store by training; remove it from the config")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -39,6 +40,19 @@ PICKLED_WEIGHTS = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "m
 RESERVED_KEYS = ("model_type", "vqtok_version")
 
 MODEL_TYPES: dict[str, type["HubModel"]] = {}
+
+
+@dataclass(frozen=True)
+class LoadedFrom:
+    """Where a loaded model came from: a resolved local folder (commit None) or a Hub repo id at a commit."""
+
+    source: str
+    commit: str | None = None
+    subfolder: str | None = None
+
+    @property
+    def is_hub(self) -> bool:
+        return self.commit is not None
 M = TypeVar("M", bound="HubModel")
 
 MODEL_CARD = """---
@@ -86,6 +100,7 @@ class HubModel(
     config_class: ClassVar[type]
     derived_keys: ClassVar[tuple[str, ...]] = ()  # the keys `derived_config` writes
     config: Any
+    loaded_from: LoadedFrom | None = None  # set by from_pretrained
 
     def __init_subclass__(cls, model_type: str | None = None, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -172,13 +187,20 @@ class HubModel(
         token: str | bool | None = None,
         local_files_only: bool = False,
         map_location: str | torch.device = "cpu",
+        subfolder: str | None = None,
     ) -> M:
-        """Load from a local folder or a Hub repo id (`revision`: branch, tag or commit), strictly and pickle-free."""
+        """Load from a local folder or a Hub repo id (`revision`: branch, tag or commit), strictly and pickle-free.
+
+        `subfolder` loads a model saved inside another's folder (a prior's `tokenizer/`). The model remembers where
+        it came from in `loaded_from` (the folder or repo id, the commit when it came from the Hub, the subfolder).
+        """
         source = str(pretrained_model_name_or_path)
         fetch = dict(revision=revision, cache_dir=cache_dir, force_download=force_download, token=token,
                      local_files_only=local_files_only)
-        config_path = _resolve(source, CONFIG_NAME, **fetch)
-        commit = _snapshot_commit(config_path)
+        prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+        config_path = _resolve(source, prefix + CONFIG_NAME, **fetch)
+        # A Hub download's commit (a local folder that happens to be a snapshot is still a local folder)
+        commit = None if os.path.isdir(source) else _snapshot_commit(config_path, depth=prefix.count("/"))
         if commit is not None:  # fetch the weights from the same commit, even if the branch moves meanwhile
             fetch["revision"] = commit
         raw = _read_config_json(config_path)
@@ -188,10 +210,12 @@ class HubModel(
         config = parse_config(model_cls, raw, source=str(config_path))
         model = model_cls(config)
         model.check_derived(raw, source=str(config_path))
-        weights_path = _resolve(source, WEIGHTS_NAME, **fetch)
+        weights_path = _resolve(source, prefix + WEIGHTS_NAME, **fetch)
         model.to(map_location)
         load_weights_strict(model, weights_path, map_location=map_location)
         model.eval()
+        model.loaded_from = LoadedFrom(source=source if commit else str(Path(source).resolve()),
+                                       commit=commit, subfolder=subfolder)
         return model
 
     def check_derived(self, raw: dict[str, Any], *, source: str) -> None:
@@ -299,11 +323,12 @@ def _resolve(source: str, filename: str, **fetch: Any) -> str:
         raise FileNotFoundError(f"{source}: not a local folder, and not a valid Hub repo id ({e})") from None
 
 
-def _snapshot_commit(path: str) -> str | None:
-    """The commit of a file in the Hub cache (.../snapshots/<commit>/file), None for a local folder."""
+def _snapshot_commit(path: str, depth: int = 0) -> str | None:
+    """The commit of a file in the Hub cache (.../snapshots/<commit>/[depth sub-folders/]file), None for a local
+    folder."""
     parts = Path(path).parts
-    if len(parts) >= 3 and parts[-3] == "snapshots" and len(parts[-2]) == 40:
-        return parts[-2]
+    if len(parts) >= 3 + depth and parts[-3 - depth] == "snapshots" and len(parts[-2 - depth]) == 40:
+        return parts[-2 - depth]
     return None
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -317,6 +317,31 @@ class TokenDataset(Dataset):
         local = image - (int(self._ends[shard - 1]) if shard else 0)
         codes = torch.from_numpy(np.array(self._codes[shard][local, aug]))
         return (codes if self.kind == "continuous" else codes.long()), int(self._labels[shard][local])
+
+    def gather(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items `indices` at once: (codes [n, h, w] LongTensor, or float16 latents [n, C, h, w]; labels [n])."""
+        index = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"indices out of range for a store of {len(self)} items")
+        image, aug = np.divmod(index, len(self.augmentations))
+        shard = np.searchsorted(self._ends, image, side="right")
+        local = image - np.concatenate([[0], self._ends[:-1]])[shard]
+        codes = np.empty((len(index), *self._codes[0].shape[2:]), dtype=self._codes[0].dtype)
+        labels = np.empty(len(index), dtype=np.int64)
+        for s in np.unique(shard):
+            rows = shard == s
+            codes[rows] = self._codes[s][local[rows], aug[rows]]
+            labels[rows] = self._labels[s][local[rows]]
+        codes_t = torch.from_numpy(codes)
+        return (codes_t if self.kind == "continuous" else codes_t.long()), torch.from_numpy(labels)
+
+    @property
+    def num_images(self) -> int:
+        return int(self._ends[-1])
+
+    def label_range(self) -> tuple[int, int]:
+        """The smallest and largest label in the store (-1 marks images without one)."""
+        return (min(int(labels.min()) for labels in self._labels), max(int(labels.max()) for labels in self._labels))
 
     @property
     def tokenizer_identity(self) -> dict[str, Any]:

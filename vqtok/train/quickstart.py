@@ -1,11 +1,23 @@
-"""`vqtok quickstart`: a small VQ tokenizer trained on the built-in digits in a few minutes on 2 CPU cores."""
+"""`vqtok quickstart`: the whole pipeline on the built-in digits in a few minutes on 2 CPU cores - a small VQ tokenizer,
+the digits encoded to token stores, a class-conditional transformer prior on the codes, and a grid of new digits."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
-from vqtok.config import AutoencoderConfig, DataConfig, PreprocessConfig, TrainConfig, VQConfig
+from vqtok.config import (
+    AutoencoderConfig,
+    DataConfig,
+    PreprocessConfig,
+    PriorConfig,
+    PriorTrainConfig,
+    TrainConfig,
+    VQConfig,
+)
+
+QUICKSTART_CFG = 2.0
 
 
 def quickstart_config(output_dir: str = "runs/quickstart", max_steps: int = 600) -> TrainConfig:
@@ -41,23 +53,65 @@ def quickstart_config(output_dir: str = "runs/quickstart", max_steps: int = 600)
     )
 
 
-def quickstart(output_dir: str = "runs/quickstart", max_steps: int = 600) -> int:
-    from vqtok.train.loop import train
-
-    config = quickstart_config(output_dir, max_steps)
-    folder = train(config)
+def quickstart_prior_config(output_dir: str = "runs/quickstart", max_steps: int = 600) -> PriorTrainConfig:
+    """A class-conditional transformer prior on the 4x4 codes of the quickstart tokenizer (digits 0-9)."""
     out = Path(output_dir)
+    return PriorTrainConfig(
+        prior=PriorConfig(n_layer=4, n_head=4, n_embd=128, dropout=0.1, label_dropout=0.1),
+        tokens=str(out / "tokens" / "train"),
+        eval_tokens=str(out / "tokens" / "test"),
+        output_dir=str(out / "prior_run"),
+        max_steps=max_steps,
+        batch_size=64,
+        lr=1e-3,
+        warmup_steps=50,
+        weight_decay=0.1,
+        eval_every=max(1, max_steps // 2),
+        checkpoint_every=max_steps,
+        log_every=20,
+        num_samples=80,
+    )
+
+
+def quickstart(output_dir: str = "runs/quickstart", max_steps: int = 600, prior_steps: int = 600) -> int:
+    """The whole pipeline on the built-in digits: tokenizer -> token stores -> prior -> a grid of new digits."""
+    from vqtok.data.token_store import encode_dataset
+    from vqtok.models import TransformerPrior
+    from vqtok.train.loop import train
+    from vqtok.train.prior import save_sample_grid, train_prior
+
+    out = Path(output_dir)
+    config = quickstart_config(output_dir, max_steps)
+    print("[1/4] training a VQ tokenizer on the built-in digits")
+    folder = train(config)
     metrics = json.loads((out / "final_metrics.json").read_text())
+    print("[2/4] encoding the digits to token stores")
+    for stale in (out / "tokens", Path(quickstart_prior_config(output_dir).output_dir)):
+        shutil.rmtree(stale, ignore_errors=True)  # the quickstart's own outputs of an earlier run (another tokenizer)
+    for split in ("train", "test"):
+        encode_dataset(str(folder), DataConfig(source="digits", split=split), out / "tokens" / split, num_workers=0,
+                       progress=False)
+    print("[3/4] training a class-conditional transformer prior on the codes")
+    prior_config = quickstart_prior_config(output_dir, prior_steps)
+    prior_folder = train_prior(prior_config)
+    prior_metrics = json.loads((Path(prior_config.output_dir) / "final_metrics.json").read_text())
+    print("[4/4] sampling new digits from the prior")
+    prior = TransformerPrior.from_pretrained(prior_folder)
+    samples = save_sample_grid(prior, prior.tokenizer, 80, out / "samples.png", seed=0, cfg_scale=QUICKSTART_CFG)
     grid = out / "samples" / f"step_{max_steps:06d}.png"
     print(
-        f"\nTrained a VQ tokenizer on the built-in digits: test PSNR {metrics['psnr']:.2f} dB, SSIM "
-        f"{metrics['ssim']:.3f}, {metrics['code_usage'] * 100:.0f}% of 128 codes used (perplexity "
-        f"{metrics['code_perplexity']:.1f}).\n"
+        f"\nTokenizer: test PSNR {metrics['psnr']:.2f} dB, SSIM {metrics['ssim']:.3f}, "
+        f"{metrics['code_usage'] * 100:.0f}% of 128 codes used (perplexity {metrics['code_perplexity']:.1f}).\n"
+        f"Prior: {prior_metrics['held_out_bits_per_code']:.3f} bits per code on the test digits "
+        f"(unigram entropy of the codes: {prior_metrics['unigram_bits_per_code']:.3f}).\n"
+        f"  new digits:       {samples} (one row per class 0-9, classifier-free guidance {QUICKSTART_CFG})\n"
         f"  tokenizer:        {folder}/ (config.json, model.safetensors, README.md)\n"
         f"  reconstructions:  {grid} (inputs above reconstructions)\n"
-        f"  metrics:          {out / 'metrics.jsonl'}, {out / 'final_metrics.json'}\n"
-        f"  config:           {out / 'config.yaml'} (edit it and run `vqtok train {out / 'config.yaml'}`)\n"
-        f"Next: `vqtok eval {folder} --data digits --split test`, or in Python: "
-        f"tok = vqtok.load('{folder}'); codes = tok.encode(tok.preprocess(images))"
+        f"  token stores:     {out / 'tokens' / 'train'}/, {out / 'tokens' / 'test'}/\n"
+        f"  prior:            {prior_folder}/ (with its tokenizer in tokenizer/)\n"
+        f"  metrics:          {out / 'metrics.jsonl'}, {Path(prior_config.output_dir) / 'metrics.jsonl'}\n"
+        f"  configs:          {out / 'config.yaml'}, {Path(prior_config.output_dir) / 'config.yaml'}\n"
+        f"Next: `vqtok sample --prior {prior_folder} --n 16 --class 3 --cfg-scale 2 --out threes.png`, or in Python: "
+        f"prior = vqtok.load('{prior_folder}'); codes = prior.generate(16, labels=3)"
     )
     return 0

@@ -1,0 +1,324 @@
+"""Benchmarks of the transformer prior (issue: the prior). Three parts, each printing a table and ratios:
+
+* kv-cache: `prior.generate` with its KV cache against full recompute of the prefix at every step
+  (`use_cache=False`), at 256 codes per image (a 16x16 grid), same prior, batch and seed; both give the same codes.
+* throughput: training steps (forward, backward, AdamW) of vqtok's prior against a nanoGPT-style baseline of the same
+  size and parameter count - manual attention (q k^T / sqrt(d), masked_fill with a causal mask, softmax, @ v), no
+  fused kernels - with the same dtype, batch, threads and data, interleaved step by step. `--compile` adds
+  torch.compile to both (GPU runs).
+* class-accuracy: a small CNN trained here on MNIST (train split) classifies images decoded from class-conditional
+  samples of a trained prior; reports accuracy per requested class, and the classifier's accuracy on the MNIST test
+  images and on the tokenizer's reconstructions of them (what decoded samples can at best reach).
+
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_prior.py kv-cache
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_prior.py throughput
+    python scripts/bench_prior.py class-accuracy --prior runs/mnist_prior/prior --mnist ../shared/datasets/mnist
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import vqtok
+from vqtok.config import PriorConfig
+from vqtok.models import TransformerPrior
+from vqtok.models.prior import code_nll
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KV cache
+
+
+def bench_kv_cache(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    config = PriorConfig(vocab_size=1024, grid=(16, 16), num_classes=10, n_layer=args.layers, n_head=args.heads,
+                         n_embd=args.width)
+    prior = TransformerPrior(config).to(device).eval()
+    kwargs = dict(labels=torch.arange(args.batch) % 10, top_k=100, seed=0)
+    for use_cache in (True, False):  # warm-up of both paths
+        prior.generate(2, labels=[0, 1], seed=0, use_cache=use_cache)
+    times = {}
+    codes = {}
+    for name, use_cache in (("kv_cache", True), ("recompute", False)):
+        _sync(device)
+        start = time.perf_counter()
+        codes[name] = prior.generate(args.batch, use_cache=use_cache, **kwargs)
+        _sync(device)
+        times[name] = time.perf_counter() - start
+    result = {
+        "codes_per_image": config.seq_len, "batch": args.batch, "layers": args.layers, "width": args.width,
+        "kv_cache_s": times["kv_cache"], "recompute_s": times["recompute"],
+        "speedup": times["recompute"] / times["kv_cache"],
+        "same_codes": bool(torch.equal(codes["kv_cache"], codes["recompute"])),
+        "device": str(device),
+    }
+    print(f"generate {args.batch} x {config.seq_len} codes ({args.layers} layers x {args.width}): KV cache "
+          f"{times['kv_cache']:.2f} s, full recompute {times['recompute']:.2f} s -> {result['speedup']:.1f}x; "
+          f"same codes: {result['same_codes']}")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training throughput against nanoGPT-style manual attention
+
+
+class ManualAttention(nn.Module):
+    """nanoGPT's slow path: materialised attention matrix, masked_fill with a causal mask, softmax, matmul."""
+
+    def __init__(self, n_embd: int, n_head: int, seq_len: int):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.register_buffer("mask", torch.tril(torch.ones(seq_len, seq_len)).view(1, 1, seq_len, seq_len))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        att = att.masked_fill(self.mask[:, :, :t, :t] == 0, float("-inf"))
+        y = F.softmax(att, dim=-1) @ v
+        return self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+class BaselineBlock(nn.Module):
+    def __init__(self, n_embd: int, n_head: int, seq_len: int):
+        super().__init__()
+        self.ln_1, self.ln_2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
+        self.attn = ManualAttention(n_embd, n_head, seq_len)
+        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(approximate="tanh"), nn.Linear(4 * n_embd, n_embd))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class BaselinePrior(nn.Module):
+    """The same model as vqtok's prior (learned positions, class token, pre-norm blocks), nanoGPT-style attention."""
+
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        c = config
+        self.token_emb = nn.Embedding(c.vocab_size, c.n_embd)
+        self.class_emb = nn.Embedding(c.num_classes + 1, c.n_embd)
+        self.pos_emb = nn.Parameter(torch.zeros(c.seq_len, c.n_embd))
+        self.blocks = nn.ModuleList(BaselineBlock(c.n_embd, c.n_head, c.seq_len) for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd)
+        self.head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([self.class_emb(labels)[:, None], self.token_emb(codes[:, :-1])], dim=1) + self.pos_emb
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_f(x))
+
+
+def bench_throughput(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[args.dtype]
+    config = PriorConfig(vocab_size=1024, grid=(16, 16), num_classes=10, n_layer=args.layers, n_head=args.heads,
+                         n_embd=args.width)
+    torch.manual_seed(0)
+    models = {"vqtok": TransformerPrior(config).to(device), "nanogpt_manual": BaselinePrior(config).to(device)}
+    params = {k: sum(p.numel() for p in m.parameters()) for k, m in models.items()}
+    assert params["vqtok"] == params["nanogpt_manual"], params
+    def data():  # the same sequence of batches for both models
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield (torch.randint(0, 1024, (args.batch, 256), generator=g).to(device),
+                   torch.randint(0, 10, (args.batch,), generator=g).to(device))
+
+    steps = {}
+    for name, model in models.items():
+        model.train()
+        forward = torch.compile(model) if args.compile else model
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        stream = data()
+
+        def step(forward=forward, optimizer=optimizer, stream=stream):
+            codes, labels = next(stream)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = code_nll(forward(codes, labels), codes)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        steps[name] = step
+    for step in steps.values():  # warm-up (and compilation)
+        for _ in range(args.warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.steps):  # interleaved, so drifts in machine speed hit both alike
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    tokens = args.batch * 256
+    result = {name: {"ms_per_step": 1000 * statistics.median(t), "tokens_per_s": tokens / statistics.median(t)}
+              for name, t in times.items()}
+    ratios = [b / a for a, b in zip(times["vqtok"], times["nanogpt_manual"], strict=True)]
+    result.update(speedup=result["vqtok"]["tokens_per_s"] / result["nanogpt_manual"]["tokens_per_s"],
+                  speedup_paired=statistics.median(ratios), params=params["vqtok"], batch=args.batch,
+                  dtype=args.dtype, compile=args.compile, device=str(device), threads=torch.get_num_threads(),
+                  layers=args.layers, width=args.width)
+    print(f"training step, batch {args.batch} x 256 codes, {args.layers} layers x {args.width} "
+          f"({params['vqtok'] / 1e6:.1f} M parameters), {args.dtype}{' + compile' if args.compile else ''}, {device}:")
+    for name in ("vqtok", "nanogpt_manual"):
+        print(f"  {name:16s} {result[name]['ms_per_step']:8.1f} ms/step  {result[name]['tokens_per_s']:10.0f} tokens/s")
+    print(f"  speed-up {result['speedup']:.2f}x (paired median {result['speedup_paired']:.2f}x)")
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Class-conditional accuracy on MNIST
+
+
+class Classifier(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def _to_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 1, 28, 28] -> normalised float."""
+    return (images.float() / 255.0 - 0.1307) / 0.3081
+
+
+def train_classifier(mnist: Path, epochs: int, seed: int = 0) -> tuple[Classifier, float]:
+    from vqtok.data.sources import read_idx
+
+    train_x = torch.from_numpy(read_idx(mnist / "train-images-idx3-ubyte.gz")).unsqueeze(1)
+    train_y = torch.from_numpy(read_idx(mnist / "train-labels-idx1-ubyte.gz")).long()
+    torch.manual_seed(seed)
+    model = Classifier()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for epoch in range(epochs):
+        order = torch.randperm(len(train_x))
+        for i in range(0, len(order), 128):
+            idx = order[i : i + 128]
+            loss = F.cross_entropy(model(_to_input(train_x[idx])), train_y[idx])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        print(f"classifier epoch {epoch + 1}/{epochs}: last batch loss {loss.item():.4f}")
+    model.eval()
+    return model, accuracy(model, *mnist_test(mnist))
+
+
+def mnist_test(mnist: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    from vqtok.data.sources import read_idx
+
+    x = torch.from_numpy(read_idx(mnist / "t10k-images-idx3-ubyte.gz")).unsqueeze(1)
+    y = torch.from_numpy(read_idx(mnist / "t10k-labels-idx1-ubyte.gz")).long()
+    return x, y
+
+
+@torch.no_grad()
+def predict(model: Classifier, images: torch.Tensor) -> torch.Tensor:
+    return torch.cat([model(_to_input(chunk)).argmax(-1) for chunk in images.split(1000)])
+
+
+def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> float:
+    return (predict(model, images) == labels).float().mean().item()
+
+
+def bench_class_accuracy(args: argparse.Namespace) -> dict:
+    mnist = Path(args.mnist)
+    start = time.perf_counter()
+    classifier, test_accuracy = train_classifier(mnist, args.epochs)
+    print(f"classifier: {test_accuracy * 100:.2f}% on the MNIST test images ({time.perf_counter() - start:.0f} s)")
+    prior = vqtok.load(args.prior)
+    tokenizer = prior.tokenizer
+    test_x, test_y = mnist_test(mnist)
+    with torch.no_grad():
+        recon = torch.cat([tokenizer.postprocess(tokenizer.decode(tokenizer.encode(tokenizer.preprocess(chunk))))
+                           for chunk in test_x[:2000].split(500)])
+    recon_accuracy = accuracy(classifier, recon, test_y[:2000])
+    print(f"classifier on the tokenizer's reconstructions of 2,000 test images: {recon_accuracy * 100:.2f}%")
+    results = {"classifier_test_accuracy": test_accuracy, "classifier_reconstruction_accuracy": recon_accuracy,
+               "per_class": {}, "samples_per_class": args.per_class, "cfg_scale": args.cfg_scale,
+               "temperature": args.temperature, "top_k": args.top_k}
+    start = time.perf_counter()
+    correct = 0
+    for label in range(10):
+        codes = prior.generate(args.per_class, labels=label, cfg_scale=args.cfg_scale, temperature=args.temperature,
+                               top_k=args.top_k, seed=label)
+        with torch.no_grad():
+            images = tokenizer.postprocess(tokenizer.decode(codes))
+        hits = int((predict(classifier, images) == label).sum())
+        correct += hits
+        results["per_class"][str(label)] = hits / args.per_class
+        print(f"  class {label}: {hits / args.per_class * 100:6.2f}%")
+    results["overall"] = correct / (10 * args.per_class)
+    results["sampling_s"] = time.perf_counter() - start
+    print(f"overall: {results['overall'] * 100:.2f}% of {10 * args.per_class} samples classified as requested "
+          f"(cfg_scale {args.cfg_scale}, temperature {args.temperature}, top_k {args.top_k}; sampling "
+          f"{results['sampling_s']:.0f} s)")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    sub = parser.add_subparsers(dest="bench", required=True)
+    kv = sub.add_parser("kv-cache")
+    kv.add_argument("--batch", type=int, default=8)
+    kv.add_argument("--layers", type=int, default=4)
+    kv.add_argument("--heads", type=int, default=4)
+    kv.add_argument("--width", type=int, default=256)
+    kv.set_defaults(run=bench_kv_cache)
+    tp = sub.add_parser("throughput")
+    tp.add_argument("--batch", type=int, default=8)
+    tp.add_argument("--layers", type=int, default=4)
+    tp.add_argument("--heads", type=int, default=4)
+    tp.add_argument("--width", type=int, default=256)
+    tp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    tp.add_argument("--compile", action="store_true")
+    tp.add_argument("--steps", type=int, default=10)
+    tp.add_argument("--warmup", type=int, default=2)
+    tp.set_defaults(run=bench_throughput)
+    acc = sub.add_parser("class-accuracy")
+    acc.add_argument("--prior", required=True)
+    acc.add_argument("--mnist", default="../shared/datasets/mnist")
+    acc.add_argument("--epochs", type=int, default=2)
+    acc.add_argument("--per-class", type=int, default=100)
+    acc.add_argument("--cfg-scale", type=float, default=2.0)
+    acc.add_argument("--temperature", type=float, default=1.0)
+    acc.add_argument("--top-k", type=int, default=None)
+    acc.set_defaults(run=bench_class_accuracy)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = args.run(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

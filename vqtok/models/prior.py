@@ -1,0 +1,409 @@
+"""The prior: an autoregressive transformer over a tokenizer's code grid in raster order, and sampling from it.
+
+Decoder-only and pre-norm (GPT-2): the sequence is [class token, c_0, ..., c_{T-2}] and position t predicts code c_t,
+so T = h * w positions give the T codes of one image. The first token is the image's class (conditional priors) or
+the null class (unconditional priors, and the dropped labels that make classifier-free guidance work). Attention is
+`F.scaled_dot_product_attention` (flash / memory-efficient kernels where available); positions are learned absolute
+embeddings or rotary (RoPE on queries and keys).
+
+`generate` samples with a key/value cache: one token per layer per step instead of recomputing the whole prefix.
+A prior records the tokenizer whose codes it models (`config.tokenizer`: a Hub id at a commit, or a copy saved in its
+`tokenizer/` sub-folder), checked by weight hash whenever the two are paired.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from vqtok.config import ConfigError, PriorConfig, TokenizerRef
+from vqtok.hub import HubModel, weights_sha256
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from vqtok.models.autoencoder import Autoencoder
+
+TOKENIZER_SUBFOLDER = "tokenizer"
+
+
+class PriorTokenizerMismatch(ValueError):
+    """A tokenizer other than the one whose codes the prior was trained on."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE (Su et al. 2021), GPT-NeoX layout: the two halves of each head are rotated by position-dependent angles."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10_000.0):
+        super().__init__()
+        inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)  # [max_len, head_dim]
+        self.register_buffer("cos", angles.cos().float(), persistent=False)  # derived: not saved
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
+
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x [B, H, T, D] at positions start .. start + T - 1."""
+        t = x.shape[-2]
+        cos, sin = self.cos[start : start + t], self.sin[start : start + t]
+        y = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # angles in float32 under autocast
+        y1, y2 = y.chunk(2, dim=-1)
+        return (y * cos.to(y.dtype) + torch.cat([-y2, y1], dim=-1) * sin.to(y.dtype)).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for positions 0 .. length - 1, preallocated for the whole sequence."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, *,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, H, T, D] at positions start .. start + T - 1; returns the keys and values up to there."""
+        end = start + k.shape[-2]
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: PriorConfig, layer: int):
+        super().__init__()
+        self.layer, self.n_head, self.dropout = layer, config.n_head, config.dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+
+    def forward(self, x: torch.Tensor, start: int, rotary: RotaryEmbedding | None, cache: KVCache | None) -> torch.Tensor:
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
+        if rotary is not None:
+            q, k = rotary(q, start), rotary(k, start)
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)
+        t, s = q.shape[-2], k.shape[-2]
+        mask, causal = None, t > 1
+        if causal and s != t:  # new queries after a cached prefix: causal with the diagonal shifted by the prefix
+            mask, causal = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(diagonal=s - t), False
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: PriorConfig, layer: int):
+        super().__init__()
+        width = config.mlp_ratio * config.n_embd
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config, layer)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = nn.Sequential(nn.Linear(config.n_embd, width), nn.GELU(approximate="tanh"),
+                                 nn.Linear(width, config.n_embd), nn.Dropout(config.dropout))
+        self.attn_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, start: int, rotary: RotaryEmbedding | None, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn_dropout(self.attn(self.ln_1(x), start, rotary, cache))
+        return x + self.mlp(self.ln_2(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The prior
+
+
+class TransformerPrior(HubModel, model_type="transformer_prior"):
+    """p(codes | class) = prod_t p(c_t | c_<t, class) over the raster-ordered code grid of a VQ tokenizer."""
+
+    config_class = PriorConfig
+    derived_keys = ("seq_len",)
+
+    def __init__(self, config: PriorConfig):
+        super().__init__()
+        if not config.resolved:
+            raise ConfigError("a prior needs vocab_size, grid and num_classes (training reads them from the token "
+                              f"store); got {config.vocab_size}, {config.grid}, {config.num_classes}")
+        self.config = config
+        c = config
+        self.token_emb = nn.Embedding(c.vocab_size, c.n_embd)
+        self.class_emb = nn.Embedding(c.num_classes + 1, c.n_embd)  # the last row is the null class
+        self.pos_emb = nn.Parameter(torch.zeros(c.seq_len, c.n_embd)) if c.positions == "learned" else None
+        self.rotary = RotaryEmbedding(c.n_embd // c.n_head, c.seq_len) if c.positions == "rotary" else None
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c, i) for i in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd)
+        self.head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        self.__dict__["_tokenizer"] = None  # held, not a sub-module: its weights are not the prior's
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """GPT-2: N(0, 0.02) weights, zero biases, residual projections scaled by 1 / sqrt(2 * n_layer)."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp[2]):
+                nn.init.normal_(proj.weight, std=0.02 / math.sqrt(2 * self.config.n_layer))
+        if self.pos_emb is not None:
+            nn.init.normal_(self.pos_emb, std=0.02)
+
+    @property
+    def null_class(self) -> int:
+        return self.config.num_classes
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Training
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
+        """Logits [B, T, vocab] of every code given the codes before it; codes [B, h, w] or [B, T], labels [B]
+        (None: unconditional). In training mode labels are replaced by the null class with prob. label_dropout.
+        `check=False` skips the value-range checks (a device sync each) for inputs already known to be valid."""
+        codes = self._check_codes(codes, values=check)
+        labels = self._check_labels(labels, len(codes), codes.device, values=check)
+        if self.training and self.config.class_dropout > 0:
+            dropped = torch.rand(labels.shape, device=labels.device) < self.config.class_dropout
+            labels = labels.masked_fill(dropped, self.null_class)
+        x = torch.cat([self.class_emb(labels)[:, None], self.token_emb(codes[:, :-1])], dim=1)
+        return self.head(self._trunk(x, start=0, cache=None))
+
+    def loss(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean negative log-likelihood per code, in nats (divide by ln 2 for bits per code)."""
+        return code_nll(self(codes, labels), codes)
+
+    def _trunk(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
+        """Token embeddings [B, T, C] at positions start .. start + T - 1 -> final hidden states."""
+        if self.pos_emb is not None:
+            x = x + self.pos_emb[start : start + x.shape[1]]
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, start, self.rotary, cache)
+        return self.ln_f(x)
+
+    def _check_codes(self, codes: torch.Tensor, values: bool = True) -> torch.Tensor:
+        c = self.config
+        if not torch.is_tensor(codes) or codes.is_floating_point() or codes.is_complex():
+            raise TypeError(f"codes must be an integer tensor [B, {c.grid[0]}, {c.grid[1]}], got {getattr(codes, 'dtype', type(codes).__name__)}")
+        if codes.ndim == 3 and tuple(codes.shape[1:]) == tuple(c.grid):
+            codes = codes.flatten(1)
+        if codes.ndim != 2 or codes.shape[1] != c.seq_len:
+            raise ValueError(f"codes must have shape [B, {c.grid[0]}, {c.grid[1]}] (or [B, {c.seq_len}]), "
+                             f"got {tuple(codes.shape)}")
+        if values and codes.numel():
+            low, high = (int(v) for v in torch.aminmax(codes))  # one device sync, not two
+            if low < 0 or high >= c.vocab_size:
+                raise ValueError(f"codes must be in [0, {c.vocab_size}), got values in [{low}, {high}]")
+        return codes.long()
+
+    def _check_labels(self, labels: Any, n: int, device: torch.device, values: bool = True) -> torch.Tensor:
+        """Labels as LongTensor [n]; None means the null class (unconditional)."""
+        if labels is None:
+            return torch.full((n,), self.null_class, dtype=torch.long, device=device)
+        if not self.config.num_classes:
+            raise ValueError("this prior is unconditional (num_classes 0): labels cannot be given")
+        labels = torch.as_tensor(labels, device=device)
+        if labels.ndim == 0:
+            labels = labels.expand(n)
+        if labels.is_floating_point() or labels.shape != (n,):
+            raise ValueError(f"labels must be {n} integers (or one for all), got {labels.dtype} {tuple(labels.shape)}")
+        if values and n:
+            low, high = (int(v) for v in torch.aminmax(labels))
+            if low < 0 or high >= self.config.num_classes:
+                raise ValueError(f"labels must be in [0, {self.config.num_classes}), got values in [{low}, {high}]")
+        return labels.long()
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Sampling
+
+    @torch.no_grad()  # not inference_mode: the codes it returns may go into a forward pass with gradients
+    def generate(
+        self,
+        n: int,
+        labels: int | Sequence[int] | torch.Tensor | None = None,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cfg_scale: float = 1.0,
+        seed: int | None = None,
+        batch_size: int | None = None,
+        use_cache: bool = True,
+    ) -> torch.Tensor:
+        """Sample n code grids LongTensor [n, h, w], batched, with a KV cache.
+
+        labels: one class for all, one per sample, or None (unconditional; the null class of a conditional prior).
+        temperature 0 is greedy decoding; top_k / top_p (nucleus) restrict each step's distribution. cfg_scale != 1
+        is classifier-free guidance, logits_uncond + cfg_scale * (logits_cond - logits_uncond), which needs labels.
+        `seed` makes the samples reproducible (a generator of their own; None: the global RNG) for the same n and
+        batch_size: chunks of `batch_size` draw from that generator in turn. `use_cache=False` recomputes the whole
+        prefix at every step (the reference the cache is tested against).
+        """
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        _check_sampling(temperature, top_k, top_p)
+        device = self.head.weight.device
+        guided = cfg_scale != 1.0
+        if guided and (labels is None or not self.config.num_classes):
+            raise ValueError("cfg_scale != 1 (classifier-free guidance) needs a class-conditional prior and labels")
+        labels = self._check_labels(labels, n, device)
+        generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
+        batch_size = batch_size or n
+        was_training = self.training
+        self.eval()
+        try:
+            chunks = [self._sample(chunk, temperature, top_k, top_p, cfg_scale, generator, use_cache)
+                      for chunk in labels.split(batch_size)]
+        finally:
+            self.train(was_training)
+        return torch.cat(chunks).view(n, *self.config.grid)
+
+    def _sample(self, labels: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                cfg_scale: float, generator: torch.Generator | None, use_cache: bool) -> torch.Tensor:
+        guided = cfg_scale != 1.0
+        rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
+        b, t_total = len(labels), self.config.seq_len
+        codes = torch.empty(b, t_total, dtype=torch.long, device=labels.device)
+        prefix = self.class_emb(rows)[:, None]  # [rows, 1, C]
+        cache = self._new_cache(len(rows), prefix.dtype) if use_cache else None
+        x = prefix
+        for t in range(t_total):
+            if use_cache:
+                hidden = self._trunk(x, start=t, cache=cache)[:, -1]
+            else:
+                hidden = self._trunk(torch.cat([prefix, self.token_emb(codes[:, :t].repeat(len(rows) // b, 1))], 1),
+                                     start=0, cache=None)[:, -1]
+            logits = self.head(hidden)
+            logits = logits if logits.dtype == torch.float64 else logits.float()
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + cfg_scale * (cond - uncond)
+            codes[:, t] = sample_from_logits(logits, temperature, top_k, top_p, generator)
+            x = self.token_emb(codes[:, t].repeat(len(rows) // b))[:, None]
+        return codes
+
+    def _new_cache(self, batch: int, dtype: torch.dtype) -> KVCache:
+        c = self.config
+        return KVCache(c.n_layer, batch, c.n_head, c.seq_len, c.n_embd // c.n_head, device=self.head.weight.device,
+                       dtype=dtype)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The tokenizer it belongs to
+
+    @property
+    def tokenizer(self) -> Autoencoder:
+        """The tokenizer whose codes this prior models (loaded on first use from its recorded place, hash-checked)."""
+        if self._tokenizer is None:
+            self.attach_tokenizer(self.load_tokenizer())
+        return self._tokenizer
+
+    def attach_tokenizer(self, tokenizer: Autoencoder) -> None:
+        """Pair the prior with its tokenizer in memory (checked: see `check_tokenizer`)."""
+        self.check_tokenizer(tokenizer)
+        self.__dict__["_tokenizer"] = tokenizer
+
+    def check_tokenizer(self, tokenizer: Autoencoder) -> None:
+        """Refuse a tokenizer other than the recorded one (weight hash) or one with another vocabulary."""
+        ref = self.config.tokenizer
+        if ref is None:
+            raise PriorTokenizerMismatch("this prior records no tokenizer (config.tokenizer is None)")
+        if getattr(tokenizer, "vocab_size", None) != self.config.vocab_size:
+            raise PriorTokenizerMismatch(
+                f"the prior models {self.config.vocab_size} codes; this tokenizer has "
+                f"{getattr(tokenizer, 'vocab_size', None)}")
+        actual = weights_sha256(tokenizer)
+        if actual != ref.weights_sha256:
+            raise PriorTokenizerMismatch(
+                f"this prior was trained on the codes of the tokenizer with weights {ref.weights_sha256[:12]}... "
+                f"({ref.repo_id or 'its tokenizer/ copy'}); the given tokenizer's weights are {actual[:12]}...")
+
+    def load_tokenizer(self) -> Autoencoder:
+        """Load the recorded tokenizer: from the Hub at the recorded revision, or from the prior's own tokenizer/
+        sub-folder; its weights are checked against the recorded hash."""
+        from vqtok.hub import load
+        from vqtok.models.autoencoder import Autoencoder
+
+        ref = self.config.tokenizer
+        if ref is None:
+            raise PriorTokenizerMismatch("this prior records no tokenizer (config.tokenizer is None)")
+        device = self.head.weight.device
+        if ref.repo_id is not None:
+            tokenizer = load(ref.repo_id, revision=ref.revision, map_location=device)
+        elif self.loaded_from is not None:
+            origin = self.loaded_from
+            sub = "/".join(p for p in (origin.subfolder, TOKENIZER_SUBFOLDER) if p)
+            tokenizer = Autoencoder.from_pretrained(origin.source, revision=origin.commit, subfolder=sub,
+                                                    map_location=device)
+        else:
+            raise PriorTokenizerMismatch("this prior keeps its tokenizer in its folder's tokenizer/, but it was not "
+                                         "loaded from a folder; attach_tokenizer() it")
+        self.check_tokenizer(tokenizer)
+        return tokenizer
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """config.json + model.safetensors, and the tokenizer's copy in tokenizer/ when it is not on the Hub."""
+        ref = self.config.tokenizer
+        if ref is not None and ref.repo_id is None:
+            self.tokenizer.save_pretrained(save_directory / TOKENIZER_SUBFOLDER)
+        elif (save_directory / TOKENIZER_SUBFOLDER).exists():
+            raise FileExistsError(f"{save_directory / TOKENIZER_SUBFOLDER} exists but this prior's tokenizer is "
+                                  f"{'on the Hub' if ref else 'not recorded'}; remove it, or save elsewhere")
+        super()._save_pretrained(save_directory)
+
+    def generate_model_card(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("description", "transformer prior over image-tokenizer codes")
+        return super().generate_model_card(*args, **kwargs)
+
+    def derived_config(self) -> dict[str, Any]:
+        return {"seq_len": self.config.seq_len}
+
+
+def tokenizer_ref(tokenizer: Autoencoder) -> TokenizerRef:
+    """How a prior records `tokenizer`: its Hub repo at the loaded commit, or (a local or in-memory tokenizer) a copy
+    kept in the prior's tokenizer/ sub-folder."""
+    origin = tokenizer.loaded_from
+    if origin is not None and origin.is_hub and origin.subfolder is None:
+        return TokenizerRef(repo_id=origin.source, revision=origin.commit, weights_sha256=weights_sha256(tokenizer))
+    return TokenizerRef(weights_sha256=weights_sha256(tokenizer))
+
+
+def code_nll(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood in nats of codes [B, h, w] (or [B, T]) under logits [B, T, vocab], in float32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), codes.reshape(-1))
+
+
+def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                       top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """One index per row of logits [B, V]: greedy at temperature 0, else from softmax(logits / temperature)
+    restricted to the top_k most likely and to the smallest set whose probability reaches top_p."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    if top_p is not None and top_p < 1.0:
+        probs, order = logits.softmax(dim=-1).sort(dim=-1, descending=True)
+        before = probs.cumsum(dim=-1) - probs  # probability mass of the more likely tokens
+        drop = torch.zeros_like(before, dtype=torch.bool).scatter(-1, order, before >= top_p)
+        logits = logits.masked_fill(drop, -math.inf)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")

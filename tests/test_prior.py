@@ -90,6 +90,25 @@ def test_cached_sampling_gives_exactly_the_recomputed_codes_in_float64(positions
     assert torch.equal(prior.generate(5, **kwargs), cached)  # same seed, same codes
 
 
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_completion_keeps_the_prefix_and_continues_it(positions):
+    prior = make_prior(positions).double()
+    known = random_codes(prior, 3).flatten(1)[:, :5]
+    labels = torch.tensor([0, 1, 2])
+    kwargs = dict(labels=labels, top_k=30, cfg_scale=1.5, seed=2, prefix=known)
+    cached = prior.generate(3, **kwargs)
+    assert torch.equal(cached.flatten(1)[:, :5], known)
+    assert torch.equal(cached, prior.generate(3, use_cache=False, **kwargs))  # the prefill of 6 tokens at once
+    greedy = prior.generate(3, labels=labels, temperature=0, prefix=known)
+    assert torch.equal(prior(greedy, labels).argmax(-1)[:, 5:], greedy.flatten(1)[:, 5:])
+    whole = random_codes(prior, 3).flatten(1)
+    assert torch.equal(prior.generate(3, labels=labels, prefix=whole).flatten(1), whole)
+    with pytest.raises(ValueError, match="prefix must be a tensor"):
+        prior.generate(2, prefix=known)
+    with pytest.raises(ValueError, match="integer codes"):
+        prior.generate(3, prefix=known + 100)
+
+
 def test_generation_is_batched_and_seeded():
     prior = make_prior(num_classes=0)
     a = prior.generate(6, seed=3)

@@ -238,6 +238,7 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
         cfg_scale: float = 1.0,
         seed: int | None = None,
         batch_size: int | None = None,
+        prefix: torch.Tensor | None = None,
         use_cache: bool = True,
     ) -> torch.Tensor:
         """Sample n code grids LongTensor [n, h, w], batched, with a KV cache.
@@ -245,6 +246,7 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
         labels: one class for all, one per sample, or None (unconditional; the null class of a conditional prior).
         temperature 0 is greedy decoding; top_k / top_p (nucleus) restrict each step's distribution. cfg_scale != 1
         is classifier-free guidance, logits_uncond + cfg_scale * (logits_cond - logits_uncond), which needs labels.
+        `prefix` [n, k] (raster order) fixes the first k codes and samples the rest: image completion.
         `seed` makes the samples reproducible (a generator of their own; None: the global RNG) for the same n and
         batch_size: chunks of `batch_size` draw from that generator in turn. `use_cache=False` recomputes the whole
         prefix at every step (the reference the cache is tested against).
@@ -257,31 +259,35 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
         if guided and (labels is None or not self.config.num_classes):
             raise ValueError("cfg_scale != 1 (classifier-free guidance) needs a class-conditional prior and labels")
         labels = self._check_labels(labels, n, device)
+        prefix = self._check_prefix(prefix, n, device)
         generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
         batch_size = batch_size or n
         was_training = self.training
         self.eval()
         try:
-            chunks = [self._sample(chunk, temperature, top_k, top_p, cfg_scale, generator, use_cache)
-                      for chunk in labels.split(batch_size)]
+            chunks = [self._sample(chunk, known, temperature, top_k, top_p, cfg_scale, generator, use_cache)
+                      for chunk, known in zip(labels.split(batch_size), prefix.split(batch_size), strict=True)]
         finally:
             self.train(was_training)
         return torch.cat(chunks).view(n, *self.config.grid)
 
-    def _sample(self, labels: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                cfg_scale: float, generator: torch.Generator | None, use_cache: bool) -> torch.Tensor:
+    def _sample(self, labels: torch.Tensor, known: torch.Tensor, temperature: float, top_k: int | None,
+                top_p: float | None, cfg_scale: float, generator: torch.Generator | None, use_cache: bool) -> torch.Tensor:
+        """Codes after the `known` ones [b, k], one position at a time; the cache path feeds each new code once."""
         guided = cfg_scale != 1.0
         rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
-        b, t_total = len(labels), self.config.seq_len
+        copies = len(rows) // len(labels)  # the guided batch holds each sample twice (conditional, unconditional)
+        b, t_total, k = len(labels), self.config.seq_len, known.shape[1]
         codes = torch.empty(b, t_total, dtype=torch.long, device=labels.device)
-        prefix = self.class_emb(rows)[:, None]  # [rows, 1, C]
-        cache = self._new_cache(len(rows), prefix.dtype) if use_cache else None
-        x = prefix
-        for t in range(t_total):
+        codes[:, :k] = known
+        first = self.class_emb(rows)[:, None]  # [rows, 1, C]
+        cache = self._new_cache(len(rows), first.dtype) if use_cache else None
+        x, start = torch.cat([first, self.token_emb(known.repeat(copies, 1))], 1), 0  # class token and prefix
+        for t in range(k, t_total):
             if use_cache:
-                hidden = self._trunk(x, start=t, cache=cache)[:, -1]
+                hidden = self._trunk(x, start=start, cache=cache)[:, -1]
             else:
-                hidden = self._trunk(torch.cat([prefix, self.token_emb(codes[:, :t].repeat(len(rows) // b, 1))], 1),
+                hidden = self._trunk(torch.cat([first, self.token_emb(codes[:, :t].repeat(copies, 1))], 1),
                                      start=0, cache=None)[:, -1]
             logits = self.head(hidden)
             logits = logits if logits.dtype == torch.float64 else logits.float()
@@ -289,8 +295,20 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
                 cond, uncond = logits.chunk(2)
                 logits = uncond + cfg_scale * (cond - uncond)
             codes[:, t] = sample_from_logits(logits, temperature, top_k, top_p, generator)
-            x = self.token_emb(codes[:, t].repeat(len(rows) // b))[:, None]
+            x, start = self.token_emb(codes[:, t].repeat(copies))[:, None], t + 1
         return codes
+
+    def _check_prefix(self, prefix: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+        """Known first codes as LongTensor [n, k] (k = 0 without a prefix)."""
+        if prefix is None:
+            return torch.empty(n, 0, dtype=torch.long, device=device)
+        t = self.config.seq_len
+        if not torch.is_tensor(prefix) or prefix.ndim != 2 or prefix.shape[0] != n or prefix.shape[1] > t:
+            raise ValueError(f"prefix must be a tensor [n={n}, k] of the first k <= {t} codes in raster order, got "
+                             f"{tuple(prefix.shape) if torch.is_tensor(prefix) else type(prefix).__name__}")
+        if prefix.is_floating_point() or (prefix.numel() and not 0 <= int(prefix.min()) <= int(prefix.max()) < self.config.vocab_size):
+            raise ValueError(f"prefix must hold integer codes in [0, {self.config.vocab_size})")
+        return prefix.to(device=device, dtype=torch.long)
 
     def _new_cache(self, batch: int, dtype: torch.dtype) -> KVCache:
         c = self.config

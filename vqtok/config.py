@@ -167,7 +167,8 @@ class AutoencoderConfig:
     norm_groups: int = 32
     dropout: float = 0.0
     input_range: Literal["-1,1", "0,1"] = "-1,1"
-    decoder_output: Literal["image", "bernoulli_logits"] = "image"
+    decoder_output: Literal["image", "bernoulli_logits", "logistic_mixture"] = "image"
+    num_mixtures: int | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
     def __post_init__(self) -> None:
@@ -176,6 +177,13 @@ class AutoencoderConfig:
             self.decoder_output != "bernoulli_logits" or self.input_range == "0,1",
             "decoder_output 'bernoulli_logits' models pixels in [0, 1]: set input_range to '0,1'",
         )
+        mixture = self.decoder_output == "logistic_mixture"
+        _require(not mixture or self.input_range == "-1,1",
+                 "decoder_output 'logistic_mixture' models 8-bit values on [-1, 1]: set input_range to '-1,1'")
+        _require(mixture == (self.num_mixtures is not None),
+                 "num_mixtures is set for, and only for, decoder_output 'logistic_mixture' (e.g. 10; 1 is a single "
+                 f"discretized logistic); got decoder_output {self.decoder_output!r}, num_mixtures {self.num_mixtures}")
+        _require(self.num_mixtures is None or self.num_mixtures >= 1, f"num_mixtures must be >= 1, got {self.num_mixtures}")
         _require(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
         _require(self.base_channels >= 1, f"base_channels must be >= 1, got {self.base_channels}")
         _require(len(self.channel_mult) >= 1, "channel_mult must name at least one level")
@@ -300,8 +308,9 @@ class RunConfig:
 class TrainConfig(RunConfig):
     """A tokenizer training run (`vqtok train CONFIG.yaml`); the optimisation fields are RunConfig's.
 
-    loss: 'mse' / 'l1' (means over pixels, the VQ-VAE convention), 'gaussian' (unit-variance Gaussian NLL) or
-    'bernoulli' (needs decoder_output 'bernoulli_logits'), both in nats per image, the ELBO's scale.
+    loss: 'mse' / 'l1' (means over pixels, the VQ-VAE convention), 'gaussian' (unit-variance Gaussian NLL),
+    'bernoulli' (needs decoder_output 'bernoulli_logits') or 'logistic_mixture' (a discretized logistic mixture over
+    the 8-bit grid, needs decoder_output 'logistic_mixture'), the last three in nats per image, the ELBO's scale.
     kl_schedule scales a Gaussian bottleneck's loss by 1 ('constant'), a linear ramp from 0 over kl_warmup_steps
     ('linear') or that ramp repeated every kl_cycle_steps ('cyclical', Fu et al. 2019).
     """
@@ -310,7 +319,7 @@ class TrainConfig(RunConfig):
     data: DataConfig = field(default_factory=DataConfig)
     eval_data: DataConfig | None = None
     output_dir: str = "runs/tokenizer"
-    loss: Literal["mse", "l1", "gaussian", "bernoulli"] = "mse"
+    loss: Literal["mse", "l1", "gaussian", "bernoulli", "logistic_mixture"] = "mse"
     kl_schedule: Literal["constant", "linear", "cyclical"] = "constant"
     kl_warmup_steps: int = 0
     kl_cycle_steps: int = 0
@@ -337,10 +346,14 @@ class TrainConfig(RunConfig):
             "loss 'bernoulli' and model.decoder_output 'bernoulli_logits' go together",
         )
         _require(
-            not gaussian or self.loss in ("gaussian", "bernoulli"),
+            (self.loss == "logistic_mixture") == (self.model.decoder_output == "logistic_mixture"),
+            "loss 'logistic_mixture' and model.decoder_output 'logistic_mixture' go together",
+        )
+        _require(
+            not gaussian or self.loss in ("gaussian", "bernoulli", "logistic_mixture"),
             f"loss '{self.loss}' is a mean over pixels but a Gaussian bottleneck's KL is in nats per image, which "
-            "would scale beta by the number of pixels; use loss 'gaussian' or 'bernoulli' and set "
-            "model.bottleneck.beta",
+            "would scale beta by the number of pixels; use loss 'gaussian', 'bernoulli' or 'logistic_mixture' and "
+            "set model.bottleneck.beta",
         )
 
 

@@ -11,25 +11,121 @@ from einops import reduce
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
+DISCRETE_LIKELIHOODS = {"bernoulli_logits": "bernoulli", "logistic_mixture": "logistic_mixture"}  # output -> loss
+
+
 def reconstruction_loss(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The reconstruction term of the objective, computed in float32.
 
-    'mse' and 'l1' are means over pixels (the VQ-VAE/VQGAN convention). 'gaussian' (unit variance) and 'bernoulli'
-    (output = logits, target in [0, 1]) are negative log-likelihoods in nats per image, summed over pixels and
-    averaged over the batch, so that adding a KL in nats per image gives the negative ELBO.
+    'mse' and 'l1' are means over pixels (the VQ-VAE/VQGAN convention). 'gaussian' (unit variance), 'bernoulli'
+    (output = logits, target in [0, 1]) and 'logistic_mixture' (output = mixture parameters, target 8-bit values in
+    [-1, 1]) are negative log-likelihoods in nats per image, summed over pixels and averaged over the batch, so that
+    adding a KL in nats per image gives the negative ELBO (a code length for the discrete ones).
     """
-    output, target = output.float(), target.float()
     if kind == "mse":
-        return F.mse_loss(output, target)
+        return F.mse_loss(output.float(), target.float())
     if kind == "l1":
-        return F.l1_loss(output, target)
-    if kind == "gaussian":
-        nll = 0.5 * (output - target).pow(2) + HALF_LOG_2PI
-    elif kind == "bernoulli":
-        nll = F.binary_cross_entropy_with_logits(output, target, reduction="none")
+        return F.l1_loss(output.float(), target.float())
+    return nll_per_image(kind, output, target).mean()
+
+
+def nll_per_image(kind: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-log p(target | decoder output) in nats per image [B] for the likelihoods 'gaussian', 'bernoulli' and
+    'logistic_mixture', in float32 (float64 stays float64)."""
+    if kind == "logistic_mixture":  # output: the mixture's parameters; target: 8-bit values in [-1, 1]
+        k = output.shape[1] // mixture_channels(1, target.shape[1])
+        nll = -discretized_logistic_mixture_log_prob(target, output, k)
     else:
-        raise ValueError(f"unknown reconstruction loss {kind!r}")
-    return reduce(nll, "b ... -> b", "sum").mean()
+        dtype = torch.float64 if output.dtype == torch.float64 else torch.float32
+        output, target = output.to(dtype), target.to(dtype)
+        if kind == "gaussian":
+            nll = 0.5 * (output - target).pow(2) + HALF_LOG_2PI
+        elif kind == "bernoulli":
+            nll = F.binary_cross_entropy_with_logits(output, target, reduction="none")
+        else:
+            raise ValueError(f"unknown reconstruction loss {kind!r}")
+    return reduce(nll, "b ... -> b", "sum")
+
+
+def mixture_channels(num_mixtures: int, channels: int) -> int:
+    """Decoder output channels of a discretized logistic mixture: per component a logit, and per image channel a
+    mean and a log-scale, plus the C(C-1)/2 coefficients that let a channel's mean depend on the earlier channels
+    (PixelCNN++: green on red, blue on red and green)."""
+    return num_mixtures * (1 + 2 * channels + channels * (channels - 1) // 2)
+
+
+def discretized_logistic_mixture_log_prob(
+    x: torch.Tensor, params: torch.Tensor, num_mixtures: int, *, bins: int = 256, min_log_scale: float = -7.0
+) -> torch.Tensor:
+    """log p(x) per pixel [B, H, W] (channels jointly) of 8-bit values x [B, C, H, W] in [-1, 1] (on the grid
+    2k/(bins-1) - 1) under a mixture of discretized logistics (Salimans et al. 2017, PixelCNN++).
+
+    Each value owns the interval of width 2/(bins-1) around it; the lowest and highest values own everything below
+    and above, so the bins of any parameters sum to 1 and -log p is a code length in nats. Every bin's mass is
+    computed exactly (no density approximation in the tails). Computed in float32
+    (float64 stays float64). `params` [B, mixture_channels(K, C), H, W] holds, in order: K logits, K*C means, K*C
+    log-scales (clamped below at `min_log_scale`), K*C(C-1)/2 coefficients (tanh-squashed).
+    """
+    dtype = torch.float64 if params.dtype == torch.float64 else torch.float32
+    x, params = x.to(dtype), params.to(dtype)
+    k, c = num_mixtures, x.shape[1]
+    if params.shape[1] != mixture_channels(k, c):
+        raise ValueError(f"a {k}-component mixture over {c} channels needs {mixture_channels(k, c)} parameter "
+                         f"channels, got {params.shape[1]}")
+    n_coeff = c * (c - 1) // 2
+    logits, means, log_scales, coeffs = params.split([k, k * c, k * c, k * n_coeff], dim=1)
+    means = means.unflatten(1, (k, c))  # [B, K, C, H, W]
+    log_scales = log_scales.unflatten(1, (k, c)).clamp_min(min_log_scale)
+    coeffs = torch.tanh(coeffs.unflatten(1, (k, n_coeff))) if n_coeff else None
+    x = x.unsqueeze(1)  # [B, 1, C, H, W]
+    if coeffs is not None:  # channel j's mean shifts by a coefficient times each earlier channel's value
+        shifted, index = [means[:, :, 0]], 0
+        for j in range(1, c):
+            shift = sum(coeffs[:, :, index + i] * x[:, :, i] for i in range(j))
+            shifted.append(means[:, :, j] + shift)
+            index += j
+        means = torch.stack(shifted, dim=2)
+    half_bin = 1.0 / (bins - 1)
+    centered = x - means
+    inv_scale = torch.exp(-log_scales)
+    upper = inv_scale * (centered + half_bin)
+    lower = inv_scale * (centered - half_bin)
+    log_cdf_upper = F.logsigmoid(upper)  # the lowest bin's mass: everything below its upper edge
+    log_sf_lower = F.logsigmoid(-lower)  # the highest bin's mass: everything above its lower edge
+    # An interior bin: sigmoid(upper) - sigmoid(lower), in log space and exactly, also far in the tails (where
+    # PixelCNN++ falls back to density x width): from the left tail's side below the mean, the right tail's above.
+    left = centered < 0
+    log_mass = _log_sigmoid_difference(torch.where(left, upper, -lower), torch.where(left, lower, -upper))
+    edge = 1 - half_bin  # values beyond this are the extreme bins
+    log_p = torch.where(x < -edge, log_cdf_upper, torch.where(x > edge, log_sf_lower, log_mass))
+    log_p = log_p.sum(dim=2) + torch.log_softmax(logits, dim=1)  # channels jointly, then the component weight
+    return torch.logsumexp(log_p, dim=1)
+
+
+def _log_sigmoid_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """log(sigmoid(a) - sigmoid(b)) for a > b, without cancellation where both sigmoids are small."""
+    d = F.logsigmoid(b) - F.logsigmoid(a)  # < 0
+    log1mexp = torch.where(d > -math.log(2), torch.log(-torch.expm1(d)), torch.log1p(-torch.exp(d)))
+    return F.logsigmoid(a) + log1mexp
+
+
+def mixture_mode_image(params: torch.Tensor, num_mixtures: int, channels: int) -> torch.Tensor:
+    """A point image [B, C, H, W] in [-1, 1] from mixture parameters: each pixel's most probable component, its
+    means coupled through its coefficients (the centre of that component; sampling would add logistic noise)."""
+    k, c = num_mixtures, channels
+    n_coeff = c * (c - 1) // 2
+    logits, means, _, coeffs = params.float().split([k, k * c, k * c, k * n_coeff], dim=1)
+    best = logits.argmax(dim=1, keepdim=True)  # [B, 1, H, W]
+    pick = lambda t, per: t.unflatten(1, (k, per)).gather(1, best[:, :, None].expand(-1, 1, per, -1, -1))[:, 0]  # noqa: E731
+    mean = pick(means, c)
+    if n_coeff:
+        coeff = torch.tanh(pick(coeffs, n_coeff))
+        out, index = [mean[:, 0].clamp(-1, 1)], 0
+        for j in range(1, c):
+            out.append((mean[:, j] + sum(coeff[:, index + i] * out[i] for i in range(j))).clamp(-1, 1))
+            index += j
+        mean = torch.stack(out, dim=1)
+    return mean.clamp(-1, 1)
 
 
 def kl_weight(schedule: str, step: int, *, warmup_steps: int = 0, cycle_steps: int = 0) -> float:

@@ -18,13 +18,15 @@ from vqtok.bottleneck import Bottleneck, BottleneckOutput, build_bottleneck
 from vqtok.config import AutoencoderConfig
 from vqtok.hub import HubModel
 from vqtok.images import ImageInput, range_to_uint8, resize_and_crop, to_pil, to_uint8_batch, uint8_to_range
+from vqtok.losses import DISCRETE_LIKELIHOODS, mixture_channels, mixture_mode_image, nll_per_image
 from vqtok.nn import Decoder, Encoder
 
 
 @dataclass
 class AutoencoderOutput:
-    """reconstruction: the decoder's output [B, C, H, W] (an image in the model's range, or Bernoulli logits when
-    config.decoder_output says so: `Autoencoder.to_image` turns either into an image); bottleneck: its output."""
+    """reconstruction: the decoder's output [B, C', H, W] (an image in the model's range, or Bernoulli logits or
+    logistic-mixture parameters when config.decoder_output says so: `Autoencoder.to_image` turns any into an
+    image); bottleneck: its output."""
 
     reconstruction: torch.Tensor
     bottleneck: BottleneckOutput
@@ -49,7 +51,9 @@ class Autoencoder(HubModel, model_type="autoencoder"):
         self.encoder = Encoder(config, out_channels=encoder_out)
         self.quant_conv = nn.Conv2d(encoder_out, self.bottleneck.in_channels, 1)
         self.post_quant_conv = nn.Conv2d(self.bottleneck.dim, config.latent_channels, 1)
-        self.decoder = Decoder(config, in_channels=config.latent_channels)
+        out_channels = (mixture_channels(config.num_mixtures, config.in_channels)
+                        if config.decoder_output == "logistic_mixture" else config.in_channels)
+        self.decoder = Decoder(config, in_channels=config.latent_channels, out_channels=out_channels)
 
     @property
     def is_gaussian(self) -> bool:
@@ -97,8 +101,32 @@ class Autoencoder(HubModel, model_type="autoencoder"):
         return self.to_image(self._decode_z(self.bottleneck.decode(representation)))
 
     def to_image(self, decoder_output: torch.Tensor) -> torch.Tensor:
-        """The decoder's output as an image in the model range: itself, or the mean (sigmoid) of Bernoulli logits."""
-        return torch.sigmoid(decoder_output) if self.config.decoder_output == "bernoulli_logits" else decoder_output
+        """The decoder's output as an image in the model range: itself, the mean (sigmoid) of Bernoulli logits, or
+        the centre of each pixel's most probable logistic component."""
+        kind = self.config.decoder_output
+        if kind == "bernoulli_logits":
+            return torch.sigmoid(decoder_output)
+        if kind == "logistic_mixture":
+            return mixture_mode_image(decoder_output, self.config.num_mixtures, self.config.in_channels)
+        return decoder_output
+
+    def code_length(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The negative ELBO's terms in nats per image [B] for a discrete pixel likelihood (Bernoulli on binary
+        images, the logistic mixture on 8-bit ones): 'nll' = -log p(x | z) at one z ~ q(z | x) (the code, for VQ)
+        and, for Gaussian models, 'kl' = KL(q(z | x) || N(0, I)) with beta 1 and no free bits."""
+        kind = DISCRETE_LIKELIHOODS.get(self.config.decoder_output)
+        if kind is None:
+            raise ValueError(f"decoder_output {self.config.decoder_output!r} is not a discrete likelihood: no code length")
+        features = self._features(x)
+        terms = {}
+        if self.is_gaussian:
+            posterior = self.bottleneck.encode(features)
+            z = posterior.sample(generator)
+            terms["kl"] = posterior.kl().sum(dim=(1, 2, 3))
+        else:
+            z = self.bottleneck.decode(self.bottleneck.encode(features))
+        terms["nll"] = nll_per_image(kind, self._decode_z(z), x)
+        return terms
 
     def on_optimizer_step(self, skipped: bool = False) -> dict[str, torch.Tensor]:
         """The once-per-optimizer-step hook of the bottleneck (EMA codebook, restarts); see `Bottleneck`."""

@@ -1,4 +1,5 @@
-"""The convolutional decoder: latents [B, in_channels, h, w] -> image [B, C, h*f, w*f], the encoder in reverse."""
+"""The convolutional decoder: latents [B, in_channels, h, w] -> image [B, C, h*f, w*f] (or the parameters of a
+pixel likelihood, `out_channels` of them), the encoder in reverse."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ class Decoder(nn.Module):
     blocks each, upsampling between levels), norm, conv_out. `levels[i]` works at the width of channel_mult[i],
     as in taming's `up[i]`."""
 
-    def __init__(self, config: AutoencoderConfig, in_channels: int):
+    def __init__(self, config: AutoencoderConfig, in_channels: int, out_channels: int | None = None):
         super().__init__()
         c = config
         widths = [c.base_channels * m for m in c.channel_mult]
@@ -35,7 +36,7 @@ class Decoder(nn.Module):
             size *= 2 if i > 0 else 1
         self.levels = nn.ModuleList(levels)
         self.norm_out = group_norm(width, c.norm_groups)
-        self.conv_out = nn.Conv2d(width, c.in_channels, 3, padding=1)
+        self.conv_out = nn.Conv2d(width, out_channels or c.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))

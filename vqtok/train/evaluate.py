@@ -3,6 +3,7 @@ a person looks at (inputs above reconstructions; prior samples for Gaussian mode
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.utils import make_grid, save_image
 
 from vqtok.images import uint8_to_range
+from vqtok.losses import DISCRETE_LIKELIHOODS
 from vqtok.metrics import code_usage, psnr, ssim
 from vqtok.models import Autoencoder
 
@@ -20,19 +22,31 @@ def evaluate(
     model: Autoencoder, dataset: Dataset, *, limit: int | None = None, batch_size: int = 64, num_workers: int = 0
 ) -> dict[str, float]:
     """Reconstruction metrics of `model` (in eval mode, so nothing is accumulated or communicated) on the first
-    `limit` images of `dataset`. PSNR and SSIM compare 8-bit images, as a person would see them."""
+    `limit` images of `dataset`. PSNR and SSIM compare 8-bit images, as a person would see them. With a discrete
+    likelihood (the logistic mixture, or Bernoulli on binary images) also -log p(x | z) in bits per dimension and,
+    for Gaussian models, the negative ELBO with beta 1 and the unclamped KL - whatever the training objective."""
     was_training = model.training
     model.eval()
     if limit is not None:
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     device = next(model.parameters()).device
     value_range = model.config.value_range
-    totals: dict[str, float] = {"psnr": 0.0, "ssim": 0.0, "kl": 0.0}
+    totals: dict[str, float] = {"psnr": 0.0, "ssim": 0.0, "kl": 0.0, "nll": 0.0, "elbo_kl": 0.0}
     counts = torch.zeros(model.vocab_size or 1, dtype=torch.long, device=device)
-    n = 0
+    discrete = model.config.decoder_output in DISCRETE_LIKELIHOODS
+    generator = torch.Generator(device).manual_seed(0)  # the posterior samples of the code length
+    n = dims = 0
     for images, _ in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
         images = images.to(device)
-        out = model(uint8_to_range(images, value_range))
+        x = uint8_to_range(images, value_range)
+        if model.config.decoder_output == "bernoulli_logits" and not ((images == 0) | (images == 255)).all():
+            discrete = False  # a Bernoulli likelihood of grey values is no code length
+        if discrete:
+            terms = model.code_length(x, generator)
+            totals["nll"] += terms["nll"].sum().item()
+            totals["elbo_kl"] += terms["kl"].sum().item() if "kl" in terms else 0.0
+            dims = images[0].numel()
+        out = model(x)
         recon = model.postprocess(model.to_image(out.reconstruction)).float()
         totals["psnr"] += psnr(recon, images.float(), 255.0).sum().item()
         totals["ssim"] += ssim(recon, images.float(), 255.0).sum().item()
@@ -43,6 +57,11 @@ def evaluate(
         n += images.shape[0]
     model.train(was_training)
     metrics = {"psnr": totals["psnr"] / n, "ssim": totals["ssim"] / n, "images": float(n)}
+    if discrete:  # bits per dimension on the 8-bit (or binary) grid: a code length
+        metrics["nll_bits_per_dim"] = totals["nll"] / (n * dims * math.log(2))
+        if model.is_gaussian:  # the negative ELBO, beta 1, unclamped KL, one posterior sample per image
+            metrics["neg_elbo_bits_per_dim"] = (totals["nll"] + totals["elbo_kl"]) / (n * dims * math.log(2))
+            metrics["neg_elbo_nats_per_image"] = (totals["nll"] + totals["elbo_kl"]) / n
     if model.vocab_size:
         metrics.update({f"code_{k}": v for k, v in code_usage(counts).items()})
     else:

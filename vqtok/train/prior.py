@@ -92,8 +92,9 @@ def _train_prior(config: PriorTrainConfig, *, resume: bool, stop_at: int | None,
     sampler = StepBatchSampler(len(data.train_items), batch_size=config.batch_size, grad_accum=config.grad_accum,
                                rank=accelerator.process_index, world=accelerator.num_processes, seed=config.seed,
                                start_step=counters.step, max_steps=config.max_steps)
-    unigram = unigram_bits(data.train, data.train_items)
+    unigram = math.nan  # the baseline in the main process's reports: a pass over the training codes
     if accelerator.is_main_process:
+        unigram = unigram_bits(data.train, data.train_items)
         out.mkdir(parents=True, exist_ok=True)
         save_yaml(config, out / "config.yaml")
         accelerator.init_trackers("vqtok")

@@ -1,0 +1,145 @@
+"""The discretized logistic mixture: a proper distribution over the 8-bit grid, against brute force."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import AffineTransform, SigmoidTransform, TransformedDistribution, Uniform
+
+from vqtok.losses import (
+    discretized_logistic_mixture_log_prob,
+    mixture_channels,
+    mixture_mode_image,
+    reconstruction_loss,
+)
+
+GRID = torch.arange(256, dtype=torch.float64) / 127.5 - 1  # the 8-bit values in [-1, 1]
+
+
+def random_params(k: int, c: int, seed: int, h: int = 1, w: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    p = torch.randn(1, mixture_channels(k, c), h, w, generator=g, dtype=torch.float64)
+    logits, means, log_scales, coeffs = p.split([k, k * c, k * c, k * c * (c - 1) // 2], dim=1)
+    # means over and beyond the range, scales from very sharp (e^-7 is sharper than a bin) to very wide
+    return torch.cat([logits * 2, means * 1.5, log_scales * 3 - 2, coeffs * 2], dim=1)
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_256_bins_of_one_channel_sum_to_one(seed, k):
+    params = random_params(k, 1, seed).expand(256, -1, -1, -1)
+    log_p = discretized_logistic_mixture_log_prob(GRID.view(256, 1, 1, 1), params, k)
+    assert abs(torch.logsumexp(log_p.flatten(), 0).item()) < 1e-9
+
+
+def test_the_joint_rgb_bins_sum_to_one_with_channel_coupling():
+    k = 2
+    params = random_params(k, 3, 0)
+    colours = torch.cartesian_prod(GRID, GRID)  # every (green, blue) pair
+    total = []
+    for reds in GRID.split(16):  # all 256^3 colours, 16 red values at a time, as a 1 x N image
+        x = torch.cat([reds.repeat_interleave(len(colours))[None], colours.repeat(len(reds), 1).T])[None, :, None]
+        log_p = discretized_logistic_mixture_log_prob(x, params.expand(-1, -1, 1, x.shape[-1]), k)
+        total.append(torch.logsumexp(log_p.flatten(), 0))
+    assert abs(torch.logsumexp(torch.stack(total), 0).item()) < 1e-9
+
+
+def test_interior_bins_match_the_logistic_cdf_of_torch_distributions():
+    mean, log_scale = 0.1, -3.0
+    logistic = TransformedDistribution(Uniform(torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)),
+                                       [SigmoidTransform().inv, AffineTransform(mean, math.exp(log_scale))])
+    half = 1 / 255
+    inside = GRID[(GRID > -0.5) & (GRID < 0.7)]
+    expected = torch.log(logistic.cdf(inside + half) - logistic.cdf(inside - half))
+    params = torch.tensor([0.0, mean, log_scale], dtype=torch.float64).view(1, 3, 1, 1).expand(len(inside), -1, -1, -1)
+    actual = discretized_logistic_mixture_log_prob(inside.view(-1, 1, 1, 1), params, 1).flatten()
+    torch.testing.assert_close(actual, expected, rtol=1e-9, atol=1e-9)
+    # the edge bins take the tails: P(x = -1) = CDF(-1 + 1/255), P(x = 1) = 1 - CDF(1 - 1/255)
+    edges = discretized_logistic_mixture_log_prob(torch.tensor([-1.0, 1.0], dtype=torch.float64).view(2, 1, 1, 1),
+                                                  params[:2], 1).flatten()
+    torch.testing.assert_close(edges, torch.log(torch.stack([logistic.cdf(torch.tensor(-1 + half, dtype=torch.float64)),
+                                                             1 - logistic.cdf(torch.tensor(1 - half, dtype=torch.float64))])))
+
+
+def test_a_mixture_weights_its_components_and_couples_channels_as_written():
+    k, c = 2, 3
+    params = random_params(k, c, 7)
+    x = torch.tensor([0.2, -0.4, 0.9], dtype=torch.float64).view(1, 3, 1, 1)
+    x = torch.round((x + 1) * 127.5) / 127.5 - 1
+    logits, means, log_scales, coeffs = params.flatten().split([k, k * c, k * c, k * 3])
+    means, log_scales, coeffs = means.view(k, c), log_scales.view(k, c), torch.tanh(coeffs.view(k, 3))
+    v = x.flatten()
+    per_component = []
+    for j in range(k):
+        mu = [means[j, 0], means[j, 1] + coeffs[j, 0] * v[0], means[j, 2] + coeffs[j, 1] * v[0] + coeffs[j, 2] * v[1]]
+        one = [discretized_logistic_mixture_log_prob(v[i].view(1, 1, 1, 1), torch.stack(
+            [torch.zeros((), dtype=torch.float64), mu[i], log_scales[j, i]]).view(1, 3, 1, 1), 1) for i in range(3)]
+        per_component.append(sum(one) + torch.log_softmax(logits, 0)[j])
+    expected = torch.logsumexp(torch.stack(per_component).flatten(), 0)
+    torch.testing.assert_close(discretized_logistic_mixture_log_prob(x, params, k).flatten()[0], expected)
+
+
+def test_a_sharp_distribution_on_a_constant_image_costs_almost_no_bits():
+    x = torch.full((1, 3, 4, 4), 100 / 127.5 - 1, dtype=torch.float64)
+    params = torch.cat([torch.zeros(1, 1, 4, 4), x, torch.full((1, 3, 4, 4), -20.0), torch.zeros(1, 3, 4, 4)], 1).double()
+    bits_per_dim = -discretized_logistic_mixture_log_prob(x, params, 1, min_log_scale=-20).sum() / (48 * math.log(2))
+    assert 0 <= bits_per_dim.item() < 1e-6
+    # PixelCNN++'s default floor on the log-scale (-7) bounds the sharpness: about 0.04 bits per dimension
+    floor = -discretized_logistic_mixture_log_prob(x, params, 1).sum() / (48 * math.log(2))
+    assert 0.03 < floor.item() < 0.05
+
+
+def test_the_loss_and_the_mode_image():
+    k, c = 3, 3
+    params = random_params(k, c, 3, h=4, w=5).float().repeat(2, 1, 1, 1)
+    x = (torch.randint(0, 256, (2, 3, 4, 5)).float() / 127.5) - 1
+    loss = reconstruction_loss("logistic_mixture", params, x)
+    torch.testing.assert_close(loss, -discretized_logistic_mixture_log_prob(x, params, k).sum() / 2)
+    image = mixture_mode_image(params, k, c)
+    assert image.shape == (2, 3, 4, 5) and image.min() >= -1 and image.max() <= 1
+    with pytest.raises(ValueError, match="needs 30 parameter channels"):
+        discretized_logistic_mixture_log_prob(x, params[:, :29], k)
+
+
+# ---- in the tokenizer -------------------------------------------------------------------------------------------------
+
+
+def test_config_contradictions_raise():
+    from vqtok.config import AutoencoderConfig, ConfigError, GaussianConfig, TrainConfig
+
+    with pytest.raises(ConfigError, match="num_mixtures is set for, and only for"):
+        AutoencoderConfig(num_mixtures=5)
+    with pytest.raises(ConfigError, match="num_mixtures is set for, and only for"):
+        AutoencoderConfig(decoder_output="logistic_mixture")
+    with pytest.raises(ConfigError, match="set input_range to '-1,1'"):
+        AutoencoderConfig(decoder_output="logistic_mixture", num_mixtures=5, input_range="0,1")
+    with pytest.raises(ConfigError, match="go together"):
+        TrainConfig(model=AutoencoderConfig(decoder_output="logistic_mixture", num_mixtures=5), loss="mse")
+    TrainConfig(model=AutoencoderConfig(bottleneck=GaussianConfig(), decoder_output="logistic_mixture",
+                                        num_mixtures=5), loss="logistic_mixture")
+
+
+def test_a_gaussian_tokenizer_with_a_mixture_reports_its_negative_elbo_in_bits_per_dim(tmp_path):
+    from tests.scripts.common import tiny_train_config
+    from vqtok.config import GaussianConfig
+    from vqtok.data import build_dataset
+    from vqtok.train import evaluate, train
+
+    base = tiny_train_config(str(tmp_path / "run"))
+    model = base.model.__class__(**{**base.model.__dict__, "bottleneck": GaussianConfig(dim=4),
+                                    "decoder_output": "logistic_mixture", "num_mixtures": 2})
+    config = base.__class__(**{**base.__dict__, "model": model, "loss": "logistic_mixture", "max_steps": 3})
+    folder = train(config)
+    import vqtok
+
+    tok = vqtok.load(folder)
+    assert tok.decoder.conv_out.out_channels == mixture_channels(2, 1) == 6
+    dataset = build_dataset(config.data, channels=1, preprocess=model.preprocess, size=model.resolution)
+    metrics = evaluate(tok, dataset, limit=32)
+    images = torch.stack([dataset[i][0] for i in range(32)])
+    x = tok.preprocess(images)
+    terms = tok.code_length(x, torch.Generator().manual_seed(0))
+    expected = (terms["nll"] + terms["kl"]).sum() / (32 * 256 * math.log(2))  # the same posterior draws
+    torch.testing.assert_close(torch.tensor(metrics["neg_elbo_bits_per_dim"]), expected.float(), rtol=1e-4, atol=0)
+    assert 0 < metrics["nll_bits_per_dim"] < metrics["neg_elbo_bits_per_dim"] < 8
+    assert tok.to_image(tok(x).reconstruction).abs().max() <= 1

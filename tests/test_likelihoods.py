@@ -1,7 +1,10 @@
-"""The discretized logistic mixture: a proper distribution over the 8-bit grid, against brute force."""
+"""Discrete likelihoods: the discretized logistic mixture is a proper distribution over the 8-bit grid (against
+brute force), and evaluation reports code lengths (bits per dimension, the negative ELBO) for them and for
+Bernoulli on binarized MNIST."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch.distributions import AffineTransform, SigmoidTransform, TransformedDistribution, Uniform
@@ -143,3 +146,43 @@ def test_a_gaussian_tokenizer_with_a_mixture_reports_its_negative_elbo_in_bits_p
     torch.testing.assert_close(torch.tensor(metrics["neg_elbo_bits_per_dim"]), expected.float(), rtol=1e-4, atol=0)
     assert 0 < metrics["nll_bits_per_dim"] < metrics["neg_elbo_bits_per_dim"] < 8
     assert tok.to_image(tok(x).reconstruction).abs().max() <= 1
+
+
+def test_binarized_mnist_amat_files_and_the_bernoulli_code_length(tmp_path):
+    import gzip
+
+    from tests.scripts.common import tiny_train_config
+    from vqtok import Autoencoder
+    from vqtok.cli import parse_data_spec
+    from vqtok.config import AutoencoderConfig, DataConfig, GaussianConfig, PreprocessConfig
+    from vqtok.data import build_dataset
+    from vqtok.data.sources import read_amat
+    from vqtok.train import evaluate
+
+    g = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 2, (20, 16 * 16), generator=g)
+    path = tmp_path / "tiny.amat.gz"
+    with gzip.open(path, "wt") as f:
+        f.writelines(" ".join(str(int(v)) for v in row) + "\n" for row in pixels)
+    images = read_amat(path)
+    assert images.shape == (20, 16, 16) and np.array_equal(images.reshape(20, -1) // 255, pixels.numpy())
+    assert parse_data_spec(f"amat:{path}") == DataConfig(source="amat", path=str(path))
+    bad = tmp_path / "bad.amat"
+    bad.write_text("0 1 1 0\n0 1 2 0\n")
+    with pytest.raises(ValueError, match="line 2 is not 2x2 binary pixels"):
+        read_amat(bad)
+
+    base = tiny_train_config(str(tmp_path / "run")).model
+    config = AutoencoderConfig(**{**base.__dict__, "bottleneck": GaussianConfig(dim=2), "input_range": "0,1",
+                                  "decoder_output": "bernoulli_logits", "preprocess": PreprocessConfig()})
+    torch.manual_seed(0)
+    model = Autoencoder(config).eval()
+    dataset = build_dataset(DataConfig(source="amat", path=str(path)), channels=1, preprocess=config.preprocess, size=16)
+    metrics = evaluate(model, dataset)
+    x = torch.stack([dataset[i][0] for i in range(20)]).float() / 255
+    terms = model.code_length(x, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(torch.tensor(metrics["neg_elbo_nats_per_image"]),
+                               (terms["nll"] + terms["kl"]).mean().float(), rtol=1e-5, atol=0)
+    # grey images: a Bernoulli likelihood of them is no code length, so no bits per dimension are reported
+    grey = build_dataset(DataConfig(source="digits", limit=20), channels=1, preprocess=PreprocessConfig(resize=16), size=16)
+    assert "neg_elbo_bits_per_dim" not in evaluate(model, grey)

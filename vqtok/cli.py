@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="PSNR, SSIM and codebook usage of a tokenizer on a dataset")
     evaluate.add_argument("tokenizer", help="local folder or Hub repo id[@revision]")
-    evaluate.add_argument("--data", required=True, help="digits | folder:PATH | idx:IMAGES[,LABELS] | torchvision:NAME:ROOT")
+    evaluate.add_argument("--data", required=True, help="digits | folder:PATH | idx:IMAGES[,LABELS] | amat:PATH | torchvision:NAME:ROOT")
     evaluate.add_argument("--split", choices=["train", "test"], default="test")
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     evaluate.add_argument("--batch-size", type=int, default=64)
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     encode = commands.add_parser("encode", help="encode a dataset into a token store (resumable, multi-process)")
     encode.add_argument("--tokenizer", required=True, help="local folder or Hub repo id[@revision]")
-    encode.add_argument("--data", required=True, help="digits | folder:PATH | idx:IMAGES[,LABELS] | torchvision:NAME:ROOT")
+    encode.add_argument("--data", required=True, help="digits | folder:PATH | idx:IMAGES[,LABELS] | amat:PATH | torchvision:NAME:ROOT")
     encode.add_argument("--split", choices=["train", "test"], default="train")
     encode.add_argument("--out", required=True, help="the store folder (re-run with the same arguments to resume)")
     encode.add_argument("--batch-size", type=int, default=256)
@@ -103,7 +103,7 @@ def _run_options(parser: argparse.ArgumentParser, config_kind: str, example: str
 
 
 def parse_data_spec(spec: str, split: str = "train", limit: int | None = None):
-    """'digits' | 'folder:PATH' | 'idx:IMAGES[,LABELS]' | 'torchvision:NAME:ROOT' -> DataConfig."""
+    """'digits' | 'folder:PATH' | 'idx:IMAGES[,LABELS]' | 'amat:PATH' | 'torchvision:NAME:ROOT' -> DataConfig."""
     from vqtok.config import ConfigError, DataConfig
 
     kind, _, rest = spec.partition(":")
@@ -114,10 +114,12 @@ def parse_data_spec(spec: str, split: str = "train", limit: int | None = None):
     if kind == "idx" and rest:
         images, _, labels = rest.partition(",")
         return DataConfig(source="idx", path=images, labels=labels or None, split=split, limit=limit)
+    if kind == "amat" and rest:
+        return DataConfig(source="amat", path=rest, split=split, limit=limit)
     if kind == "torchvision" and ":" in rest:
         name, _, root = rest.partition(":")
         return DataConfig(source="torchvision", name=name, path=root, split=split, limit=limit)
-    raise ConfigError(f"--data {spec!r}: expected digits, folder:PATH, idx:IMAGES[,LABELS] or torchvision:NAME:ROOT")
+    raise ConfigError(f"--data {spec!r}: expected digits, folder:PATH, idx:IMAGES[,LABELS], amat:PATH or torchvision:NAME:ROOT")
 
 
 def _quickstart(args: argparse.Namespace) -> int:

@@ -236,12 +236,12 @@ class DataConfig:
 
     source: 'digits' (built in: scikit-learn's 1,797 handwritten digits, 8x8 grey, needs the [quickstart] extra),
     'folder' (an image folder; class sub-folders give labels), 'idx' (MNIST-style IDX files, plain or .gz: `path`
-    the images, `labels` the labels), 'torchvision' (`name`, e.g. MNIST or CIFAR10, from the local root `path`,
-    never downloaded). `split` selects train or test where the source has both. `skip_unreadable` skips and counts
+    the images, `labels` the labels), 'amat' (binarized MNIST's .amat text files, plain or .gz, no labels),
+    'torchvision' (`name`, e.g. MNIST or CIFAR10, from the local root `path`, never downloaded). `split` selects train or test where the source has both. `skip_unreadable` skips and counts
     images that cannot be decoded instead of failing on the first one. `limit` keeps the first N images.
     """
 
-    source: Literal["digits", "folder", "idx", "torchvision"] = "digits"
+    source: Literal["digits", "folder", "idx", "amat", "torchvision"] = "digits"
     path: str | None = None
     labels: str | None = None
     name: str | None = None
@@ -250,7 +250,7 @@ class DataConfig:
     limit: int | None = None
 
     def __post_init__(self) -> None:
-        needs_path = self.source in ("folder", "idx", "torchvision")
+        needs_path = self.source in ("folder", "idx", "amat", "torchvision")
         _require(not needs_path or bool(self.path), f"path is required for source '{self.source}'")
         _require(self.source != "digits" or self.path is None, "path is not used by the built-in 'digits'")
         _require(self.source == "idx" or self.labels is None, "labels is only used by source 'idx'")

@@ -88,7 +88,7 @@ def to_chw(image: Image.Image | np.ndarray, channels: int) -> torch.Tensor:
 def build_dataset(config: DataConfig, *, channels: int, preprocess: PreprocessConfig, size: int | None) -> ImageDataset:
     """The dataset a `DataConfig` describes, ready for a model with `channels` inputs trained at `size`."""
     builders = {"digits": ArraySource.digits, "folder": FolderSource, "idx": ArraySource.idx,
-                "torchvision": TorchvisionSource}
+                "amat": ArraySource.amat, "torchvision": TorchvisionSource}
     source = builders[config.source](config)
     if config.limit is not None:
         source.labels = source.labels[: config.limit]
@@ -142,6 +142,12 @@ class ArraySource(Source):
         else:
             labels = [-1] * images.shape[0]
         return cls(images, labels, str(config.path))
+
+    @classmethod
+    def amat(cls, config: DataConfig) -> "ArraySource":
+        """Binarized MNIST's .amat files (no labels): pixels 0 or 255, so a Bernoulli likelihood is a code length."""
+        images = read_amat(config.path)
+        return cls(images, [-1] * len(images), str(config.path))
 
 
 class FolderSource(Source):
@@ -233,6 +239,26 @@ def read_idx(path: str | Path) -> np.ndarray:
     if len(body) != expected:
         raise ValueError(f"{path}: IDX header promises {expected} bytes of data for shape {shape}, found {len(body)}")
     return np.frombuffer(body, dtype=dtype).reshape(shape).copy()  # writable, native byte order kept by numpy
+
+
+def read_amat(path: str | Path) -> np.ndarray:
+    """Binary images from the .amat text format of Larochelle and Murray's fixed binarization of MNIST (plain or
+    .gz): one image a line, its pixels as 0/1 values separated by spaces, square. Returns uint8 [N, side, side] in
+    {0, 255}; anything else is an error naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f".amat file not found: {path}")
+    opener = gzip.open if path.read_bytes()[:2] == b"\x1f\x8b" else open
+    try:
+        with opener(path, "rt") as f:
+            rows = [line.split() for line in f if line.strip()]
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: unreadable .amat file ({e})") from None
+    side = int(round(len(rows[0]) ** 0.5)) if rows else 0
+    for number, row in enumerate(rows, 1):
+        if len(row) != side * side or side == 0 or any(v not in ("0", "1") for v in row):
+            raise ValueError(f"{path}: line {number} is not {side}x{side} binary pixels (0 or 1)")
+    return (np.array(rows, dtype=np.uint8).reshape(-1, side, side) * 255).astype(np.uint8)
 
 
 class TorchvisionSource(Source):

@@ -92,6 +92,16 @@ def test_a_sharp_distribution_on_a_constant_image_costs_almost_no_bits():
     assert 0.03 < floor.item() < 0.05
 
 
+def test_extreme_parameters_give_finite_values_and_gradients():
+    x = (torch.randint(0, 256, (2, 3, 4, 4)).float() / 127.5) - 1
+    for log_scale in (-30.0, 0.0, 30.0):
+        params = torch.cat([torch.zeros(2, 1, 4, 4), torch.randn(2, 3, 4, 4) * 3, torch.full((2, 3, 4, 4), log_scale),
+                            torch.zeros(2, 3, 4, 4)], 1).requires_grad_()
+        loss = reconstruction_loss("logistic_mixture", params, x)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(params.grad).all(), log_scale
+
+
 def test_the_loss_and_the_mode_image():
     k, c = 3, 3
     params = random_params(k, c, 3, h=4, w=5).float().repeat(2, 1, 1, 1)

@@ -62,8 +62,7 @@ def discretized_logistic_mixture_log_prob(
 
     Each value owns the interval of width 2/(bins-1) around it; the lowest and highest values own everything below
     and above, so the bins of any parameters sum to 1 and -log p is a code length in nats. Every bin's mass is
-    computed exactly (no density approximation in the tails). Computed in float32
-    (float64 stays float64). `params` [B, mixture_channels(K, C), H, W] holds, in order: K logits, K*C means, K*C
+    computed exactly (no density approximation in the tails). Computed in float32 (float64 stays float64). `params` [B, mixture_channels(K, C), H, W] holds, in order: K logits, K*C means, K*C
     log-scales (clamped below at `min_log_scale`), K*C(C-1)/2 coefficients (tanh-squashed).
     """
     dtype = torch.float64 if params.dtype == torch.float64 else torch.float32
@@ -104,8 +103,11 @@ def discretized_logistic_mixture_log_prob(
 
 def _log_sigmoid_difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """log(sigmoid(a) - sigmoid(b)) for a > b, without cancellation where both sigmoids are small."""
-    d = F.logsigmoid(b) - F.logsigmoid(a)  # < 0
-    log1mexp = torch.where(d > -math.log(2), torch.log(-torch.expm1(d)), torch.log1p(-torch.exp(d)))
+    d = (F.logsigmoid(b) - F.logsigmoid(a)).clamp_max(-1e-30)  # < 0 (= 0 only if float rounding merged a and b)
+    # log(1 - e^d), each formula where it is accurate; both branches kept finite, or where() would pass NaN gradients
+    near = d > -math.log(2)
+    log1mexp = torch.where(near, torch.log(-torch.expm1(d.clamp_min(-math.log(2)))),
+                           torch.log1p(-torch.exp(d.clamp_max(-math.log(2)))))
     return F.logsigmoid(a) + log1mexp
 
 

@@ -248,7 +248,8 @@ def read_amat(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f".amat file not found: {path}")
-    opener = gzip.open if path.read_bytes()[:2] == b"\x1f\x8b" else open
+    with open(path, "rb") as f:
+        opener = gzip.open if f.read(2) == b"\x1f\x8b" else open
     try:
         with opener(path, "rt") as f:
             rows = [line.split() for line in f if line.strip()]

@@ -110,22 +110,25 @@ class Autoencoder(HubModel, model_type="autoencoder"):
             return mixture_mode_image(decoder_output, self.config.num_mixtures, self.config.in_channels)
         return decoder_output
 
-    def code_length(self, x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def code_length(self, x: torch.Tensor, generator: torch.Generator | None = None, *,
+                    output: AutoencoderOutput | None = None) -> dict[str, torch.Tensor]:
         """The negative ELBO's terms in nats per image [B] for a discrete pixel likelihood (Bernoulli on binary
         images, the logistic mixture on 8-bit ones): 'nll' = -log p(x | z) at one z ~ q(z | x) (the code, for VQ)
-        and, for Gaussian models, 'kl' = KL(q(z | x) || N(0, I)) with beta 1 and no free bits."""
+        and, for Gaussian models, 'kl' = KL(q(z | x) || N(0, I)) with beta 1 and no free bits. `output`, an
+        eval-mode forward of the same x, saves encoding it again."""
         kind = DISCRETE_LIKELIHOODS.get(self.config.decoder_output)
         if kind is None:
             raise ValueError(f"decoder_output {self.config.decoder_output!r} is not a discrete likelihood: no code length")
-        features = self._features(x)
         terms = {}
         if self.is_gaussian:
-            posterior = self.bottleneck.encode(features)
-            z = posterior.sample(generator)
+            posterior = output.bottleneck.posterior if output is not None else self.bottleneck.encode(self._features(x))
+            params = self._decode_z(posterior.sample(generator))
             terms["kl"] = posterior.kl().sum(dim=(1, 2, 3))
+        elif output is not None:  # the decoder's output at the code already is -log p(x | z)'s parameters
+            params = output.reconstruction
         else:
-            z = self.bottleneck.decode(self.bottleneck.encode(features))
-        terms["nll"] = nll_per_image(kind, self._decode_z(z), x)
+            params = self._decode_z(self.bottleneck.decode(self.bottleneck.encode(self._features(x))))
+        terms["nll"] = nll_per_image(kind, params, x)
         return terms
 
     def on_optimizer_step(self, skipped: bool = False) -> dict[str, torch.Tensor]:

@@ -305,6 +305,70 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class DiscriminatorConfig:
+    """A PatchGAN discriminator (pix2pix; taming's NLayerDiscriminator): a 4x4 stride-2 convolution from
+    `in_channels` to `channels`, then `layers` - 1 more at stride 2 and one at stride 1, each doubling the width (up
+    to 8 x channels) with BatchNorm and LeakyReLU(0.2), and a 4x4 convolution to one logit per patch."""
+
+    in_channels: int = 3
+    channels: int = 64
+    layers: int = 3
+
+    def __post_init__(self) -> None:
+        _require(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
+        _require(self.channels >= 1, f"channels must be >= 1, got {self.channels}")
+        _require(self.layers >= 1, f"layers must be >= 1, got {self.layers}")
+
+
+@dataclass(frozen=True)
+class AdversarialConfig:
+    """The VQGAN adversarial term (Esser et al. 2021): a PatchGAN trained with the `loss` ('hinge', or
+    'non_saturating' - softplus), switched on at optimizer step `start_step`. The tokenizer's loss gains
+    lambda * L_G with L_G = -mean(D(x_hat)); lambda is `weight` times, with `adaptive_weight`, the ratio
+    ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last layer (clamped to `max_adaptive_weight`), which
+    keeps the two gradients at a set proportion. The discriminator has its own AdamW (`lr`, None: the run's lr;
+    `betas`, taming's (0.5, 0.9)), constant after the run's warm-up. `init_from`: a discriminator to start from (a
+    run's `discriminator/` folder or a Hub repo id), for fine-tuning a tokenizer that was trained with one.
+    """
+
+    discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    loss: Literal["hinge", "non_saturating"] = "hinge"
+    start_step: int = 0
+    weight: float = 0.8
+    adaptive_weight: bool = True
+    max_adaptive_weight: float = 1e4
+    lr: float | None = None
+    betas: tuple[float, ...] = (0.5, 0.9)
+    init_from: str | None = None
+
+    def __post_init__(self) -> None:
+        _freeze_lists(self)
+        _require(self.start_step >= 0, f"start_step must be >= 0, got {self.start_step}")
+        _require(self.weight > 0 and _finite(self.weight),
+                 f"weight must be finite and > 0 (leave out the adversarial section to train without one), got {self.weight}")
+        _require(self.max_adaptive_weight > 0, f"max_adaptive_weight must be > 0, got {self.max_adaptive_weight}")
+        _require(self.lr is None or (self.lr > 0 and _finite(self.lr)), f"lr must be finite and > 0, got {self.lr}")
+        _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two values in [0, 1), got {self.betas}")
+
+
+@dataclass(frozen=True)
+class PerceptualConfig:
+    """An LPIPS perceptual loss (Zhang et al. 2018, VGG16 variant), `weight` times the mean distance per image.
+    `weights`: the safetensors file with the VGG16 backbone and LPIPS' linear heads (make it from the published
+    files with scripts/convert_lpips_weights.py); vqtok ships and downloads none, so without this section the
+    perceptual term is absent (weight 0)."""
+
+    weights: str | None = None
+    weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(bool(self.weights), "weights is required: the path of an LPIPS-VGG16 safetensors file (see "
+                 "scripts/convert_lpips_weights.py); leave out the perceptual section to train without one")
+        _require(self.weight > 0 and _finite(self.weight),
+                 f"weight must be finite and > 0 (leave out the perceptual section to train without one), got {self.weight}")
+
+
+@dataclass(frozen=True)
 class TrainConfig(RunConfig):
     """A tokenizer training run (`vqtok train CONFIG.yaml`); the optimisation fields are RunConfig's.
 
@@ -313,6 +377,8 @@ class TrainConfig(RunConfig):
     the 8-bit grid, needs decoder_output 'logistic_mixture'), the last three in nats per image, the ELBO's scale.
     kl_schedule scales a Gaussian bottleneck's loss by 1 ('constant'), a linear ramp from 0 over kl_warmup_steps
     ('linear') or that ramp repeated every kl_cycle_steps ('cyclical', Fu et al. 2019).
+    `adversarial` and `perceptual` add the VQGAN terms (absent: not used). `init_from` starts from a saved
+    tokenizer (a folder or Hub repo id) whose config must equal `model`, to fine-tune it.
     """
 
     model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
@@ -326,9 +392,24 @@ class TrainConfig(RunConfig):
     hflip: bool = False
     eval_images: int = 256
     num_workers: int = 2
+    adversarial: AdversarialConfig | None = None
+    perceptual: PerceptualConfig | None = None
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        image_terms = [name for name in ("adversarial", "perceptual") if getattr(self, name) is not None]
+        _require(not image_terms or self.model.decoder_output == "image",
+                 f"{' and '.join(image_terms)} compare images, but model.decoder_output is "
+                 f"{self.model.decoder_output!r} (a likelihood's parameters): use decoder_output 'image'")
+        if self.adversarial is not None:
+            d_channels = self.adversarial.discriminator.in_channels
+            _require(d_channels == self.model.in_channels,
+                     f"adversarial.discriminator.in_channels ({d_channels}) must equal model.in_channels "
+                     f"({self.model.in_channels})")
+            _require(self.mixed_precision != "fp16",
+                     "mixed_precision 'fp16' with an adversarial term is not supported (the tokenizer's and the "
+                     "discriminator's optimizers would share one loss scaler); use 'bf16'")
         _require(self.eval_images >= 1, f"eval_images must be >= 1, got {self.eval_images}")
         _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         gaussian = self.model.bottleneck.kind == "gaussian"

@@ -1,4 +1,5 @@
-"""Training objectives: reconstruction likelihoods and the KL weight schedules against posterior collapse."""
+"""Training objectives: reconstruction likelihoods, the KL weight schedules against posterior collapse, and the
+adversarial terms of the VQGAN recipe."""
 
 from __future__ import annotations
 
@@ -128,6 +129,40 @@ def mixture_mode_image(params: torch.Tensor, num_mixtures: int, channels: int) -
             index += j
         mean = torch.stack(out, dim=1)
     return mean.clamp(-1, 1)
+
+
+def discriminator_loss(kind: str, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """The discriminator's loss on real and reconstructed patch logits: 'hinge' (mean relu(1 - D(x)) + mean
+    relu(1 + D(x_hat)), halved as in taming) or 'non_saturating' (the cross-entropy of the original GAN,
+    softplus(-D(x)) + softplus(D(x_hat)), halved)."""
+    real, fake = logits_real.float(), logits_fake.float()
+    if kind == "hinge":
+        return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+    if kind == "non_saturating":
+        return 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())
+    raise ValueError(f"unknown adversarial loss {kind!r}")
+
+
+def generator_loss(kind: str, logits_fake: torch.Tensor) -> torch.Tensor:
+    """The tokenizer's adversarial term on its reconstructions' patch logits: -mean D(x_hat) with the hinge loss
+    (taming), softplus(-D(x_hat)) (the non-saturating loss) otherwise."""
+    if kind == "hinge":
+        return -logits_fake.float().mean()
+    if kind == "non_saturating":
+        return F.softplus(-logits_fake.float()).mean()
+    raise ValueError(f"unknown adversarial loss {kind!r}")
+
+
+def adaptive_gan_weight(reconstruction: torch.Tensor, adversarial: torch.Tensor, last_layer: torch.Tensor, *,
+                        max_weight: float = 1e4) -> torch.Tensor:
+    """VQGAN's balance (Esser et al. 2021, eq. 7): ||grad_w L_rec|| / (||grad_w L_G|| + 1e-4) at the decoder's last
+    layer w, clamped to [0, max_weight] and detached, so that the adversarial gradient reaching the decoder stays
+    in proportion to the reconstruction's whatever their scales. Keeps both graphs for the backward that follows."""
+    g_rec, = torch.autograd.grad(reconstruction, last_layer, retain_graph=True)
+    g_adv, = torch.autograd.grad(adversarial, last_layer, retain_graph=True)
+    dtype = torch.promote_types(g_rec.dtype, torch.float32)  # float32 at least (the norms of bf16 gradients)
+    ratio = torch.linalg.vector_norm(g_rec, dtype=dtype) / (torch.linalg.vector_norm(g_adv, dtype=dtype) + 1e-4)
+    return ratio.clamp(0.0, max_weight).detach()
 
 
 def kl_weight(schedule: str, step: int, *, warmup_steps: int = 0, cycle_steps: int = 0) -> float:

@@ -1,6 +1,8 @@
-"""Models saved in the Hub format: the autoencoder tokenizer and the transformer prior over its codes."""
+"""Models saved in the Hub format: the autoencoder tokenizer, the transformer prior over its codes, and the
+PatchGAN discriminator a VQGAN-style run trains beside the tokenizer."""
 
 from vqtok.models.autoencoder import Autoencoder, AutoencoderOutput
+from vqtok.models.discriminator import PatchDiscriminator
 from vqtok.models.prior import PriorTokenizerMismatch, TransformerPrior
 
-__all__ = ["Autoencoder", "AutoencoderOutput", "PriorTokenizerMismatch", "TransformerPrior"]
+__all__ = ["Autoencoder", "AutoencoderOutput", "PatchDiscriminator", "PriorTokenizerMismatch", "TransformerPrior"]

@@ -1,13 +1,15 @@
 """Training a tokenizer with Accelerate, from one CPU to many GPUs (`vqtok train CONFIG.yaml`).
 
 One optimizer step: `grad_accum` micro-batches (gradients synchronised on the last only), the reconstruction loss
-plus the bottleneck's regulariser (times the KL schedule), then the engine's update-or-skip (`engine.finish_step`),
-which calls the bottleneck's once-per-step hook (EMA codebook, restarts) or tells it that the step was skipped.
+(with the VQGAN recipe's perceptual and adversarial terms when configured, `adversarial.py`) plus the bottleneck's
+regulariser (times the KL schedule), then the engine's update-or-skip (`engine.finish_step`), which calls the
+bottleneck's once-per-step hook (EMA codebook, restarts) or tells it that the step was skipped; then the
+discriminator's own step, if there is one.
 
 Artefacts under output_dir: config.yaml, metrics.jsonl (and TensorBoard logs when tensorboard is installed),
 samples/step_XXXXXX.png grids, checkpoints/step_XXXXXX (Accelerate state + vqtok's train_state.json,
-weights_ema.safetensors and each rank's bottleneck state), and tokenizer/ (save_pretrained, with the final metrics
-in its model card).
+weights_ema.safetensors and each rank's bottleneck state), tokenizer/ (save_pretrained, with the final metrics
+in its model card) and, with an adversarial term, discriminator/ beside it.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from vqtok.config import TrainConfig, save_yaml
+from vqtok.config import ConfigError, TrainConfig, save_yaml, to_dict
 from vqtok.data import build_dataset
 from vqtok.images import uint8_to_range
 from vqtok.losses import kl_weight, reconstruction_loss
 from vqtok.models import Autoencoder
+from vqtok.train.adversarial import ImageLosses
 from vqtok.train.batches import StepBatchSampler
 from vqtok.train.engine import (
     Counters,
@@ -69,7 +72,8 @@ def _train(config: TrainConfig, *, resume: bool, stop_at: int | None) -> Path | 
     if dataset.skipped:
         accelerator.print(f"skipped {dataset.skipped} unreadable images")
 
-    model = Autoencoder(model_config)
+    model = initial_model(config)
+    image_losses = ImageLosses(config, accelerator, model)
     # Then per-rank streams for sampling noise and dropout; data order and flips depend on config.seed alone.
     set_seed(config.seed, device_specific=True)
     optimizer, scheduler = make_optimizer(config, model.parameters())
@@ -103,12 +107,15 @@ def _train(config: TrainConfig, *, resume: bool, stop_at: int | None) -> Path | 
 
     while counters.step < end:
         model.train()
-        logs = _accumulate_step(config, accelerator, model, batches, counters.step)
+        gan = image_losses.active(counters.step)
+        logs = _accumulate_step(config, accelerator, model, image_losses, batches, counters.step)
         logs.update(finish_step(config, accelerator, model, optimizer, scheduler, counters, on_step=on_step, ema=ema))
+        if gan:
+            logs.update(image_losses.discriminator_step())
         step = counters.step
         progress.update(1)
         if step % config.log_every == 0 or step == config.max_steps:
-            log_metrics(accelerator, out, step, logs, progress, started, shown=("loss", "vq/usage", "kl"))
+            log_metrics(accelerator, out, step, logs, progress, started, shown=("loss", "vq/usage", "kl", "d_loss"))
         if step % config.eval_every == 0 or step == config.max_steps:
             _evaluate(accelerator, raw, eval_dataset, fixed_images, config, out, step)
         if step % config.checkpoint_every == 0 or step == end:
@@ -118,10 +125,23 @@ def _train(config: TrainConfig, *, resume: bool, stop_at: int | None) -> Path | 
     if counters.step < config.max_steps:
         accelerator.end_training()
         return None
-    return _export(accelerator, raw, ema, eval_dataset, config, out)
+    return _export(accelerator, raw, ema, image_losses, eval_dataset, config, out)
 
 
-def _accumulate_step(config, accelerator, model, batches, step: int) -> dict[str, Any]:
+def initial_model(config: TrainConfig) -> Autoencoder:
+    """A new tokenizer, or the saved one `init_from` names (to fine-tune), whose config must be `config.model`."""
+    if config.init_from is None:
+        return Autoencoder(config.model)
+    model = Autoencoder.from_pretrained(config.init_from)
+    if model.config != config.model:
+        saved, wanted = to_dict(model.config), to_dict(config.model)
+        differ = sorted(k for k in saved if saved[k] != wanted[k])
+        raise ConfigError(f"init_from {config.init_from!r} holds a tokenizer whose config differs from model in "
+                          f"{', '.join(differ)}: copy its config.json's values into model")
+    return model.train()
+
+
+def _accumulate_step(config, accelerator, model, image_losses: ImageLosses, batches, step: int) -> dict[str, Any]:
     """Forward and backward over the micro-batches of one optimizer step; returns the averaged loss terms."""
     value_range = config.model.value_range
     factor = kl_weight(config.kl_schedule, step, warmup_steps=config.kl_warmup_steps, cycle_steps=config.kl_cycle_steps)
@@ -133,13 +153,18 @@ def _accumulate_step(config, accelerator, model, batches, step: int) -> dict[str
             flip = torch.tensor([_coin(config.seed, step, int(i)) for i in indices], device=x.device)
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         last = micro == config.grad_accum - 1
+        gan = image_losses.active(step)
         with nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
                 out = model(x)
             recon = reconstruction_loss(config.loss, out.reconstruction, x)
-            loss = (recon + factor * out.bottleneck.loss) / config.grad_accum
+            objective, image_terms = image_losses.generator_loss(x, out.reconstruction, recon, step)
+            loss = (objective + factor * out.bottleneck.loss) / config.grad_accum
             accelerator.backward(loss)
-        terms = {"loss": loss.detach() * config.grad_accum, "recon": recon.detach(),
+        if gan:
+            with nullcontext() if last else image_losses.no_sync():
+                image_terms.update(image_losses.discriminator_backward(x, out.reconstruction))
+        terms = {"loss": loss.detach() * config.grad_accum, "recon": recon.detach(), **image_terms,
                  **{k: v.detach() for k, v in out.bottleneck.terms.items()},
                  **{k: v for k, v in out.bottleneck.stats.items()}}
         for k, v in terms.items():
@@ -179,13 +204,15 @@ def _evaluate(accelerator, raw: Autoencoder, dataset, fixed_images, config: Trai
     return metrics
 
 
-def _export(accelerator, raw: Autoencoder, ema: WeightsEMA | None, eval_dataset, config: TrainConfig, out: Path) -> Path:
+def _export(accelerator, raw: Autoencoder, ema: WeightsEMA | None, image_losses: ImageLosses, eval_dataset,
+            config: TrainConfig, out: Path) -> Path:
     folder = out / "tokenizer"
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         export = exported(raw, ema)
         metrics = evaluate(export, eval_dataset, limit=config.eval_images)
         export.save_pretrained(folder, model_card_kwargs={"metrics": {k: round(v, 4) for k, v in metrics.items()}})
+        image_losses.save(out / "discriminator")
         (out / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
         accelerator.print(format_table(metrics))
     accelerator.end_training()

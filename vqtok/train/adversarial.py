@@ -1,0 +1,109 @@
+"""The VQGAN terms of a tokenizer run (Esser et al. 2021): an LPIPS perceptual loss, and a PatchGAN discriminator
+with its own optimizer, switched on at `adversarial.start_step`, its term balanced by the adaptive weight.
+
+Per micro-batch the tokenizer's loss gains `perceptual.weight * LPIPS(x, x_hat)` and, once the discriminator is on,
+`lambda * L_G(D(x_hat))` (the discriminator frozen for that pass); then the discriminator takes its own backward on
+real and reconstructed images (detached), in one forward so that DDP sees one pass. After the tokenizer's update
+the discriminator steps. Both are in Accelerate's checkpoints; the export writes `discriminator/` beside
+`tokenizer/`.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+
+from vqtok.config import ConfigError, TrainConfig, to_dict
+from vqtok.losses import adaptive_gan_weight, discriminator_loss, generator_loss
+from vqtok.models import Autoencoder
+from vqtok.models.discriminator import PatchDiscriminator
+from vqtok.nn.perceptual import LPIPS
+
+
+class ImageLosses:
+    """The perceptual and adversarial terms of one run (either may be absent) and the discriminator's training."""
+
+    def __init__(self, config: TrainConfig, accelerator: Accelerator, tokenizer: Autoencoder):
+        self.config, self.accelerator = config, accelerator
+        self.tokenizer = tokenizer  # its decoder's last layer is where the adaptive weight compares gradients
+        self.perceptual = (LPIPS.from_file(config.perceptual.weights, map_location=accelerator.device)
+                           if config.perceptual is not None else None)
+        self.adversarial = config.adversarial
+        self.discriminator = self.optimizer = None
+        if self.adversarial is not None:
+            discriminator = build_discriminator(config)
+            optimizer = torch.optim.AdamW(discriminator.parameters(), lr=self.adversarial.lr or config.lr,
+                                          betas=tuple(self.adversarial.betas), weight_decay=0.0)
+            self.discriminator, self.optimizer = accelerator.prepare(discriminator, optimizer)
+            self.raw: PatchDiscriminator = accelerator.unwrap_model(self.discriminator)
+
+    def active(self, step: int) -> bool:
+        """Whether the discriminator trains and the adversarial term counts at optimizer step `step`."""
+        return self.adversarial is not None and step >= self.adversarial.start_step
+
+    def generator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, reconstruction: torch.Tensor, step: int
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """reconstruction + the perceptual term + the weighted adversarial term, and those terms for the logs."""
+        logs: dict[str, torch.Tensor] = {}
+        loss = reconstruction
+        if self.perceptual is not None:
+            with self.accelerator.autocast():
+                perceptual = self.perceptual(x, x_hat).mean()
+            loss = loss + self.config.perceptual.weight * perceptual
+            logs["perceptual"] = perceptual.detach()
+        if self.active(step):
+            adversarial = self.adversarial
+            self.raw.requires_grad_(False)  # the tokenizer's pass: gradients reach x_hat only
+            try:
+                with self.accelerator.autocast():
+                    g_loss = generator_loss(adversarial.loss, self.raw(x_hat))
+            finally:
+                self.raw.requires_grad_(True)
+            weight = torch.tensor(adversarial.weight, device=x.device)
+            if adversarial.adaptive_weight:
+                weight = weight * adaptive_gan_weight(loss, g_loss, self.tokenizer.decoder.conv_out.weight,
+                                                      max_weight=adversarial.max_adaptive_weight)
+            loss = loss + weight * g_loss
+            logs.update(g_loss=g_loss.detach(), gan_weight=weight)
+        return loss, logs
+
+    def discriminator_backward(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The discriminator's loss on real and (detached) reconstructed images, backpropagated / grad_accum."""
+        with self.accelerator.autocast():
+            logits = self.discriminator(torch.cat([x, x_hat.detach()]))
+        real, fake = logits.chunk(2)
+        loss = discriminator_loss(self.adversarial.loss, real, fake)
+        self.accelerator.backward(loss / self.config.grad_accum)
+        return {"d_loss": loss.detach(), "logits_real": real.detach().mean(), "logits_fake": fake.detach().mean()}
+
+    def discriminator_step(self) -> dict[str, float]:
+        """Clip, then update - or skip when the gradient norm is not finite (the tokenizer's step decides its own)."""
+        max_norm = self.config.clip_grad_norm if self.config.clip_grad_norm > 0 else math.inf
+        grad_norm = float(self.accelerator.clip_grad_norm_(self.discriminator.parameters(), max_norm))
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"d_grad_norm": grad_norm}
+
+    def no_sync(self):
+        return self.accelerator.no_sync(self.discriminator)
+
+    def save(self, folder: Path, metrics: dict[str, Any] | None = None) -> None:
+        if self.adversarial is not None:
+            self.raw.save_pretrained(folder, model_card_kwargs={"metrics": metrics or {}})
+
+
+def build_discriminator(config: TrainConfig) -> PatchDiscriminator:
+    """A fresh discriminator, or the one `adversarial.init_from` names (its config must be the run's)."""
+    adversarial = config.adversarial
+    if adversarial.init_from is None:
+        return PatchDiscriminator(adversarial.discriminator)
+    loaded = PatchDiscriminator.from_pretrained(adversarial.init_from)
+    if loaded.config != adversarial.discriminator:
+        raise ConfigError(f"adversarial.init_from {adversarial.init_from!r} holds a discriminator with config "
+                          f"{to_dict(loaded.config)}, but adversarial.discriminator is {to_dict(adversarial.discriminator)}")
+    return loaded.train()

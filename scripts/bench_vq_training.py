@@ -6,7 +6,8 @@ Both runs share everything but the bottleneck: the encoder, decoder and 1x1 proj
 same AdamW (warm-up + cosine), gradient clipping and loss (MSE + the bottleneck's own loss). vqtok's quantizer is
 the library default for K = 1024, D = 64 (EMA 0.99, k-means initialisation, dead-code restarts, beta 0.25); the
 peer's is `VectorQuantize(dim=64, codebook_size=1024, accept_image_fmap=True)` - its defaults (EMA decay 0.8,
-commitment weight 1, no k-means, no dead-code expiry), the last argument only tells it the [B, D, h, w] layout.
+commitment weight 1, no k-means, no dead-code expiry, and the rotation trick instead of the straight-through
+estimator), the last argument only tells it the [B, D, h, w] layout.
 The two models' steps alternate (vqtok, peer, vqtok, ...) so that both see the same machine conditions, and the
 time of each step (data excluded) is kept; the table gives medians.
 
@@ -89,6 +90,7 @@ def batches(dataset, *, steps: int, batch_size: int, seed: int):
 
 def train_step(model: Autoencoder, optimizer, scheduler, x: torch.Tensor, clip: float) -> tuple[float, float]:
     """One update; returns (seconds, loss)."""
+    _synchronize(x.device)
     start = time.perf_counter()
     out = model(x)
     loss = F.mse_loss(out.reconstruction, x) + out.bottleneck.loss
@@ -98,7 +100,13 @@ def train_step(model: Autoencoder, optimizer, scheduler, x: torch.Tensor, clip: 
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     model.on_optimizer_step()
+    _synchronize(x.device)
     return time.perf_counter() - start, loss.item()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":  # so that one model's queued GPU work is not timed as the other's
+        torch.cuda.synchronize(device)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import lpips
 import pytest
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
 import vqtok
@@ -23,7 +24,8 @@ from vqtok.losses import adaptive_gan_weight, discriminator_loss, generator_loss
 from vqtok.models.discriminator import PatchDiscriminator
 from vqtok.nn.perceptual import LPIPS, lpips_state_dict
 from vqtok.train import train
-from vqtok.train.adversarial import build_discriminator
+from vqtok.train.adversarial import ImageLosses, build_discriminator
+from vqtok.train.engine import accelerate_run
 from vqtok.train.loop import initial_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,6 +186,40 @@ def gan_config(output_dir, lpips_file, **overrides):
                              perceptual=PerceptualConfig(weights=str(lpips_file), weight=0.5), **overrides)
 
 
+def test_the_two_players_get_only_their_own_gradients_and_see_the_same_discriminator(tmp_path, lpips_file):
+    config = gan_config(tmp_path, lpips_file)
+    with accelerate_run():
+        accelerator = Accelerator(cpu=True)
+        torch.manual_seed(0)
+        model = Autoencoder(config.model).train()
+        losses = ImageLosses(config, accelerator, model)
+        x = torch.rand(4, 1, 16, 16) * 2 - 1
+        out = model(x)
+        loss, logs = losses.generator_loss(x, out.reconstruction, F.mse_loss(out.reconstruction, x), step=2)
+        loss.backward()
+        assert model.decoder.conv_out.weight.grad is not None
+        assert all(p.grad is None for p in losses.raw.parameters())  # the tokenizer's pass trains no discriminator
+        model.zero_grad(set_to_none=True)
+        d_logs = losses.discriminator_backward(x, out.reconstruction)
+        assert all(p.grad is None for p in model.parameters())  # and the discriminator's pass no tokenizer
+        assert all(p.grad is not None for p in losses.raw.parameters())
+        # The tokenizer is scored by the function the discriminator trains (BatchNorm on the same mixed batch)
+        torch.testing.assert_close(logs["g_loss"], -d_logs["logits_fake"])
+        assert logs["perceptual"] > 0 and not losses.active(1) and losses.active(2)
+
+
+def test_lpips_sees_minus_one_to_one_whatever_the_model_range(tmp_path, lpips_file):
+    config = tiny_train_config(str(tmp_path), perceptual=PerceptualConfig(weights=str(lpips_file)), model=tiny_config(
+        VQConfig(codebook_size=16, dim=4), in_channels=1, base_channels=8, norm_groups=4, attn_resolutions=(),
+        input_range="0,1"))
+    with accelerate_run():
+        model = Autoencoder(config.model)
+        losses = ImageLosses(config, Accelerator(cpu=True), model)
+        x, y = torch.rand(2, 1, 16, 16), torch.rand(2, 1, 16, 16)
+        _, logs = losses.generator_loss(x, y, torch.zeros(()), step=0)
+        torch.testing.assert_close(logs["perceptual"], losses.perceptual(2 * x - 1, 2 * y - 1).mean())
+
+
 def test_gan_run_starts_the_discriminator_on_time_and_resumes_exactly(tmp_path, lpips_file):
     full = train(gan_config(tmp_path / "full", lpips_file))
     lines = metrics_lines(tmp_path / "full")
@@ -216,6 +252,7 @@ def test_fine_tuning_starts_from_the_saved_tokenizer_and_discriminator(tmp_path,
         saved = load_file(folder / "model.safetensors")
         assert all(torch.equal(saved[k], v) for k, v in loaded.state_dict().items())
     first_loss = metrics_lines(tmp_path / "first")[0]["recon"]
+    config = type(config)(**{**config.__dict__, "grad_accum": 2})  # the discriminator's no_sync path too
     train(config)
     assert metrics_lines(tmp_path / "tune")[0]["recon"] < first_loss  # it did not start from scratch
     other = gan_config(tmp_path / "x", lpips_file, init_from=str(first), model=tiny_config(
@@ -240,6 +277,13 @@ def test_vqgan_config_errors(tmp_path, lpips_file):
     with pytest.raises(ConfigError, match="perceptual compare images"):
         tiny_train_config(str(tmp_path), model=bernoulli, loss="bernoulli",
                           perceptual=PerceptualConfig(weights=str(lpips_file)))
+    with pytest.raises(ConfigError, match="start_step .* must be below max_steps"):
+        gan_config(tmp_path, lpips_file, max_steps=2)
+    with pytest.raises(ConfigError, match="2-layer discriminator needs images of at least 12"):
+        tiny_train_config(str(tmp_path), adversarial=AdversarialConfig(
+            discriminator=DiscriminatorConfig(in_channels=1, layers=2)), model=tiny_config(
+            VQConfig(codebook_size=16, dim=4), in_channels=1, base_channels=8, norm_groups=4, attn_resolutions=(),
+            resolution=8))
     with pytest.raises(ConfigError, match="fp16"):
         gan_config(tmp_path / "fp16", lpips_file, mixed_precision="fp16")
 

@@ -327,7 +327,7 @@ class AdversarialConfig:
     lambda * L_G with L_G = -mean(D(x_hat)); lambda is `weight` times, with `adaptive_weight`, the ratio
     ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last layer (clamped to `max_adaptive_weight`), which
     keeps the two gradients at a set proportion. The discriminator has its own AdamW (`lr`, None: the run's lr;
-    `betas`, taming's (0.5, 0.9)), constant after the run's warm-up. `init_from`: a discriminator to start from (a
+    `betas`, taming's (0.5, 0.9)) at a constant rate, from its first step. `init_from`: a discriminator to start from (a
     run's `discriminator/` folder or a Hub repo id), for fine-tuning a tokenizer that was trained with one.
     """
 
@@ -407,6 +407,13 @@ class TrainConfig(RunConfig):
             _require(d_channels == self.model.in_channels,
                      f"adversarial.discriminator.in_channels ({d_channels}) must equal model.in_channels "
                      f"({self.model.in_channels})")
+            _require(self.adversarial.start_step < self.max_steps,
+                     f"adversarial.start_step ({self.adversarial.start_step}) must be below max_steps "
+                     f"({self.max_steps}), or the discriminator would never train")
+            layers = self.adversarial.discriminator.layers
+            _require(3 * 2**layers <= self.model.resolution,
+                     f"a {layers}-layer discriminator needs images of at least {3 * 2**layers} pixels a side; "
+                     f"model.resolution is {self.model.resolution}: use fewer adversarial.discriminator.layers")
             _require(self.mixed_precision != "fp16",
                      "mixed_precision 'fp16' with an adversarial term is not supported (the tokenizer's and the "
                      "discriminator's optimizers would share one loss scaler); use 'bf16'")

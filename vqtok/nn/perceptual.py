@@ -15,13 +15,27 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torchvision.models import vgg16
 
 # LPIPS' input scaling: images in [-1, 1] are shifted and scaled to the statistics VGG16 was trained on.
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
 TAPS = (3, 8, 15, 22, 29)  # indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in vgg16().features
 WIDTHS = (64, 128, 256, 512, 512)
+VGG16 = (64, 64, "pool", 128, 128, "pool", 256, 256, 256, "pool", 512, 512, 512, "pool", 512, 512, 512)
+
+
+def vgg16_features() -> nn.Sequential:
+    """torchvision's `vgg16().features` up to relu5_3, layer for layer (same indices, so the same state-dict keys),
+    without building the 120 M-parameter classifier that LPIPS does not use."""
+    layers: list[nn.Module] = []
+    width = 3
+    for item in VGG16:
+        if item == "pool":
+            layers.append(nn.MaxPool2d(2, 2))
+        else:
+            layers += [nn.Conv2d(width, item, 3, padding=1), nn.ReLU()]
+            width = item
+    return nn.Sequential(*layers)
 
 
 def lpips_state_dict(vgg: dict[str, torch.Tensor], heads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -41,13 +55,10 @@ class LPIPS(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.features = vgg16(weights=None).features[: TAPS[-1] + 1]
+        self.features = vgg16_features()
         self.heads = nn.ModuleList(nn.Conv2d(width, 1, 1, bias=False) for width in WIDTHS)
         self.register_buffer("shift", torch.tensor(SHIFT).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor(SCALE).view(1, 3, 1, 1), persistent=False)
-        for module in self.features:
-            if isinstance(module, nn.ReLU):
-                module.inplace = False  # the tapped activations are kept for the distance
         self.requires_grad_(False)
         self.eval()
 

@@ -3,8 +3,10 @@ with its own optimizer, switched on at `adversarial.start_step`, its term balanc
 
 Per micro-batch the tokenizer's loss gains `perceptual.weight * LPIPS(x, x_hat)` and, once the discriminator is on,
 `lambda * L_G(D(x_hat))` (the discriminator frozen for that pass); then the discriminator takes its own backward on
-real and reconstructed images (detached), in one forward so that DDP sees one pass. After the tokenizer's update
-the discriminator steps. Both are in Accelerate's checkpoints; the export writes `discriminator/` beside
+real and reconstructed images (detached). The discriminator always sees reals and reconstructions in one batch - in
+its own pass (one forward, so DDP sees one pass) and in the tokenizer's - so that its BatchNorm statistics, and so
+the function it computes, are the same in both. After the tokenizer's update the discriminator steps. lambda is
+computed from each process's own gradients (as in taming), per micro-batch. Both are in Accelerate's checkpoints; the export writes `discriminator/` beside
 `tokenizer/`.
 """
 
@@ -52,7 +54,7 @@ class ImageLosses:
         loss = reconstruction
         if self.perceptual is not None:
             with self.accelerator.autocast():
-                perceptual = self.perceptual(x, x_hat).mean()
+                perceptual = self.perceptual(*self._minus_one_to_one(x, x_hat)).mean()
             loss = loss + self.config.perceptual.weight * perceptual
             logs["perceptual"] = perceptual.detach()
         if self.active(step):
@@ -60,7 +62,7 @@ class ImageLosses:
             self.raw.requires_grad_(False)  # the tokenizer's pass: gradients reach x_hat only
             try:
                 with self.accelerator.autocast():
-                    g_loss = generator_loss(adversarial.loss, self.raw(x_hat))
+                    g_loss = generator_loss(adversarial.loss, self.raw(torch.cat([x, x_hat])).chunk(2)[1])
             finally:
                 self.raw.requires_grad_(True)
             weight = torch.tensor(adversarial.weight, device=x.device)
@@ -70,6 +72,12 @@ class ImageLosses:
             loss = loss + weight * g_loss
             logs.update(g_loss=g_loss.detach(), gan_weight=weight)
         return loss, logs
+
+    def _minus_one_to_one(self, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """LPIPS' input range, [-1, 1], from the tokenizer's."""
+        if self.tokenizer.config.value_range == (-1.0, 1.0):
+            return images
+        return tuple(2 * image - 1 for image in images)
 
     def discriminator_backward(self, x: torch.Tensor, x_hat: torch.Tensor) -> dict[str, torch.Tensor]:
         """The discriminator's loss on real and (detached) reconstructed images, backpropagated / grad_accum."""

@@ -19,6 +19,7 @@ import vqtok
 from tests.conftest import tiny_config
 from tests.scripts.common import WORLD_INVARIANT_VQ, tiny_train_config
 from vqtok import Autoencoder
+from vqtok.cli import main
 from vqtok.config import AdversarialConfig, ConfigError, DiscriminatorConfig, PerceptualConfig, VQConfig
 from vqtok.losses import adaptive_gan_weight, discriminator_loss, generator_loss
 from vqtok.models.discriminator import PatchDiscriminator
@@ -220,7 +221,7 @@ def test_lpips_sees_minus_one_to_one_whatever_the_model_range(tmp_path, lpips_fi
         torch.testing.assert_close(logs["perceptual"], losses.perceptual(2 * x - 1, 2 * y - 1).mean())
 
 
-def test_gan_run_starts_the_discriminator_on_time_and_resumes_exactly(tmp_path, lpips_file):
+def test_gan_run_starts_the_discriminator_on_time_and_resumes_exactly(tmp_path, lpips_file, capsys):
     full = train(gan_config(tmp_path / "full", lpips_file))
     lines = metrics_lines(tmp_path / "full")
     assert all("perceptual" in r for r in lines)
@@ -228,6 +229,8 @@ def test_gan_run_starts_the_discriminator_on_time_and_resumes_exactly(tmp_path, 
     assert all(r["gan_weight"] > 0 for r in lines[2:])
     assert (tmp_path / "full" / "discriminator" / "model.safetensors").is_file()
     discriminator = PatchDiscriminator.from_pretrained(tmp_path / "full" / "discriminator")
+    assert main(["eval", str(tmp_path / "full" / "discriminator"), "--data", "digits"]) == 1  # not a tokenizer
+    assert "holds a patch_discriminator, not a tokenizer" in capsys.readouterr().err
 
     config = gan_config(tmp_path / "split", lpips_file)
     assert train(config, stop_at=3) is None  # mid-GAN: the discriminator and its optimizer are in the checkpoint

@@ -185,11 +185,10 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    import vqtok
     from vqtok.data import build_dataset
     from vqtok.train.evaluate import evaluate, format_table
 
-    model = vqtok.load(args.tokenizer)
+    model = _load_tokenizer(args.tokenizer)
     c = model.config
     dataset = build_dataset(parse_data_spec(args.data, args.split, args.limit), channels=c.in_channels,
                             preprocess=c.preprocess, size=None)
@@ -198,6 +197,15 @@ def _eval(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
+
+
+def _load_tokenizer(name: str):
+    import vqtok
+
+    model = vqtok.load(name)
+    if not isinstance(model, vqtok.Autoencoder):
+        raise ValueError(f"{name} holds a {model.model_type}, not a tokenizer (autoencoder)")
+    return model
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -215,21 +223,20 @@ def _decode(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
-    import vqtok
     from vqtok.data.token_store import TokenDataset
     from vqtok.train.evaluate import save_image_grid
 
     path = Path(args.codes)
     if path.is_dir():
         store = TokenDataset(path)
-        tokenizer = vqtok.load(args.tokenizer) if args.tokenizer else store.load_tokenizer()
+        tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else store.load_tokenizer()
         store.check_tokenizer(tokenizer)
         step = len(store.augmentations)
         codes = torch.stack([store[i][0] for i in range(0, min(args.n * step, len(store)), step)])
     else:
         if not args.tokenizer:
             raise ValueError("decoding a .npy file of codes needs --tokenizer")
-        tokenizer = vqtok.load(args.tokenizer)
+        tokenizer = _load_tokenizer(args.tokenizer)
         codes = torch.from_numpy(np.load(path, allow_pickle=False)[: args.n]).long()
     images = tokenizer.postprocess(tokenizer.decode(codes.to(torch.float32) if tokenizer.is_gaussian else codes))
     save_image_grid(images, args.out)

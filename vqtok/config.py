@@ -402,6 +402,8 @@ class TrainConfig(RunConfig):
         _require(not image_terms or self.model.decoder_output == "image",
                  f"{' and '.join(image_terms)} compare images, but model.decoder_output is "
                  f"{self.model.decoder_output!r} (a likelihood's parameters): use decoder_output 'image'")
+        _require(self.perceptual is None or self.model.in_channels in (1, 3),
+                 f"perceptual (LPIPS, a VGG16 on RGB) needs grey or RGB images, not {self.model.in_channels} channels")
         if self.adversarial is not None:
             d_channels = self.adversarial.discriminator.in_channels
             _require(d_channels == self.model.in_channels,

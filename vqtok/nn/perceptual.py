@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vqtok.hub import load_weights_strict
+
 # LPIPS' input scaling: images in [-1, 1] are shifted and scaled to the statistics VGG16 was trained on.
 SHIFT = (-0.030, -0.088, -0.188)
 SCALE = (0.458, 0.448, 0.450)
@@ -65,8 +67,6 @@ class LPIPS(nn.Module):
     @classmethod
     def from_file(cls, path: str | Path, map_location: str | torch.device = "cpu") -> "LPIPS":
         """Read the weights strictly (every tensor present, nothing else, right shapes, finite) from safetensors."""
-        from vqtok.hub import load_weights_strict
-
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"LPIPS weights not found: {path} (make them with scripts/convert_lpips_weights.py)")

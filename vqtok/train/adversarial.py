@@ -6,15 +6,14 @@ Per micro-batch the tokenizer's loss gains `perceptual.weight * LPIPS(x, x_hat)`
 real and reconstructed images (detached). The discriminator always sees reals and reconstructions in one batch - in
 its own pass (one forward, so DDP sees one pass) and in the tokenizer's - so that its BatchNorm statistics, and so
 the function it computes, are the same in both. After the tokenizer's update the discriminator steps. lambda is
-computed from each process's own gradients (as in taming), per micro-batch. Both are in Accelerate's checkpoints; the export writes `discriminator/` beside
-`tokenizer/`.
+computed from each process's own gradients (as in taming), per micro-batch. Both models are in Accelerate's
+checkpoints; the export writes `discriminator/` beside `tokenizer/`.
 """
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -100,9 +99,10 @@ class ImageLosses:
     def no_sync(self):
         return self.accelerator.no_sync(self.discriminator)
 
-    def save(self, folder: Path, metrics: dict[str, Any] | None = None) -> None:
+    def save(self, folder: Path) -> None:
+        """The discriminator in the Hub format (config.json + model.safetensors), if there is one."""
         if self.adversarial is not None:
-            self.raw.save_pretrained(folder, model_card_kwargs={"metrics": metrics or {}})
+            self.raw.save_pretrained(folder)
 
 
 def build_discriminator(config: TrainConfig) -> PatchDiscriminator:

@@ -20,7 +20,8 @@ from tests.conftest import tiny_config
 from tests.scripts.common import WORLD_INVARIANT_VQ, tiny_train_config
 from vqtok import Autoencoder
 from vqtok.cli import main
-from vqtok.config import AdversarialConfig, ConfigError, DiscriminatorConfig, PerceptualConfig, VQConfig
+from vqtok.config import AdversarialConfig, ConfigError, DataConfig, DiscriminatorConfig, PerceptualConfig, VQConfig
+from vqtok.data import build_dataset
 from vqtok.losses import adaptive_gan_weight, discriminator_loss, generator_loss
 from vqtok.models.discriminator import PatchDiscriminator
 from vqtok.nn.perceptual import LPIPS, lpips_state_dict
@@ -231,6 +232,18 @@ def test_gan_run_starts_the_discriminator_on_time_and_resumes_exactly(tmp_path, 
     discriminator = PatchDiscriminator.from_pretrained(tmp_path / "full" / "discriminator")
     assert main(["eval", str(tmp_path / "full" / "discriminator"), "--data", "digits"]) == 1  # not a tokenizer
     assert "holds a patch_discriminator, not a tokenizer" in capsys.readouterr().err
+    assert all("lpips" in r for r in metrics_lines(tmp_path / "full", "eval"))  # the run reports what it optimises
+    report = tmp_path / "eval.json"
+    assert main(["eval", str(full), "--data", "digits", "--limit", "16", "--lpips", str(lpips_file), "--out",
+                 str(report)]) == 0
+    tokenizer = vqtok.load(full)
+    images = torch.stack([item[0] for item in build_dataset(
+        DataConfig(source="digits", split="test", limit=16), channels=1, preprocess=tokenizer.config.preprocess,
+        size=None)])
+    with torch.no_grad():
+        recon = tokenizer.postprocess(tokenizer.decode(tokenizer.encode(tokenizer.preprocess(images)))).float()
+        expected = LPIPS.from_file(lpips_file)(recon / 127.5 - 1, images.float() / 127.5 - 1).mean().item()
+    assert json.loads(report.read_text())["lpips"] == pytest.approx(expected, rel=1e-4)
 
     config = gan_config(tmp_path / "split", lpips_file)
     assert train(config, stop_at=3) is None  # mid-GAN: the discriminator and its optimizer are in the checkpoint

@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
     evaluate.add_argument("--batch-size", type=int, default=64)
     evaluate.add_argument("--out", default=None, help="also write the metrics as JSON here")
+    evaluate.add_argument("--lpips", default=None, metavar="WEIGHTS",
+                          help="also report LPIPS, with these LPIPS-VGG16 weights (scripts/convert_lpips_weights.py)")
     evaluate.set_defaults(run=_eval)
 
     encode = commands.add_parser("encode", help="encode a dataset into a token store (resumable, multi-process)")
@@ -186,13 +188,15 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from vqtok.data import build_dataset
+    from vqtok.nn.perceptual import LPIPS
     from vqtok.train.evaluate import evaluate, format_table
 
     model = _load_tokenizer(args.tokenizer)
+    perceptual = LPIPS.from_file(args.lpips) if args.lpips else None
     c = model.config
     dataset = build_dataset(parse_data_spec(args.data, args.split, args.limit), channels=c.in_channels,
                             preprocess=c.preprocess, size=None)
-    metrics = evaluate(model, dataset, batch_size=args.batch_size)
+    metrics = evaluate(model, dataset, batch_size=args.batch_size, perceptual=perceptual)
     print(format_table(metrics))
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -15,14 +15,17 @@ from vqtok.images import uint8_to_range
 from vqtok.losses import DISCRETE_LIKELIHOODS
 from vqtok.metrics import code_usage, psnr, ssim
 from vqtok.models import Autoencoder
+from vqtok.nn.perceptual import LPIPS
 
 
 @torch.inference_mode()
 def evaluate(
-    model: Autoencoder, dataset: Dataset, *, limit: int | None = None, batch_size: int = 64, num_workers: int = 0
+    model: Autoencoder, dataset: Dataset, *, limit: int | None = None, batch_size: int = 64, num_workers: int = 0,
+    perceptual: LPIPS | None = None,
 ) -> dict[str, float]:
     """Reconstruction metrics of `model` (in eval mode, so nothing is accumulated or communicated) on the first
-    `limit` images of `dataset`. PSNR and SSIM compare 8-bit images, as a person would see them. With a discrete
+    `limit` images of `dataset`. PSNR, SSIM and, given `perceptual`, the mean LPIPS distance compare 8-bit images,
+    as a person would see them. With a discrete
     likelihood (the logistic mixture, or Bernoulli on binary images) also -log p(x | z) in bits per dimension and,
     for Gaussian models, the negative ELBO with beta 1 and the unclamped KL - whatever the training objective."""
     was_training = model.training
@@ -31,7 +34,7 @@ def evaluate(
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     device = next(model.parameters()).device
     value_range = model.config.value_range
-    totals: dict[str, float] = {"psnr": 0.0, "ssim": 0.0, "kl": 0.0, "nll": 0.0}
+    totals: dict[str, float] = {"psnr": 0.0, "ssim": 0.0, "kl": 0.0, "nll": 0.0, "lpips": 0.0}
     counts = torch.zeros(model.vocab_size or 1, dtype=torch.long, device=device)
     discrete = model.config.decoder_output in DISCRETE_LIKELIHOODS
     generator = torch.Generator(device).manual_seed(0)  # the posterior samples of the code length
@@ -48,6 +51,8 @@ def evaluate(
         recon = model.postprocess(model.to_image(out.reconstruction)).float()
         totals["psnr"] += psnr(recon, images.float(), 255.0).sum().item()
         totals["ssim"] += ssim(recon, images.float(), 255.0).sum().item()
+        if perceptual is not None:  # LPIPS takes [-1, 1]
+            totals["lpips"] += perceptual(recon / 127.5 - 1, images.float() / 127.5 - 1).sum().item()
         if out.bottleneck.codes is not None:
             counts += torch.bincount(out.bottleneck.codes.flatten(), minlength=counts.numel())
         if "kl" in out.bottleneck.terms:
@@ -55,6 +60,8 @@ def evaluate(
         n += images.shape[0]
     model.train(was_training)
     metrics = {"psnr": totals["psnr"] / n, "ssim": totals["ssim"] / n, "images": float(n)}
+    if perceptual is not None:
+        metrics["lpips"] = totals["lpips"] / n
     if discrete:  # bits per dimension on the 8-bit (or binary) grid: a code length
         metrics["nll_bits_per_dim"] = totals["nll"] / (n * dims * math.log(2))
         if model.is_gaussian:  # the negative ELBO, beta 1, unclamped KL, one posterior sample per image

@@ -117,7 +117,7 @@ def _train(config: TrainConfig, *, resume: bool, stop_at: int | None) -> Path | 
         if step % config.log_every == 0 or step == config.max_steps:
             log_metrics(accelerator, out, step, logs, progress, started, shown=("loss", "vq/usage", "kl", "d_loss"))
         if step % config.eval_every == 0 or step == config.max_steps:
-            _evaluate(accelerator, raw, eval_dataset, fixed_images, config, out, step)
+            _evaluate(accelerator, raw, image_losses, eval_dataset, fixed_images, config, out, step)
         if step % config.checkpoint_every == 0 or step == end:
             transient = raw.bottleneck.transient_state() if hasattr(raw.bottleneck, "transient_state") else {}
             save_checkpoint(accelerator, out, counters, ema, transient=transient)
@@ -192,10 +192,11 @@ def _coin(seed: int, step: int, index: int) -> bool:
     return torch.rand((), generator=torch.Generator().manual_seed(hash((seed, step, index)) & ((1 << 63) - 1))) < 0.5
 
 
-def _evaluate(accelerator, raw: Autoencoder, dataset, fixed_images, config: TrainConfig, out: Path, step: int):
+def _evaluate(accelerator, raw: Autoencoder, image_losses: ImageLosses, dataset, fixed_images, config: TrainConfig,
+              out: Path, step: int):
     if not accelerator.is_main_process:
         return None
-    metrics = evaluate(raw, dataset, limit=config.eval_images, num_workers=0)
+    metrics = evaluate(raw, dataset, limit=config.eval_images, num_workers=0, perceptual=image_losses.perceptual)
     save_reconstruction_grid(raw, fixed_images, out / "samples" / f"step_{step:06d}.png")
     if raw.is_gaussian:
         save_prior_samples(raw, 16, out / "samples" / f"prior_step_{step:06d}.png")
@@ -210,7 +211,7 @@ def _export(accelerator, raw: Autoencoder, ema: WeightsEMA | None, image_losses:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         export = exported(raw, ema)
-        metrics = evaluate(export, eval_dataset, limit=config.eval_images)
+        metrics = evaluate(export, eval_dataset, limit=config.eval_images, perceptual=image_losses.perceptual)
         export.save_pretrained(folder, model_card_kwargs={"metrics": {k: round(v, 4) for k, v in metrics.items()}})
         image_losses.save(out / "discriminator")
         (out / "final_metrics.json").write_text(json.dumps(metrics, indent=2))

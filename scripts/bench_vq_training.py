@@ -19,7 +19,7 @@ Usage (the JPEG folders of ../shared/datasets/cifar10; see configs/cifar10_vq.ya
 
     mkdir -p data && tar -xf ../shared/datasets/cifar10/cifar10-jpeg.tar -C data
     pip install -e ".[bench]"            # pins vector-quantize-pytorch==1.32.0
-    python scripts/bench_vq_training.py --steps 1000 --json bench_vq_training.json
+    python scripts/bench_vq_training.py --steps 1500 --json bench_vq_training.json
 """
 
 from __future__ import annotations

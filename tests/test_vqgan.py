@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from safetensors.torch import load_file, save_file
 
 import vqtok
@@ -195,9 +196,14 @@ def test_the_two_players_get_only_their_own_gradients_and_see_the_same_discrimin
         torch.manual_seed(0)
         model = Autoencoder(config.model).train()
         losses = ImageLosses(config, accelerator, model)
+        losses.prepare()
         x = torch.rand(4, 1, 16, 16) * 2 - 1
         out = model(x)
-        loss, logs = losses.generator_loss(x, out.reconstruction, F.mse_loss(out.reconstruction, x), step=2)
+        recon = F.mse_loss(out.reconstruction, x)
+        loss, logs = losses.generator_loss(x, out.reconstruction, recon, step=2)
+        # both terms count: reconstruction + perceptual.weight x LPIPS + lambda x L_G
+        torch.testing.assert_close(loss, recon + 0.5 * logs["perceptual"] + logs["gan_weight"] * logs["g_loss"])
+        assert logs["gan_weight"] > 0 and logs["g_loss"] != 0
         loss.backward()
         assert model.decoder.conv_out.weight.grad is not None
         assert all(p.grad is None for p in losses.raw.parameters())  # the tokenizer's pass trains no discriminator
@@ -208,6 +214,10 @@ def test_the_two_players_get_only_their_own_gradients_and_see_the_same_discrimin
         # The tokenizer is scored by the function the discriminator trains (BatchNorm on the same mixed batch)
         torch.testing.assert_close(logs["g_loss"], -d_logs["logits_fake"])
         assert logs["perceptual"] > 0 and not losses.active(1) and losses.active(2)
+        before = {k: v.clone() for k, v in losses.raw.state_dict().items()}
+        assert losses.discriminator_step()["d_grad_norm"] > 0  # and it learns
+        after = losses.raw.state_dict()
+        assert all(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
 
 
 def test_lpips_sees_minus_one_to_one_whatever_the_model_range(tmp_path, lpips_file):
@@ -254,6 +264,12 @@ def test_gan_run_starts_the_discriminator_on_time_and_resumes_exactly(tmp_path, 
     assert all(torch.equal(a[k], b[k]) for k in a)
     d = load_file(tmp_path / "split" / "discriminator" / "model.safetensors")
     assert all(torch.equal(d[k], v) for k, v in discriminator.state_dict().items())
+    set_seed(0)  # the run's initialisation of the discriminator (after the tokenizer's), which it moved away from
+    Autoencoder(config.model)
+    fresh = build_discriminator(config).state_dict()
+    assert not any(torch.equal(fresh[k], v) for k, v in discriminator.state_dict().items() if k.endswith("weight"))
+    checkpoint = tmp_path / "split" / "checkpoints" / "step_000006"
+    assert load_file(checkpoint / "model.safetensors").keys() == a.keys()  # the checkpoint's first model: the tokenizer
 
 
 def test_fine_tuning_starts_from_the_saved_tokenizer_and_discriminator(tmp_path, lpips_file):
@@ -300,6 +316,12 @@ def test_vqgan_config_errors(tmp_path, lpips_file):
             discriminator=DiscriminatorConfig(in_channels=1, layers=2)), model=tiny_config(
             VQConfig(codebook_size=16, dim=4), in_channels=1, base_channels=8, norm_groups=4, attn_resolutions=(),
             resolution=8))
+    with pytest.raises(ConfigError, match="at least 16 pixels a side"):
+        tiny_train_config(str(tmp_path), perceptual=PerceptualConfig(weights=str(lpips_file)), model=tiny_config(
+            VQConfig(codebook_size=16, dim=4), in_channels=1, base_channels=8, norm_groups=4, attn_resolutions=(),
+            resolution=8))
+    with pytest.raises(ValueError, match="at least 16 pixels a side"):
+        LPIPS()(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 8))
     with pytest.raises(ConfigError, match="fp16"):
         gan_config(tmp_path / "fp16", lpips_file, mixed_precision="fp16")
 

@@ -324,7 +324,7 @@ class DiscriminatorConfig:
 class AdversarialConfig:
     """The VQGAN adversarial term (Esser et al. 2021): a PatchGAN trained with the `loss` ('hinge', or
     'non_saturating' - softplus), switched on at optimizer step `start_step`. The tokenizer's loss gains
-    lambda * L_G with L_G = -mean(D(x_hat)); lambda is `weight` times, with `adaptive_weight`, the ratio
+    lambda * L_G, with L_G = -mean(D(x_hat)) for the hinge loss (mean softplus(-D(x_hat)) otherwise); lambda is `weight` times, with `adaptive_weight`, the ratio
     ||grad L_rec|| / (||grad L_G|| + 1e-4) at the decoder's last layer (clamped to `max_adaptive_weight`), which
     keeps the two gradients at a set proportion. The discriminator has its own AdamW (`lr`, None: the run's lr;
     `betas`, taming's (0.5, 0.9)) at a constant rate, from its first step. `init_from`: a discriminator to start from (a
@@ -349,6 +349,9 @@ class AdversarialConfig:
         _require(self.max_adaptive_weight > 0, f"max_adaptive_weight must be > 0, got {self.max_adaptive_weight}")
         _require(self.lr is None or (self.lr > 0 and _finite(self.lr)), f"lr must be finite and > 0, got {self.lr}")
         _require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas must be two values in [0, 1), got {self.betas}")
+
+
+LPIPS_MIN_SIZE = 16  # VGG16's four poolings before relu5_3
 
 
 @dataclass(frozen=True)
@@ -404,6 +407,9 @@ class TrainConfig(RunConfig):
                  f"{self.model.decoder_output!r} (a likelihood's parameters): use decoder_output 'image'")
         _require(self.perceptual is None or self.model.in_channels in (1, 3),
                  f"perceptual (LPIPS, a VGG16 on RGB) needs grey or RGB images, not {self.model.in_channels} channels")
+        _require(self.perceptual is None or self.model.resolution >= LPIPS_MIN_SIZE,
+                 f"perceptual (LPIPS) needs images of at least {LPIPS_MIN_SIZE} pixels a side (VGG16 halves them four "
+                 f"times); model.resolution is {self.model.resolution}")
         if self.adversarial is not None:
             d_channels = self.adversarial.discriminator.in_channels
             _require(d_channels == self.model.in_channels,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vqtok.config import LPIPS_MIN_SIZE
 from vqtok.hub import load_weights_strict
 
 # LPIPS' input scaling: images in [-1, 1] are shifted and scaled to the statistics VGG16 was trained on.
@@ -83,6 +84,9 @@ class LPIPS(nn.Module):
         if x.shape != y.shape or x.ndim != 4 or x.shape[1] not in (1, 3):
             raise ValueError(f"LPIPS compares two batches of images [B, 1 or 3, H, W] of one shape, got "
                              f"{tuple(x.shape)} and {tuple(y.shape)}")
+        if min(x.shape[-2:]) < LPIPS_MIN_SIZE:
+            raise ValueError(f"LPIPS needs images of at least {LPIPS_MIN_SIZE} pixels a side (VGG16 halves them four "
+                             f"times), got {x.shape[-2]}x{x.shape[-1]}")
         batch = x.shape[0]
         h = (torch.cat([x, y]).expand(-1, 3, -1, -1) - self.shift) / self.scale  # one pass for both
         distance = torch.zeros(batch, device=x.device, dtype=torch.float32)

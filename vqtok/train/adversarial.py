@@ -36,11 +36,17 @@ class ImageLosses:
         self.adversarial = config.adversarial
         self.discriminator = self.optimizer = None
         if self.adversarial is not None:
-            discriminator = build_discriminator(config)
-            optimizer = torch.optim.AdamW(discriminator.parameters(), lr=self.adversarial.lr or config.lr,
-                                          betas=tuple(self.adversarial.betas), weight_decay=0.0)
-            self.discriminator, self.optimizer = accelerator.prepare(discriminator, optimizer)
-            self.raw: PatchDiscriminator = accelerator.unwrap_model(self.discriminator)
+            self.raw: PatchDiscriminator = build_discriminator(config)
+            self.discriminator = self.raw
+            self.optimizer = torch.optim.AdamW(self.raw.parameters(), lr=self.adversarial.lr or config.lr,
+                                               betas=tuple(self.adversarial.betas), weight_decay=0.0)
+
+    def prepare(self) -> None:
+        """Hand the discriminator and its optimizer to Accelerate (device, DDP, checkpoints), after the tokenizer's,
+        so that a checkpoint's first model is the tokenizer whether or not the run has a discriminator."""
+        if self.adversarial is not None:
+            self.discriminator, self.optimizer = self.accelerator.prepare(self.raw, self.optimizer)
+            self.raw = self.accelerator.unwrap_model(self.discriminator)
 
     def active(self, step: int) -> bool:
         """Whether the discriminator trains and the adversarial term counts at optimizer step `step`."""

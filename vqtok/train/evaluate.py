@@ -33,6 +33,7 @@ def evaluate(
     if limit is not None:
         dataset = Subset(dataset, range(min(limit, len(dataset))))
     device = next(model.parameters()).device
+    perceptual = perceptual.to(device) if perceptual is not None else None
     value_range = model.config.value_range
     totals: dict[str, float] = {"psnr": 0.0, "ssim": 0.0, "kl": 0.0, "nll": 0.0, "lpips": 0.0}
     counts = torch.zeros(model.vocab_size or 1, dtype=torch.long, device=device)

@@ -78,6 +78,7 @@ def _train(config: TrainConfig, *, resume: bool, stop_at: int | None) -> Path | 
     set_seed(config.seed, device_specific=True)
     optimizer, scheduler = make_optimizer(config, model.parameters())
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    image_losses.prepare()
     raw: Autoencoder = accelerator.unwrap_model(model)
     ema = WeightsEMA(raw, config.weights_ema) if config.weights_ema > 0 else None
 

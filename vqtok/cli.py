@@ -164,7 +164,7 @@ def _sample(args: argparse.Namespace) -> int:
     if not isinstance(prior, vqtok.TransformerPrior):
         raise ValueError(f"{args.prior} holds a {prior.model_type}, not a transformer prior")
     if args.tokenizer:
-        prior.attach_tokenizer(vqtok.load(args.tokenizer))  # refused unless it is the recorded tokenizer
+        prior.attach_tokenizer(_load_tokenizer(args.tokenizer))  # refused unless it is the recorded tokenizer
     tokenizer = prior.tokenizer.to(device)
     codes = prior.generate(args.n, labels=args.label, temperature=args.temperature, top_k=args.top_k,
                            top_p=args.top_p, cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size)

@@ -307,16 +307,13 @@ class TokenDataset(Dataset):
             self.check_tokenizer(tokenizer)
 
     def __len__(self) -> int:
-        return int(self._ends[-1]) * len(self.augmentations)
+        return self.num_images * len(self.augmentations)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a store of {len(self)} items")
-        image, aug = divmod(index, len(self.augmentations))
-        shard = int(np.searchsorted(self._ends, image, side="right"))
-        local = image - (int(self._ends[shard - 1]) if shard else 0)
-        codes = torch.from_numpy(np.array(self._codes[shard][local, aug]))
-        return (codes if self.kind == "continuous" else codes.long()), int(self._labels[shard][local])
+        codes, labels = self.gather([index])
+        return codes[0], int(labels[0])
 
     def gather(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Items `indices` at once: (codes [n, h, w] LongTensor, or float16 latents [n, C, h, w]; labels [n])."""

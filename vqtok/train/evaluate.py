@@ -25,9 +25,9 @@ def evaluate(
 ) -> dict[str, float]:
     """Reconstruction metrics of `model` (in eval mode, so nothing is accumulated or communicated) on the first
     `limit` images of `dataset`. PSNR, SSIM and, given `perceptual`, the mean LPIPS distance compare 8-bit images,
-    as a person would see them. With a discrete
-    likelihood (the logistic mixture, or Bernoulli on binary images) also -log p(x | z) in bits per dimension and,
-    for Gaussian models, the negative ELBO with beta 1 and the unclamped KL - whatever the training objective."""
+    as a person would see them. With a discrete likelihood (the logistic mixture, or Bernoulli on binary images)
+    also -log p(x | z) in bits per dimension and, for Gaussian models, the negative ELBO with beta 1 and the
+    unclamped KL - whatever the training objective."""
     was_training = model.training
     model.eval()
     if limit is not None:
@@ -53,7 +53,8 @@ def evaluate(
         totals["psnr"] += psnr(recon, images.float(), 255.0).sum().item()
         totals["ssim"] += ssim(recon, images.float(), 255.0).sum().item()
         if perceptual is not None:  # LPIPS takes [-1, 1]
-            totals["lpips"] += perceptual(recon / 127.5 - 1, images.float() / 127.5 - 1).sum().item()
+            pair = (uint8_to_range(recon, (-1.0, 1.0)), uint8_to_range(images, (-1.0, 1.0)))
+            totals["lpips"] += perceptual(*pair).sum().item()
         if out.bottleneck.codes is not None:
             counts += torch.bincount(out.bottleneck.codes.flatten(), minlength=counts.numel())
         if "kl" in out.bottleneck.terms:

@@ -64,3 +64,36 @@ def test_bad_images_are_clear_errors(vq_model, gaussian_model, x, error, match):
             model(x)
         with pytest.raises(error, match=match):
             model.encode(x)
+
+
+@pytest.mark.parametrize("kind", ["tokenizer", "prior_learned", "prior_rotary"])
+def test_gradient_free_entries_have_zero_gradient(kind):
+    """The entries that run-equality tests exclude (tests/scripts/common.py) are exactly those whose gradient is zero
+    in float64 - the attention key biases -, and no others: with rotary positions the prior's key bias is excluded
+    from nothing, since there its gradient is real."""
+    from tests.scripts.common import gradient_free_entries
+    from vqtok.config import PriorConfig
+    from vqtok.models import TransformerPrior
+
+    torch.manual_seed(0)
+    if kind == "tokenizer":
+        model = Autoencoder(tiny_config(GaussianConfig(dim=4))).double().train()
+        x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+        out = model(x)
+        loss = (out.reconstruction - x).pow(2).sum() + out.loss
+    else:
+        config = PriorConfig(vocab_size=11, grid=(3, 4), num_classes=3, n_layer=2, n_head=2, n_embd=16, dropout=0.0,
+                             positions=kind.split("_")[1])
+        model = TransformerPrior(config).double().train()
+        for p in model.parameters():  # GPT-2 starts biases at 0; any values
+            torch.nn.init.normal_(p, std=0.3)
+        codes = torch.randint(0, 11, (3, 3, 4))
+        logits = model(codes, torch.tensor([0, 1, 2]))
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), codes.reshape(-1))
+    loss.backward()
+    free = gradient_free_entries(model)
+    assert free if kind != "prior_rotary" else not free
+    for name, p in model.named_parameters():
+        mask = free.get(name, torch.zeros_like(p, dtype=torch.bool))
+        assert (p.grad[mask].abs() <= 1e-12 * p.grad.abs().max().clamp(min=1)).all(), name  # zero where excluded
+        assert (~mask).sum() == 0 or p.grad[~mask].abs().max() > 1e-6, name  # and every other weight learns

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch.distributions import Bernoulli, Normal
 
 import vqtok
-from tests.scripts.common import WORLD_INVARIANT_VQ, tiny_train_config
+from tests.scripts.common import WORLD_INVARIANT_VQ, assert_same_weights, tiny_train_config
 from vqtok.cli import main
 from vqtok.config import DataConfig, VQConfig, save_yaml
 from vqtok.losses import kl_weight, lr_factor, reconstruction_loss
@@ -80,10 +80,12 @@ def test_two_processes_match_one_on_the_same_batches(tmp_path):
     lrs = lambda run: [r["lr"] for r in metrics_lines(run)]  # noqa: E731
     assert lrs(tmp_path / "run") == lrs(tmp_path / "single")
     # ... the same weights (DDP's mean of the ranks' gradients = one process's gradient on the whole batch) ...
+    # (all but the attention key biases, whose true gradient is zero: tests/scripts/common.py), and the same function
+    reference = vqtok.load(single)
     weights = load_file(single / "model.safetensors")
     for rank in ranks:
-        for name in weights:
-            torch.testing.assert_close(rank[name], weights[name], rtol=1e-4, atol=1e-5, msg=name)
+        assert_same_weights(rank, weights, reference, rtol=1e-4, atol=1e-5)
+        assert_same_outputs(rank, reference)
     # ... and the codebook's EMA statistics, summed over ranks in the step hook (DDP's buffer broadcast is off)
     assert torch.equal(ranks[0]["bottleneck.codebook"], ranks[1]["bottleneck.codebook"])
     torch.testing.assert_close(ranks[0]["bottleneck.ema_count"], weights["bottleneck.ema_count"], rtol=1e-5, atol=1e-4)
@@ -96,8 +98,19 @@ def test_gradient_accumulation_matches_one_batch(tmp_path):
     micro = train(tiny_train_config(str(tmp_path / "micro"), vq=WORLD_INVARIANT_VQ, max_steps=3, grad_accum=2))
     a, b = load_file(whole / "model.safetensors"), load_file(micro / "model.safetensors")
     assert int(b["bottleneck.steps"]) == 3  # one codebook update per optimizer step, not per micro-batch
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-5, msg=name)
+    reference = vqtok.load(whole)
+    assert_same_weights(b, a, reference, rtol=1e-4, atol=1e-5)  # but the key biases (tests/scripts/common.py)
+    assert_same_outputs(b, reference)
+
+
+def assert_same_outputs(weights: dict[str, torch.Tensor], reference: vqtok.Autoencoder) -> None:
+    """The model holding `weights` reconstructs the digits as `reference` does (key biases included)."""
+    model = type(reference)(reference.config)
+    model.load_state_dict(weights)
+    x = reference.preprocess(torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x).reconstruction, reference.eval()(x).reconstruction,
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_bf16_mixed_precision_keeps_the_codebook_float32(tmp_path):

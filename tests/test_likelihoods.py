@@ -102,6 +102,55 @@ def test_extreme_parameters_give_finite_values_and_gradients():
         assert torch.isfinite(loss) and torch.isfinite(params.grad).all(), log_scale
 
 
+def logistic_bin_log_prob(x: float, mean: float, log_scale: float):
+    """log P(the 8-bit bin of value x in [-1, 1]) under a logistic(mean, e^log_scale), in mpmath at the working
+    precision: each mass a difference of CDFs on the mean's near side (of survival functions above it), so that
+    nothing cancels. The bin is x +- 1/255, the lowest and highest take the tails."""
+    import mpmath  # installed with torch (through sympy)
+
+    sigmoid = lambda t: 1 / (1 + mpmath.exp(-t))  # noqa: E731
+    scale, half = mpmath.exp(log_scale), mpmath.mpf(1) / 255
+    centered = mpmath.mpf(x) - mean
+    upper, lower = (centered + half) / scale, (centered - half) / scale
+    if x < -1 + half:
+        return mpmath.log(sigmoid(upper))
+    if x > 1 - half:
+        return mpmath.log(sigmoid(-lower))
+    if centered > 0:
+        return mpmath.log(sigmoid(-lower) - sigmoid(-upper))
+    return mpmath.log(sigmoid(upper) - sigmoid(lower))
+
+
+@pytest.mark.parametrize("mean", [-0.9, 0.0, 0.47])
+def test_float32_bin_masses_match_a_high_precision_reference_from_sharp_to_very_wide(mean):
+    """In float32, at log-scales -7 to 16: sharp scales put bins in the far tails (log p near -2000), wide ones make
+    each bin's mass a tiny difference of two near-equal CDFs, which the difference of the two rounded edges loses.
+    Against 60-digit values of the same float32 inputs: within float32 resolution, and the gradient (finite,
+    non-zero) within 1e-5 of mpmath's derivative."""
+    import mpmath
+
+    bins = [0, 1, 2, 37, 100, 127, 128, 129, 200, 253, 254, 255]
+    x = (torch.tensor(bins, dtype=torch.float32) / 127.5 - 1).view(-1, 1, 1, 1)
+    mean = float(torch.tensor(mean, dtype=torch.float32))
+    with mpmath.workdps(60):
+        for log_scale in range(-7, 17):
+            params = torch.tensor([0.0, mean, float(log_scale)]).view(1, 3, 1, 1).repeat(len(bins), 1, 1, 1)
+            params.requires_grad_()
+            log_p = discretized_logistic_mixture_log_prob(x, params, 1, min_log_scale=-8).flatten()
+            log_p.sum().backward()
+            expected = torch.tensor([float(logistic_bin_log_prob(v, mean, log_scale)) for v in x.flatten().tolist()],
+                                    dtype=torch.float64)
+            message = lambda m: f"log-scale {log_scale}: {m}"  # noqa: E731
+            torch.testing.assert_close(log_p.double(), expected, rtol=5e-7, atol=5e-6, msg=message)
+            if log_scale in (-6, 0, 9, 13, 16):
+                gradient = params.grad[:, 1:].flatten(1).double()  # d/d mean, d/d log-scale, per bin
+                reference = torch.tensor([[float(mpmath.diff(lambda m: logistic_bin_log_prob(v, m, log_scale), mean)),
+                                           float(mpmath.diff(lambda s: logistic_bin_log_prob(v, mean, s), log_scale))]
+                                          for v in x.flatten().tolist()], dtype=torch.float64)
+                torch.testing.assert_close(gradient, reference, rtol=1e-5, atol=1e-5, msg=message)
+                assert (gradient[:, 1] != 0).all(), log_scale  # inside, at wide scales, d/d log-scale is -1
+
+
 def test_the_loss_and_the_mode_image():
     k, c = 3, 3
     params = random_params(k, c, 3, h=4, w=5).float().repeat(2, 1, 1, 1)
@@ -196,3 +245,42 @@ def test_binarized_mnist_amat_files_and_the_bernoulli_code_length(tmp_path):
     # grey images: a Bernoulli likelihood of them is no code length, so no bits per dimension are reported
     grey = build_dataset(DataConfig(source="digits", limit=20), channels=1, preprocess=PreprocessConfig(resize=16), size=16)
     assert "neg_elbo_bits_per_dim" not in evaluate(model, grey)
+
+
+def test_the_negative_elbo_uses_beta_1_and_the_unclamped_kl_whatever_the_objective():
+    """A Gaussian tokenizer whose objective has beta 0.3 and free bits of 3 nats: evaluation's negative ELBO is
+    still -log p(x | z) + KL(q || N(0, I)) in full, against torch.distributions (the same posterior draws)."""
+    from torch.distributions import Bernoulli, Normal, kl_divergence
+    from torch.utils.data import TensorDataset
+
+    from tests.scripts.common import tiny_train_config
+    from vqtok import Autoencoder
+    from vqtok.config import AutoencoderConfig, GaussianConfig, PreprocessConfig
+    from vqtok.train import evaluate
+
+    base = tiny_train_config("unused").model
+    config = AutoencoderConfig(**{**base.__dict__, "bottleneck": GaussianConfig(dim=2, beta=0.3, free_bits=3.0),
+                                  "input_range": "0,1", "decoder_output": "bernoulli_logits",
+                                  "preprocess": PreprocessConfig()})
+    torch.manual_seed(0)
+    model = Autoencoder(config).eval()
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 2, (12, 1, 16, 16), generator=g, dtype=torch.uint8) * 255
+    metrics = evaluate(model, TensorDataset(images, torch.zeros(12)), batch_size=12)
+
+    x = images.float() / 255
+    with torch.no_grad():
+        posterior = model.encode(x)
+        q = Normal(posterior.mean, posterior.std)
+        kl = kl_divergence(q, Normal(0.0, 1.0)).sum(dim=(1, 2, 3))
+        eps = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(0))  # evaluate's draws
+        z = posterior.mean + posterior.std * eps
+        logits = model.decoder(model.post_quant_conv(z))
+        nll = -Bernoulli(logits=logits).log_prob(x).sum(dim=(1, 2, 3))
+        objective = model.bottleneck(model.quant_conv(model.encoder(x))).loss  # beta x the clamped KL
+    assert abs(objective.item() - kl.mean().item()) > 10  # the training objective's KL term is another figure
+    torch.testing.assert_close(torch.tensor(metrics["kl_nats_per_image"]), kl.mean().float(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(metrics["neg_elbo_nats_per_image"]), (nll + kl).mean().float(),
+                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(metrics["neg_elbo_bits_per_dim"]),
+                               ((nll + kl).sum() / (12 * 256 * math.log(2))).float(), rtol=1e-5, atol=0)

@@ -262,11 +262,37 @@ def test_ssim_matches_a_brute_force_float64_reference():
 
 
 def test_psnr_and_ssim_closed_forms():
-    x = torch.zeros(1, 1, 16, 16)
-    torch.testing.assert_close(psnr(x + 0.1, x, 1.0), torch.tensor([20.0]))
+    # PSNR pools the squared errors of the batch: 8-bit errors 10, 0 (a pixel-exact image) and 20 give the MSE
+    # (100 + 0 + 400) / 3 and 10 log10(255^2 / MSE) dB, where a mean of per-image PSNRs would be unbounded.
+    x = torch.zeros(3, 1, 16, 16)
+    y = x + torch.tensor([10.0, 0.0, 20.0]).view(3, 1, 1, 1)
+    assert psnr(y, x, 255.0) == pytest.approx(10 * math.log10(255**2 * 3 / 500), rel=1e-12)
+    assert psnr(x + 0.1, x, 1.0) == pytest.approx(20.0, rel=1e-6)  # 0.1 in float32
+    assert psnr(x, x, 1.0) == math.inf
+    x = x[:1]
     assert torch.allclose(ssim(x + 0.3, x + 0.3, 1.0), torch.ones(1))
     c1 = 0.01**2  # constant images: SSIM is the luminance term (2ab + c1) / (a^2 + b^2 + c1)
     torch.testing.assert_close(ssim(x + 0.2, x + 0.6, 1.0), torch.tensor([(2 * .2 * .6 + c1) / (.04 + .36 + c1)]))
+
+
+def test_evaluate_reports_the_psnr_of_the_pooled_mse(vq_model, fresh):
+    """A decoder that outputs white whatever its input reconstructs white images exactly and others with a known
+    error: the reported PSNR is that of the MSE over all images (float64 by hand), across uneven batches."""
+    from torch.utils.data import TensorDataset
+
+    from vqtok.train import evaluate
+
+    model = fresh(vq_model)
+    with torch.no_grad():
+        model.decoder.conv_out.weight.zero_()
+        model.decoder.conv_out.bias.fill_(1.0)  # the top of the model range: 255 after postprocess
+    images = torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    images[[0, 5]] = 255  # two pixel-exact reconstructions
+    mse = (255 - images.double()).pow(2).mean().item()
+    metrics = evaluate(model, TensorDataset(images, torch.zeros(10)), batch_size=4)
+    assert metrics["psnr"] == pytest.approx(10 * math.log10(255**2 / mse), rel=1e-12)
+    white = evaluate(model, TensorDataset(images[[0, 5]], torch.zeros(2)), batch_size=1)
+    assert white["psnr"] == math.inf
 
 
 # ---- a real run ----------------------------------------------------------------------------------------------------

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB per image, [B, C, H, W] -> [B]."""
-    mse = (x.double() - y.double()).pow(2).flatten(1).mean(dim=1)
-    return (10 * torch.log10(data_range**2 / mse.clamp_min(1e-20))).float()
+def squared_error(x: torch.Tensor, y: torch.Tensor) -> float:
+    """The sum of squared differences of all values, in float64 (exact for 8-bit values: integers below 2^53)."""
+    return (x.double() - y.double()).pow(2).sum().item()
+
+
+def psnr_from_mse(mse: float, data_range: float) -> float:
+    """10 log10(data_range^2 / mse) in dB; infinite for mse 0 (a reconstruction without error)."""
+    return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float) -> float:
+    """Peak signal-to-noise ratio in dB of a batch [B, C, H, W] from its pooled MSE, the mean squared error over
+    every value of every image (float64). Not the mean of per-image PSNRs, in which one pixel-exact image would
+    count as infinitely many dB; infinite only when the whole batch is reproduced exactly."""
+    return psnr_from_mse(squared_error(x, y) / x.numel(), data_range)
 
 
 def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torchvision.utils import make_grid, save_image
 
 from vqtok.images import uint8_to_range
 from vqtok.losses import DISCRETE_LIKELIHOODS
-from vqtok.metrics import code_usage, psnr, ssim
+from vqtok.metrics import code_usage, psnr_from_mse, squared_error, ssim
 from vqtok.models import Autoencoder
 from vqtok.nn.perceptual import LPIPS
 
@@ -25,9 +25,11 @@ def evaluate(
 ) -> dict[str, float]:
     """Reconstruction metrics of `model` (in eval mode, so nothing is accumulated or communicated) on the first
     `limit` images of `dataset`. PSNR, SSIM and, given `perceptual`, the mean LPIPS distance compare 8-bit images,
-    as a person would see them. With a discrete likelihood (the logistic mixture, or Bernoulli on binary images)
-    also -log p(x | z) in bits per dimension and, for Gaussian models, the negative ELBO with beta 1 and the
-    unclamped KL - whatever the training objective."""
+    as a person would see them. PSNR comes from the MSE pooled over every value of every image, not from a mean of
+    per-image PSNRs (in which a pixel-exact image would count as infinitely many dB); SSIM and LPIPS are means over
+    images. With a discrete likelihood (the logistic mixture, or Bernoulli on binary images) also -log p(x | z) in
+    bits per dimension and, for Gaussian models, the negative ELBO with beta 1 and the unclamped KL - whatever the
+    training objective."""
     was_training = model.training
     model.eval()
     if limit is not None:
@@ -35,11 +37,11 @@ def evaluate(
     device = next(model.parameters()).device
     perceptual = perceptual.to(device) if perceptual is not None else None
     value_range = model.config.value_range
-    totals: dict[str, float] = {"psnr": 0.0, "ssim": 0.0, "kl": 0.0, "nll": 0.0, "lpips": 0.0}
+    totals: dict[str, float] = {"squared_error": 0.0, "ssim": 0.0, "kl": 0.0, "nll": 0.0, "lpips": 0.0}
     counts = torch.zeros(model.vocab_size or 1, dtype=torch.long, device=device)
     discrete = model.config.decoder_output in DISCRETE_LIKELIHOODS
     generator = torch.Generator(device).manual_seed(0)  # the posterior samples of the code length
-    n = dims = 0
+    n = dims = values = 0
     for images, _ in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
         images = images.to(device)
         x = uint8_to_range(images, value_range)
@@ -50,7 +52,7 @@ def evaluate(
             totals["nll"] += model.code_length(x, generator, output=out)["nll"].sum().item()
             dims = images[0].numel()
         recon = model.postprocess(model.to_image(out.reconstruction)).float()
-        totals["psnr"] += psnr(recon, images.float(), 255.0).sum().item()
+        totals["squared_error"] += squared_error(recon, images)
         totals["ssim"] += ssim(recon, images.float(), 255.0).sum().item()
         if perceptual is not None:  # LPIPS takes [-1, 1]
             pair = (uint8_to_range(recon, (-1.0, 1.0)), uint8_to_range(images, (-1.0, 1.0)))
@@ -60,8 +62,12 @@ def evaluate(
         if "kl" in out.bottleneck.terms:
             totals["kl"] += out.bottleneck.terms["kl"].item() * images.shape[0]
         n += images.shape[0]
+        values += images.numel()
     model.train(was_training)
-    metrics = {"psnr": totals["psnr"] / n, "ssim": totals["ssim"] / n, "images": float(n)}
+    if n == 0:
+        raise ValueError("evaluate: no images to evaluate (an empty dataset or limit 0)")
+    psnr = psnr_from_mse(totals["squared_error"] / values, 255.0)
+    metrics = {"psnr": psnr, "ssim": totals["ssim"] / n, "images": float(n)}
     if perceptual is not None:
         metrics["lpips"] = totals["lpips"] / n
     if discrete:  # bits per dimension on the 8-bit (or binary) grid: a code length

@@ -1,6 +1,8 @@
 """The token store: layout, resume after SIGKILL byte for byte, two processes = one, tamper and mismatch errors,
-and decoding stored codes = the tokenizer's own reconstruction."""
+inputs that changed or do not fit one grid, a manifest that contradicts itself or its arrays, out-of-vocabulary codes,
+swapped shards, the Hub commit recorded, and decoding stored codes = the tokenizer's own reconstruction."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,8 +20,11 @@ from PIL import Image
 import vqtok
 import vqtok.cli
 from tests.conftest import tiny_config
-from vqtok.config import DataConfig, GaussianConfig, PreprocessConfig, VQConfig
+from tests.test_hub import _hub_cache
+from vqtok.config import (DataConfig, GaussianConfig, PreprocessConfig, PriorConfig, PriorTrainConfig, VQConfig,
+                          save_yaml)
 from vqtok.data import TokenDataset, TokenStoreError, build_dataset, encode_dataset
+from vqtok.train.prior import open_data
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODE_FLAGS = ["--data", "digits", "--limit", "1200", "--shard-size", "100", "--batch-size", "24", "--num-workers", "0"]
@@ -58,7 +63,11 @@ def test_layout_and_manifest(reference_store, tokenizer_dir):
     assert manifest["dtype"] == "uint8" and manifest["vocab_size"] == 16 and manifest["grid"] == [8, 8]
     assert len(manifest["shards"]) == 12 and manifest["has_labels"]
     assert manifest["tokenizer"]["source"] == str(tokenizer_dir.resolve())
-    assert manifest["preprocess"] == {"resize": 16, "crop": None}
+    assert manifest["preprocess"] == {"resize": 16, "crop": None} and manifest["image_shape"] == [1, 16, 16]
+    assert manifest["inputs"]["count"] == 1200 and manifest["inputs"]["hashed"] == "image bytes and labels"
+    for record in manifest["shards"]:
+        codes = np.load(reference_store / record["files"][0]["path"])
+        assert record["code_range"] == [int(codes.min()), int(codes.max())]
     codes = np.load(reference_store / "shards" / "codes-00000.npy")
     assert codes.shape == (100, 1, 8, 8) and codes.dtype == np.uint8
     ds = TokenDataset(reference_store, verify=True)
@@ -127,7 +136,7 @@ def test_tampered_truncated_and_mismatched(reference_store, tokenizer_dir, tmp_p
     manifest = json.loads((store / "manifest.json").read_text())
     manifest["shards"][0]["count"] = 99
     (store / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(TokenStoreError, match="do not add up"):
+    with pytest.raises(TokenStoreError, match="shard 0 holds 99 items; every shard holds shard_size 100"):
         TokenDataset(store)
     (store / "manifest.json").write_text("{broken")
     with pytest.raises(TokenStoreError, match="not valid JSON"):
@@ -171,3 +180,314 @@ def test_cli_decode_writes_a_grid(reference_store, tokenizer_dir, tmp_path):
     assert vqtok.cli.main(["decode", str(tmp_path / "codes.npy"), "--tokenizer", str(tokenizer_dir),
                            "--out", str(tmp_path / "g2.png")]) == 0
     assert vqtok.cli.main(["decode", str(tmp_path / "codes.npy"), "--out", str(tmp_path / "g3.png")]) == 1
+
+
+# ---- inputs: one grid, and the same inputs on a re-run ------------------------------------------------------------
+
+
+def save_images(folder: Path, sizes: dict[str, tuple[int, int]]) -> Path:
+    folder.mkdir(exist_ok=True)
+    rng = np.random.default_rng(len(sizes))
+    for name, size in sizes.items():
+        Image.fromarray(rng.integers(0, 256, size, dtype=np.uint8)).save(folder / name)
+    return folder
+
+
+def write_idx(path: Path, images: np.ndarray) -> Path:
+    """MNIST's IDX format by hand: magic (0, 0, uint8 type 0x08, ndim), big-endian dimensions, the bytes."""
+    header = bytes([0, 0, 0x08, images.ndim]) + b"".join(d.to_bytes(4, "big") for d in images.shape)
+    path.write_bytes(header + images.astype(np.uint8).tobytes())
+    return path
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])  # the odd image alone in its batch, or beside images of the first size
+def test_an_image_of_another_size_is_named_and_nothing_is_marked_complete(tokenizer_dir, tmp_path, batch_size):
+    sizes = {f"{i}.png": (16, 24) if i == 3 else (16, 16) for i in range(6)}
+    folder = save_images(tmp_path / "images", sizes)
+    out = tmp_path / "store"
+    with pytest.raises(TokenStoreError, match=r"images/3\.png: 1x16x24 torch\.uint8 after the tokenizer's "
+                                              r"preprocessing, but this store's images are 1x16x16 .*0\.png"):
+        encode_dataset(str(tokenizer_dir), DataConfig(source="folder", path=str(folder)), out, shard_size=2,
+                       batch_size=batch_size, num_workers=0, progress=False)
+    assert not json.loads((out / "manifest.json").read_text())["complete"]
+    assert not (out / "shards" / "00001.json").exists()  # the shard holding 3.png was not written
+    with pytest.raises(TokenStoreError, match="incomplete"):
+        TokenDataset(out)
+
+
+def test_a_rerun_on_a_changed_folder_is_refused(tokenizer_dir, tmp_path):
+    # The issue's case: encoding stops at a corrupt file after 3 shards; the user removes it and adds two images that
+    # sort first. Resuming would keep shards 0-2, now of other images.
+    folder = save_images(tmp_path / "images", {f"b{i}.png": (16, 16) for i in range(6)})
+    (folder / "b6.png").write_bytes(b"not a png")
+    data, out = DataConfig(source="folder", path=str(folder)), tmp_path / "store"
+
+    def encode():
+        encode_dataset(str(tokenizer_dir), data, out, shard_size=2, batch_size=2, num_workers=0, progress=False)
+
+    with pytest.raises(ValueError, match=r"cannot read image .*b6\.png"):
+        encode()
+    assert sorted(p.name for p in (out / "shards").glob("?????.json")) == ["00000.json", "00001.json", "00002.json"]
+    (folder / "b6.png").unlink()
+    save_images(folder, {"a0.png": (16, 16)})  # the same count (7), other names
+    with pytest.raises(TokenStoreError, match=r"store: the input data changed since this store was started \(then 7 "
+                                              r"images with relative paths and labels of sha256 (\w+)\.\.\., now 7 "
+                                              r"images with relative paths and labels of sha256 (?!\1)"):
+        encode()
+    save_images(folder, {"a1.png": (16, 16)})
+    with pytest.raises(TokenStoreError, match=r"the input data changed .*\(then 7 images.*, now 8 images"):
+        encode()
+
+
+def write_array_source(kind: str, root: Path, images: np.ndarray, labels: np.ndarray) -> DataConfig:
+    """IDX files, or the same as a local torchvision MNIST (root/MNIST/raw/, all four files; no download)."""
+    if kind == "idx":
+        return DataConfig(source="idx", path=str(write_idx(root / "images.idx", images)),
+                          labels=str(write_idx(root / "labels.idx", labels)))
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "t10k"):
+        write_idx(raw / f"{split}-images-idx3-ubyte", images)
+        write_idx(raw / f"{split}-labels-idx1-ubyte", labels)
+    return DataConfig(source="torchvision", name="MNIST", path=str(root))
+
+
+@pytest.mark.parametrize("kind", ["idx", "torchvision"])
+def test_a_rerun_on_changed_image_bytes_is_refused(tokenizer_dir, tmp_path, kind):
+    images = np.random.default_rng(0).integers(0, 256, (8, 16, 16), dtype=np.uint8)
+    labels = np.arange(8, dtype=np.uint8) % 3
+    data, out = write_array_source(kind, tmp_path, images, labels), tmp_path / "store"
+
+    def encode():
+        encode_dataset(str(tokenizer_dir), data, out, shard_size=4, batch_size=4, num_workers=0, progress=False)
+
+    encode()
+    before = tree(out)
+    encode()  # the same inputs: nothing to do, nothing changed
+    assert tree(out) == before
+    images[5, 3, 3] ^= 1  # one pixel of one image, the same file size
+    write_array_source(kind, tmp_path, images, labels)
+    with pytest.raises(TokenStoreError, match=r"the input data changed .*then 8 images with image bytes and labels"):
+        encode()
+    images[5, 3, 3] ^= 1
+    labels[2] = (labels[2] + 1) % 3  # one label
+    write_array_source(kind, tmp_path, images, labels)
+    with pytest.raises(TokenStoreError, match=r"the input data changed"):
+        encode()
+    assert tree(out) == before
+
+
+# ---- a manifest that contradicts itself or its arrays --------------------------------------------------------------
+
+
+def store_copy(reference_store: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(reference_store, tmp_path / "copy"))
+
+
+def edit_manifest(store: Path, edit) -> None:
+    manifest = json.loads((store / "manifest.json").read_text())
+    edit(manifest)
+    (store / "manifest.json").write_text(json.dumps(manifest))
+
+
+def reseal(record: dict) -> None:
+    """What a careful hand edit does: recompute the record's own hash (sha256 of its JSON without that field)."""
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    record["record_sha256"] = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def swap(items: list, a: int, b: int) -> None:
+    items[a], items[b] = items[b], items[a]
+
+
+def set_vocab(m: dict, vocab: int, tokenizer_too: bool) -> None:
+    m["vocab_size"] = vocab
+    if tokenizer_too:
+        m["tokenizer"]["config"]["vocab_size"] = vocab
+
+
+def highest_code(m: dict) -> int:
+    return max(r["code_range"][1] for r in m["shards"])
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: swap(m["shards"], 3, 4),
+     r"shard record 3 is for shard 4; the records must be shards 0\.\.11, each once, in order \(reordered or "
+     r"duplicated records\)"),
+    (lambda m: m["shards"].insert(5, m["shards"][4]), r"shard record 5 is for shard 4"),
+    (lambda m: m["shards"][4].update(start=350), r"shard 4 starts at item 350, but the shards before it end at item "
+                                                 r"400 \(overlapping or missing items\)"),
+    (lambda m: m["shards"].pop(), r"the shards hold 1100 items, num_items is 1200"),
+    (lambda m: m["shards"][2].update(inputs_sha256="0" * 64), r"shard 2's record does not match its record_sha256"),
+])
+def test_shard_records_out_of_order_duplicated_or_overlapping_are_refused(reference_store, tmp_path, edit, match):
+    store = store_copy(reference_store, tmp_path)
+    edit_manifest(store, edit)
+    with pytest.raises(TokenStoreError, match=r"manifest\.json: " + match):
+        TokenDataset(store)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: set_vocab(m, 300, tokenizer_too=True),
+     r"manifest\.json: dtype uint8, but codes of a 300-code vocabulary are stored as uint16"),
+    (lambda m: set_vocab(m, highest_code(m), tokenizer_too=True),  # codes the arrays hold fall outside the vocabulary
+     r"codes-\d{5}\.npy: its record gives codes in \[\d+, (\d+)\], outside the vocabulary 0\.\.\d+ of the manifest"),
+    (lambda m: set_vocab(m, 8, tokenizer_too=False),
+     r"manifest\.json: vocab_size 8, but the recorded tokenizer has 16"),
+    (lambda m: m.update(grid=[4, 4]), r"manifest\.json: grid \[4, 4\] is not the items' last two sizes"),
+    (lambda m: m.update(grid=[4, 4], item_shape=[1, 4, 4]),
+     r"codes-00000\.npy: uint8 \[100, 1, 8, 8\], the manifest declares uint8 \[100, 1, 4, 4\]"),
+    (lambda m: m.update(augmentations=["none", "hflip"]),
+     r"manifest\.json: items hold 1 view\(s\) \(item_shape \[1, 8, 8\]\) but augmentations lists 2"),
+    (lambda m: m.update(augmentations=["none", "hflip"], item_shape=[2, 8, 8]),
+     r"codes-00000\.npy: uint8 \[100, 1, 8, 8\], the manifest declares uint8 \[100, 2, 8, 8\]"),
+    (lambda m: m.update(augmentations=["hflip"]), r"manifest\.json: augmentations \['hflip'\] must start with 'none'"),
+    (lambda m: m.update(kind="continuous"), r"manifest\.json: item_shape \[1, 8, 8\] is not a continuous store's"),
+    (lambda m: m.update(kind="latents"), r"manifest\.json: kind is 'latents'"),
+    (lambda m: m.update(dtype="uint16"), r"manifest\.json: dtype uint16, but codes of a 16-code vocabulary are stored "
+                                         r"as uint8"),
+])
+def test_declared_fields_that_disagree_with_each_other_or_the_arrays_are_refused(reference_store, tmp_path, edit,
+                                                                                  match):
+    store = store_copy(reference_store, tmp_path)
+    edit_manifest(store, edit)
+    with pytest.raises(TokenStoreError, match=match):
+        TokenDataset(store)
+
+
+# ---- codes outside the vocabulary, swapped shards -----------------------------------------------------------------
+
+
+def prior_config(store: Path, out: Path, **overrides) -> PriorTrainConfig:
+    settings = dict(prior=PriorConfig(n_layer=1, n_head=1, n_embd=8), tokens=str(store), output_dir=str(out),
+                    max_steps=1, batch_size=4, eval_every=1, checkpoint_every=1, log_every=1, num_samples=1,
+                    eval_items=4)
+    return PriorTrainConfig(**{**settings, **overrides})
+
+
+def test_a_code_outside_the_vocabulary_never_leaves_the_store(reference_store, tmp_path):
+    store = store_copy(reference_store, tmp_path)
+    path = store / "shards" / "codes-00005.npy"
+    codes = np.load(path)
+    codes[7, 0, 2, 3] = 16  # the vocabulary is 0..15; the dtype (uint8) holds it
+    np.save(path, codes)
+
+    def fix_up(m):  # only the code range can tell: the size, the checksum and the record's hash are made to fit
+        m["shards"][5]["files"][0].update(bytes=path.stat().st_size, sha256=file_sha256(path))
+        reseal(m["shards"][5])
+
+    edit_manifest(store, fix_up)
+    ds = TokenDataset(store)  # opening reads no codes...
+    codes, _ = ds.gather(np.arange(500))  # ...nor does reading shards 0-4 check shard 5
+    assert int(codes.max()) < 16
+    message = r"codes-00005\.npy: holds code 16, outside the vocabulary 0\.\.15 \(a corrupted shard\)"
+    with pytest.raises(TokenStoreError, match=message):
+        ds.gather([507])  # shard 5's codes are checked before their first read
+    with pytest.raises(TokenStoreError, match=message):
+        ds[550]
+    with pytest.raises(TokenStoreError, match=message):
+        TokenDataset(store, verify=True)
+    with pytest.raises(TokenStoreError, match=message):
+        open_data(prior_config(store, tmp_path / "run"), None)  # before any batch reaches the prior
+
+    def claim_it(m):  # the record says so too: then opening alone refuses it
+        m["shards"][5]["code_range"][1] = 16
+        reseal(m["shards"][5])
+
+    edit_manifest(store, claim_it)
+    with pytest.raises(TokenStoreError, match=r"codes-00005\.npy: its record gives codes in \[\d+, 16\], outside the "
+                                              r"vocabulary 0\.\.15"):
+        TokenDataset(store)
+
+
+def test_codes_outside_their_recorded_range_are_refused(reference_store, tmp_path):
+    store = store_copy(reference_store, tmp_path)
+    record = json.loads((store / "manifest.json").read_text())["shards"][2]
+    low, high = record["code_range"]
+    assert low > 0 or high < 15  # a code in the vocabulary that the record rules out exists
+    path = store / "shards" / "codes-00002.npy"
+    codes = np.load(path)
+    codes[0, 0, 0, 0] = 0 if low > 0 else 15
+    np.save(path, codes)
+    def fix_up(m):  # the checksum and the record's hash made to fit
+        m["shards"][2]["files"][0].update(sha256=file_sha256(path))
+        reseal(m["shards"][2])
+
+    edit_manifest(store, fix_up)
+    with pytest.raises(TokenStoreError, match=r"codes-00002\.npy: codes span \[\d+, \d+\], its record says "
+                                              rf"\[{low}, {high}\] \(a corrupted or replaced shard\)"):
+        TokenDataset(store, verify=True)
+
+
+def test_swapped_shards_are_caught(reference_store, tmp_path):
+    store = store_copy(reference_store, tmp_path)
+    for kind in ("codes", "labels"):  # shards 3 and 4 hold 100 items each: files of the same size
+        a, b = store / "shards" / f"{kind}-00003.npy", store / "shards" / f"{kind}-00004.npy"
+        a.rename(store / "tmp")
+        b.rename(a)
+        (store / "tmp").rename(b)
+    TokenDataset(store)  # sizes and shapes fit: opening is cheap...
+    with pytest.raises(TokenStoreError, match=r"codes-00003\.npy: sha256 does not match the manifest"):
+        TokenDataset(store, verify=True)  # ...and the checksums find it
+
+    manifest = (store / "manifest.json").read_text()
+
+    def swap_checksums(m):  # the files' checksums follow the files: now only the record's own hash can tell
+        for i in range(2):
+            first, second = m["shards"][3]["files"][i], m["shards"][4]["files"][i]
+            first["sha256"], second["sha256"] = second["sha256"], first["sha256"]
+
+    edit_manifest(store, swap_checksums)
+    with pytest.raises(TokenStoreError, match=r"shard 3's record does not match its record_sha256 \(edited, or mixed "
+                                              r"with another shard's\)"):
+        TokenDataset(store, verify=True)
+
+    def swap_file_lists(m):  # whole file entries with their names, the record hashes recomputed
+        swap_files = m["shards"][3]["files"], m["shards"][4]["files"]
+        m["shards"][3]["files"], m["shards"][4]["files"] = swap_files[1], swap_files[0]
+        reseal(m["shards"][3])
+        reseal(m["shards"][4])
+
+    (store / "manifest.json").write_text(manifest)
+    edit_manifest(store, swap_file_lists)
+    with pytest.raises(TokenStoreError, match=r"shard 3's record does not list its files \['shards/codes-00003\.npy', "
+                                              r"'shards/labels-00003\.npy'\]"):
+        TokenDataset(store)
+
+
+# ---- train-prior --verify, and the Hub commit -----------------------------------------------------------------------
+
+
+def test_train_prior_verify_checks_the_stores_checksums(reference_store, tmp_path, capsys):
+    store = store_copy(reference_store, tmp_path)
+    path = store / "shards" / "labels-00001.npy"
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 1  # one label's lowest bit: a valid label still, the same size
+    path.write_bytes(bytes(data))
+    assert open_data(prior_config(store, tmp_path / "a"), None).train.num_images == 1200  # sizes and codes fit
+    with pytest.raises(TokenStoreError, match=r"labels-00001\.npy: sha256 does not match"):
+        open_data(prior_config(store, tmp_path / "a", verify_tokens=True), None)
+    save_yaml(prior_config(store, tmp_path / "run"), tmp_path / "prior.yaml")
+    assert vqtok.cli.main(["train-prior", str(tmp_path / "prior.yaml"), "--verify"]) == 1
+    assert "labels-00001.npy: sha256 does not match" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert vqtok.cli.main(["train-prior", str(tmp_path / "prior.yaml"), "--verify", "--set",
+                           "verify_tokens=false"]) == 1
+    assert "--verify and --set verify_tokens=... both given" in capsys.readouterr().err
+
+
+def test_a_store_encoded_from_a_hub_branch_records_the_commit(tokenizer_dir, tmp_path):
+    commit = "d" * 40
+    cache = _hub_cache(tmp_path / "hub", "org/tiny-tok", tokenizer_dir, commit)  # refs/main -> commit
+    out = tmp_path / "store"
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "vqtok", "encode", "--tokenizer", "org/tiny-tok@main", "--out",
+                             str(out), "--data", "digits", "--limit", "8", "--num-workers", "0"],
+                            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = json.loads((out / "manifest.json").read_text())["tokenizer"]
+    assert (tokenizer["source"], tokenizer["revision"]) == ("org/tiny-tok", commit)

@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_prior = commands.add_parser("train-prior", help="train a transformer prior on a token store")
     _run_options(train_prior, "a PriorTrainConfig", "prior.n_layer=4")
+    train_prior.add_argument("--verify", action="store_true",
+                             help="check every token store file's sha256 before training (verify_tokens: true)")
     train_prior.set_defaults(run=_train_prior)
 
     sample = commands.add_parser("sample", help="sample codes from a prior and decode them into images")
@@ -141,10 +143,15 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_prior(args: argparse.Namespace) -> int:
-    from vqtok.config import PriorTrainConfig, load_yaml
+    from vqtok.config import ConfigError, PriorTrainConfig, load_yaml
     from vqtok.train.prior import train_prior
 
-    config = load_yaml(args.config, PriorTrainConfig, overrides=args.set)
+    overrides = list(args.set)
+    if args.verify:
+        if any(item.partition("=")[0].strip() == "verify_tokens" for item in overrides):
+            raise ConfigError("--verify and --set verify_tokens=... both given; use one")
+        overrides.append("verify_tokens=true")
+    config = load_yaml(args.config, PriorTrainConfig, overrides=overrides)
     folder = train_prior(config, resume=args.resume, stop_at=args.stop_at)
     print(f"prior saved to {folder}" if folder else f"stopped at step {args.stop_at}; continue with --resume")
     return 0

@@ -536,14 +536,16 @@ class PriorTrainConfig(RunConfig):
     """A prior training run on a token store (`vqtok train-prior CONFIG.yaml`); optimisation fields are RunConfig's.
 
     `tokens` is the store's folder; `eval_tokens` a store of held-out images made by the same tokenizer (None: a
-    seeded random 5% of `tokens`' images is held out and not trained on). Held-out loss is reported in bits per code,
-    over at most `eval_items` images at periodic evaluations and over all of them at the end. About `num_samples`
-    codes are sampled and decoded to a PNG grid at every evaluation.
+    seeded random 5% of `tokens`' images is held out and not trained on). `verify_tokens` also checks every store
+    file's sha256 before training (a full read of the stores; the codes' range is checked in any case). Held-out loss
+    is reported in bits per code, over at most `eval_items` images at periodic evaluations and over all of them at
+    the end. About `num_samples` codes are sampled and decoded to a PNG grid at every evaluation.
     """
 
     prior: PriorConfig = field(default_factory=PriorConfig)
     tokens: str = ""
     eval_tokens: str | None = None
+    verify_tokens: bool = False
     output_dir: str = "runs/prior"
     lr: float = 3e-4
     betas: tuple[float, ...] = (0.9, 0.95)

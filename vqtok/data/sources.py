@@ -170,7 +170,7 @@ class FolderSource(Source):
             self.skipped = readable.count(False)
             files = [p for p, ok in zip(files, readable) if ok]
             labels = [lab for lab, ok in zip(labels, readable) if ok]
-        self.files, self.labels, self.classes = files, labels, classes
+        self.root, self.files, self.labels, self.classes = root, files, labels, classes
 
     def load(self, index: int) -> Image.Image:
         return _open_image(self.files[index])

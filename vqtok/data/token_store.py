@@ -3,17 +3,28 @@
 Layout of a store folder:
 
     manifest.json                 what was encoded with what (tokenizer identity and weight hash, config,
-                                  preprocessing, data source, grid, vocabulary, dtype), and every shard's count/sha256
+                                  preprocessing, data source and the identity of its inputs, grid, vocabulary,
+                                  dtype), and every shard's record
     shards/codes-00000.npy        [n, A, h, w] codes in the smallest integer dtype holding the vocabulary
                                   (uint8/uint16/int32), or [n, A, C, h, w] float16 latents (posterior mode) for
                                   Gaussian tokenizers; A is the augmentation axis ('none', 'hflip')
     shards/labels-00000.npy       [n] int64 labels (-1 where the source has none)
-    shards/00000.json             the shard's record; written last, so its presence means the shard is complete
+    shards/00000.json             the shard's record (index, start, count, the hash of its inputs, its codes' range,
+                                  each file's bytes and sha256, and a hash of the record itself); written last, so its
+                                  presence means the shard is complete
 
 Shard s holds the fixed global range [s * shard_size, (s + 1) * shard_size), encoded in fixed batches of
 `batch_size` from the shard's start, whatever the world size or resume point: every rank writes its own shards
-(s mod W), each through a temporary file and a rename, and re-running with the same arguments skips complete shards
-and yields a byte-identical store. Different arguments against an existing store are an error.
+(s mod W), each through a temporary file and a rename, and re-running with the same arguments on the same inputs
+skips complete shards and yields a byte-identical store. Different arguments or changed inputs against an existing
+store are an error.
+
+Opening a store checks, without reading the codes: the manifest's structure (shard records 0..S-1 in order, each
+starting where the previous ended, each bound to its own file names by the record's hash), the declared kind, dtype,
+vocabulary, grid and augmentations against one another and against every shard's .npy header, and the code range
+recorded per shard against the vocabulary. Each shard's codes are compared with its recorded range once, before
+their first read (or all at once: `check_codes`, `verify=True`), so no code outside the vocabulary leaves the store.
+`verify=True` also checks every file's sha256.
 """
 
 from __future__ import annotations
@@ -21,18 +32,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm.auto import tqdm
 
 from vqtok.config import DataConfig, to_dict
-from vqtok.data.sources import build_dataset
+from vqtok.data.sources import ArraySource, FolderSource, ImageDataset, TorchvisionSource, build_dataset
 from vqtok.files import staged
 from vqtok.hub import load, weights_sha256
 from vqtok.images import uint8_to_range
@@ -40,7 +51,7 @@ from vqtok.models import Autoencoder
 from vqtok.version import __version__
 
 FORMAT = "vqtok-token-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: input identity, per-shard code range and record hash
 AUGMENTATIONS = ("none", "hflip")
 
 
@@ -76,11 +87,54 @@ class EncodeArgs:
 
 
 def tokenizer_identity(tokenizer: Autoencoder, source: str | None, revision: str | None) -> dict[str, Any]:
-    """How a store (or a prior) names its tokenizer: Hub id and revision or a folder, the weight hash, the config."""
-    if source is not None and os.path.isdir(source):
+    """How a store names its tokenizer: the Hub id at the commit it was loaded from (a branch such as 'main' moves,
+    a commit does not: `loaded_from`, what a prior records too) or a resolved folder; the weight hash; the config.
+    `source` None is an in-memory tokenizer."""
+    origin = tokenizer.loaded_from
+    if source is not None and origin is not None and origin.is_hub and origin.subfolder is None:
+        source, revision = origin.source, origin.commit
+    elif source is not None and os.path.isdir(source):
         source = str(Path(source).resolve())
     return {"source": source, "revision": revision, "weights_sha256": weights_sha256(tokenizer),
             "config": tokenizer.config_dict()}
+
+
+def input_identity(dataset: Dataset, ranges: Sequence[tuple[int, int]]) -> tuple[dict[str, Any], list[str | None]]:
+    """What a store is encoded from: a sha256 of the inputs of each shard range (start, count), and for the store
+    their count, what was hashed, and the sha256 of the shards' hashes. A re-run on other inputs is refused.
+
+    Image folders hash their images' relative paths (in the source's sorted order) and labels: no image is read,
+    so an image replaced in place under the same name goes unnoticed. Array sources (digits, IDX, .amat) and
+    torchvision datasets hash the images' bytes and labels as loaded: exact, at the cost of one pass over memory.
+    Any other dataset is identified by its length alone."""
+    hasher = _range_hasher(dataset)
+    if hasher is None:
+        return {"count": len(dataset), "hashed": None}, [None] * len(ranges)
+    hashed, hash_range = hasher
+    per_shard = [hash_range(start, count) for start, count in ranges]
+    return {"count": len(dataset), "hashed": hashed,
+            "sha256": hashlib.sha256("\n".join(per_shard).encode()).hexdigest()}, per_shard
+
+
+def _range_hasher(dataset: Dataset) -> tuple[str, Callable[[int, int], str]] | None:
+    """(what is hashed, (start, count) -> sha256 of those items' inputs) for the sources that can say it cheaply."""
+    if not isinstance(dataset, ImageDataset):
+        return None
+    source, labels = dataset.source, np.asarray(dataset.labels, dtype=np.int64)
+    if isinstance(source, FolderSource):
+        paths = [p.relative_to(source.root).as_posix() for p in source.files]
+        return "relative paths and labels", lambda start, count: _digest(
+            "\n".join(paths[start : start + count]).encode(), labels[start : start + count])
+    if isinstance(source, ArraySource):
+        images = source.images
+    elif isinstance(source, TorchvisionSource) and hasattr(source.dataset, "data"):
+        images = source.dataset.data
+    else:
+        return None
+    images = images.numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    layout = f"{images.dtype}{list(images.shape[1:])}".encode()
+    return "image bytes and labels", lambda start, count: _digest(
+        layout, images[start : start + count], labels[start : start + count])
 
 
 class _ShardBatches(Sampler[list[int]]):
@@ -98,6 +152,28 @@ class _ShardBatches(Sampler[list[int]]):
         return sum(-(-count // self.batch_size) for _, count in self.shards)
 
 
+class _Indexed(Dataset):
+    """(index, image, label) items, so that a batch can name its images."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[int, Any, Any]:
+        image, label = self.dataset[index]
+        return index, image, label
+
+
+def _collate(items: list[tuple[int, Any, Any]]) -> tuple[list[int], torch.Tensor | list[torch.Tensor], torch.Tensor]:
+    """(indices, images stacked - or a list where their shapes or dtypes differ, for `_check_images` -, labels)."""
+    indices = [index for index, _, _ in items]
+    images = [torch.as_tensor(image) for _, image, _ in items]
+    alike = all(image.shape == images[0].shape and image.dtype == images[0].dtype for image in images)
+    return indices, torch.stack(images) if alike else images, default_collate([label for _, _, label in items])
+
+
 def encode_dataset(
     tokenizer: Autoencoder | str,
     data: DataConfig | Dataset,
@@ -113,8 +189,9 @@ def encode_dataset(
 ) -> Path:
     """Encode a dataset into a token store at `out_dir` (resumable; several processes under torchrun/accelerate).
 
-    `tokenizer` is a loaded model or a folder / Hub id (`org/name@revision` works). `data` is a DataConfig or an
-    `ImageDataset`-like dataset of (uint8 [C, H, W], label). Returns the store folder.
+    `tokenizer` is a loaded model or a folder / Hub id (`org/name@revision` works; the commit it resolves to is
+    recorded). `data` is a DataConfig or an `ImageDataset`-like dataset of (uint8 [C, H, W], label); every image
+    must have the size of the first after preprocessing (one store, one code grid). Returns the store folder.
     """
     from accelerate import PartialState
 
@@ -142,6 +219,8 @@ def encode_dataset(
     else:
         data_record = {"dataset": type(data).__name__, "length": len(data)}
         dataset = data
+    if len(dataset) == 0:
+        raise TokenStoreError("the dataset holds no images")
     args = EncodeArgs(tokenizer_identity(tokenizer, source, revision), data_record, tuple(augmentations),
                       shard_size, batch_size)
     out = Path(out_dir)
@@ -149,30 +228,56 @@ def encode_dataset(
     tokenizer = tokenizer.to(device).eval()
 
     n = len(dataset)
-    shards = [(s, min(shard_size, n - s * shard_size)) for s in range(-(-n // shard_size))]
+    ranges = [(s * shard_size, min(shard_size, n - s * shard_size)) for s in range(-(-n // shard_size))]
+    inputs, shard_inputs = input_identity(dataset, ranges)
+    image_shape = tuple(torch.as_tensor(dataset[0][0]).shape)  # every image must have the first one's
     if state.is_main_process:
-        _start_store(out, args, n)
+        _start_store(out, args, inputs)
     state.wait_for_everyone()
-    todo = [(s, count) for s, count in shards if s % world == rank and not _shard_complete(out, s)]
-    loader = DataLoader(dataset, batch_sampler=_ShardBatches([(s * shard_size, cnt) for s, cnt in todo], batch_size),
-                        num_workers=num_workers, pin_memory=device.type == "cuda",
+    todo = [s for s in range(len(ranges)) if s % world == rank and not _shard_complete(out, s, shard_inputs[s])]
+    loader = DataLoader(_Indexed(dataset), batch_sampler=_ShardBatches([ranges[s] for s in todo], batch_size),
+                        collate_fn=_collate, num_workers=num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=False)
     batches = iter(loader)
-    bar = tqdm(total=sum(cnt for _, cnt in todo), unit="img", desc=f"encode[{rank}]", disable=not progress)
-    for s, count in todo:
+    bar = tqdm(total=sum(ranges[s][1] for s in todo), unit="img", desc=f"encode[{rank}]", disable=not progress)
+    for s in todo:
+        start, count = ranges[s]
         codes, labels = [], []
         for _ in range(-(-count // batch_size)):
-            images, label = next(batches)
+            indices, images, label = next(batches)
+            _check_images(dataset, indices, images, image_shape)
             codes.append(_encode_batch(tokenizer, images.to(device, non_blocking=True), augmentations))
             labels.append(label.numpy().astype(np.int64))
             bar.update(len(label))
-        _write_shard(out, s, s * shard_size, np.concatenate(codes), np.concatenate(labels))
+        _write_shard(out, s, start, shard_inputs[s], np.concatenate(codes), np.concatenate(labels))
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
-        _finish_store(out, args, n, len(shards), tokenizer)
+        _finish_store(out, args, inputs, image_shape, len(ranges), tokenizer)
     state.wait_for_everyone()
     return out
+
+
+def _check_images(dataset: Dataset, indices: list[int], images: torch.Tensor | list[torch.Tensor],
+                  expected: tuple[int, ...]) -> None:
+    """Every image of a store has the first one's shape (so its codes have the store's grid: the grid is a function of
+    the image size) and uint8 pixels; the first that does not is named."""
+    for index, image in zip(indices, images):
+        if tuple(image.shape) != expected or image.dtype != torch.uint8:
+            raise TokenStoreError(
+                f"{_describe(dataset, index)}: {_shape_text(image.shape)} {image.dtype} after the tokenizer's "
+                f"preprocessing, but this store's images are {_shape_text(expected)} torch.uint8 (as "
+                f"{_describe(dataset, 0)}); one store holds one code grid: give every image one size (the "
+                "tokenizer's preprocess resize and crop)"
+            )
+
+
+def _describe(dataset: Dataset, index: int) -> str:
+    return dataset.source.describe(index) if isinstance(dataset, ImageDataset) else f"item {index} of the dataset"
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
 
 
 @torch.inference_mode()
@@ -191,8 +296,8 @@ def _encode_batch(tokenizer: Autoencoder, images: torch.Tensor, augmentations: t
     return stacked if tokenizer.is_gaussian else stacked.astype(code_dtype(tokenizer.vocab_size))
 
 
-def _start_store(out: Path, args: EncodeArgs, n: int) -> None:
-    """Create the store, or check that an existing one was started with the same arguments."""
+def _start_store(out: Path, args: EncodeArgs, inputs: dict[str, Any]) -> None:
+    """Create the store, or check that an existing one was started with the same arguments on the same inputs."""
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         existing = _read_manifest(out)
@@ -202,60 +307,95 @@ def _start_store(out: Path, args: EncodeArgs, n: int) -> None:
                 f"{out} holds a token store made with different arguments ({', '.join(differing) or 'format'}); "
                 "use another --out folder or delete this one"
             )
+        if existing.get("inputs") != inputs:
+            then, now = _inputs_text(existing.get("inputs")), _inputs_text(inputs)
+            raise TokenStoreError(
+                f"{out}: the input data changed since this store was started (then {then}, now {now}); its shards "
+                "would mix two datasets: use another --out folder or delete this one"
+            )
         return
     if out.exists() and any(out.iterdir()):
         raise TokenStoreError(f"{out} exists and is not empty, and holds no token store manifest")
     (out / "shards").mkdir(parents=True, exist_ok=True)
     _write_json(manifest_path, {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
-                                "num_items": n, "args": args.as_json()})
+                                "num_items": inputs["count"], "args": args.as_json(), "inputs": inputs})
 
 
-def _shard_complete(out: Path, s: int) -> bool:
+def _inputs_text(inputs: Any) -> str:
+    if not isinstance(inputs, dict):
+        return "not recorded"
+    text = f"{inputs.get('count')} images"
+    return text + (f" with {inputs['hashed']} of sha256 {str(inputs.get('sha256'))[:12]}..." if inputs.get("hashed")
+                   else "")
+
+
+def _shard_complete(out: Path, s: int, inputs_sha256: str | None) -> bool:
+    """Whether shard s was written (its record, and files of the recorded sizes), from these inputs."""
     record_path = out / "shards" / f"{s:05d}.json"
     if not record_path.is_file():
         return False
-    record = json.loads(record_path.read_text())
+    record = _read_json(record_path)
+    if record.get("record_sha256") != _record_sha256(record):
+        raise TokenStoreError(f"{record_path}: does not match its record_sha256 (edited?); use another --out folder "
+                              "or delete this one")
+    if record.get("inputs_sha256") != inputs_sha256:
+        raise TokenStoreError(f"{record_path}: shard {s} was encoded from other inputs than this data's (a record from "
+                              "another store?); use another --out folder or delete this one")
     return all((out / f["path"]).is_file() and (out / f["path"]).stat().st_size == f["bytes"] for f in record["files"])
 
 
-def _write_shard(out: Path, s: int, start: int, codes: np.ndarray, labels: np.ndarray) -> None:
+def _write_shard(out: Path, s: int, start: int, inputs_sha256: str | None, codes: np.ndarray,
+                 labels: np.ndarray) -> None:
+    """The shard's two files, then its record: index, start, count, inputs' hash, the codes' [min, max] (integer
+    codes), each file's bytes and sha256, and the record's own hash (binding all of these together)."""
     files = []
     for kind, array in (("codes", codes), ("labels", labels)):
         rel = f"shards/{kind}-{s:05d}.npy"
         with staged(out / rel) as tmp, open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
         files.append({"kind": kind, "path": rel, "bytes": (out / rel).stat().st_size, "sha256": _sha256(out / rel)})
-    _write_json(out / "shards" / f"{s:05d}.json", {"index": s, "start": start, "count": int(len(labels)),
-                                                    "files": files})
+    record: dict[str, Any] = {"index": s, "start": start, "count": int(len(labels)), "inputs_sha256": inputs_sha256}
+    if codes.dtype.kind in "ui":
+        record["code_range"] = [int(codes.min()), int(codes.max())]
+    record["files"] = files
+    record["record_sha256"] = _record_sha256(record)
+    _write_json(out / "shards" / f"{s:05d}.json", record)
 
 
-def _finish_store(out: Path, args: EncodeArgs, n: int, num_shards: int, tokenizer: Autoencoder) -> None:
+def _finish_store(out: Path, args: EncodeArgs, inputs: dict[str, Any], image_shape: tuple[int, ...],
+                  num_shards: int, tokenizer: Autoencoder) -> None:
+    """Gather the shard records into the manifest, check it as a reader will, and only then mark it complete."""
     records = []
     for s in range(num_shards):
         path = out / "shards" / f"{s:05d}.json"
         if not path.is_file():
             raise TokenStoreError(f"{out}: shard {s} was not written (a rank failed?); re-run to complete the store")
-        records.append(json.loads(path.read_text()))
-    first = np.load(out / records[0]["files"][0]["path"], mmap_mode="r")
+        records.append(_read_json(path))
+    first = np.load(out / records[0]["files"][0]["path"], mmap_mode="r", allow_pickle=False)
     gaussian = tokenizer.is_gaussian
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "complete": True,
         "vqtok_version": __version__,
-        "num_items": n,
+        "num_items": inputs["count"],
         "kind": "continuous" if gaussian else "discrete",
         "vocab_size": None if gaussian else tokenizer.vocab_size,
         "dtype": str(first.dtype),
         "item_shape": list(first.shape[1:]),
         "grid": list(first.shape[-2:]),
+        "image_shape": list(image_shape),
         "augmentations": list(args.augmentations),
-        "has_labels": any(bool((np.load(out / r["files"][1]["path"], mmap_mode="r") >= 0).any()) for r in records),
+        "has_labels": False,
         "preprocess": to_dict(tokenizer.config.preprocess),
         "tokenizer": args.tokenizer,
         "args": args.as_json(),
+        "inputs": inputs,
         "shards": records,
     }
+    _validate_manifest(manifest, out / "manifest.json")
+    shards = [_open_shard(out, manifest, record) for record in records]
+    manifest["has_labels"] = any(bool((labels >= 0).any()) for _, labels in shards)
     _write_json(out / "manifest.json", manifest)
 
 
@@ -266,9 +406,11 @@ def _finish_store(out: Path, args: EncodeArgs, n: int, num_shards: int, tokenize
 class TokenDataset(Dataset):
     """Memory-mapped (codes, label) pairs of a token store, one item per (image, augmentation).
 
-    `TokenDataset(path)` checks that the store is complete and every shard has its recorded size (`verify=True`
-    also checks sha256); `tokenizer=` refuses a tokenizer whose weights differ from the store's. Item i is image
-    i // A under augmentation i % A: (LongTensor [h, w] codes, or float16 latents [C, h, w]; int label).
+    `TokenDataset(path)` checks, without reading the codes, that the store is complete and consistent (see the module
+    docstring) and that every shard has its recorded size and shape; each shard's codes are checked against the
+    vocabulary before their first read. `verify=True` also checks every file's sha256 and every shard's codes now.
+    `tokenizer=` refuses a tokenizer whose weights differ from the store's. Item i is image i // A under augmentation
+    i % A: (LongTensor [h, w] codes, or float16 latents [C, h, w]; int label).
     """
 
     def __init__(self, path: str | Path, *, tokenizer: Autoencoder | None = None, verify: bool = False):
@@ -280,27 +422,11 @@ class TokenDataset(Dataset):
         self.augmentations = self.manifest["augmentations"]
         self.vocab_size = self.manifest["vocab_size"]
         self.grid = tuple(self.manifest["grid"])
-        self._codes, self._labels, self._starts = [], [], []
-        for record in self.manifest["shards"]:
-            codes_file, labels_file = (self.path / f["path"] for f in record["files"])
-            for f in record["files"]:
-                actual = (self.path / f["path"]).stat().st_size if (self.path / f["path"]).is_file() else None
-                if actual != f["bytes"]:
-                    raise TokenStoreError(
-                        f"{self.path / f['path']}: {'missing' if actual is None else f'{actual} bytes'}, the manifest "
-                        f"records {f['bytes']} (truncated or replaced shard)"
-                    )
-            try:
-                codes = np.load(codes_file, mmap_mode="r", allow_pickle=False)
-                labels = np.load(labels_file, mmap_mode="r", allow_pickle=False)
-            except ValueError as e:
-                raise TokenStoreError(f"{codes_file}: unreadable shard ({e})") from None
-            if len(codes) != record["count"] or len(labels) != record["count"]:
-                raise TokenStoreError(f"{codes_file}: {len(codes)} items, the manifest records {record['count']}")
-            self._codes.append(codes)
-            self._labels.append(labels)
-            self._starts.append(record["start"])
+        shards = [_open_shard(self.path, self.manifest, record) for record in self.manifest["shards"]]
+        self._codes = [codes for codes, _ in shards]
+        self._labels = [labels for _, labels in shards]
         self._ends = np.cumsum([len(c) for c in self._codes])
+        self._range_checked: set[int] = set()
         if verify:
             self.verify()
         if tokenizer is not None:
@@ -326,6 +452,7 @@ class TokenDataset(Dataset):
         codes = np.empty((len(index), *self._codes[0].shape[2:]), dtype=self._codes[0].dtype)
         labels = np.empty(len(index), dtype=np.int64)
         for s in np.unique(shard):
+            self._check_code_range(int(s))
             rows = shard == s
             codes[rows] = self._codes[s][local[rows], aug[rows]]
             labels[rows] = self._labels[s][local[rows]]
@@ -342,7 +469,8 @@ class TokenDataset(Dataset):
 
     @property
     def tokenizer_identity(self) -> dict[str, Any]:
-        """The tokenizer that made the store: source (Hub id or folder), revision, weights_sha256, config."""
+        """The tokenizer that made the store: source (Hub id or folder), revision (a commit for Hub ids),
+        weights_sha256, config."""
         return self.manifest["tokenizer"]
 
     def load_tokenizer(self) -> Autoencoder:
@@ -363,41 +491,197 @@ class TokenDataset(Dataset):
             )
 
     def verify(self) -> None:
-        """Check every shard's sha256 against the manifest."""
+        """Check every shard file's sha256 against its record, then every shard's codes (`check_codes`)."""
         for record in self.manifest["shards"]:
             for f in record["files"]:
                 if _sha256(self.path / f["path"]) != f["sha256"]:
                     raise TokenStoreError(f"{self.path / f['path']}: sha256 does not match the manifest (corrupted)")
+        self.check_codes()
+
+    def check_codes(self) -> None:
+        """Check that every shard's codes lie in the vocabulary and span the range its record gives: one pass over
+        the codes, done once per shard (`gather` does it for each shard before its first read)."""
+        for s in range(len(self._codes)):
+            self._check_code_range(s)
+
+    def _check_code_range(self, s: int) -> None:
+        if self.kind != "discrete" or s in self._range_checked:
+            return
+        record = self.manifest["shards"][s]
+        codes, file = self._codes[s], self.path / record["files"][0]["path"]
+        low, high = int(codes.min()), int(codes.max())
+        if low < 0 or high >= self.vocab_size:
+            raise TokenStoreError(f"{file}: holds code {low if low < 0 else high}, outside the vocabulary "
+                                  f"0..{self.vocab_size - 1} (a corrupted shard)")
+        if [low, high] != record["code_range"]:
+            raise TokenStoreError(f"{file}: codes span [{low}, {high}], its record says {record['code_range']} (a "
+                                  "corrupted or replaced shard)")
+        self._range_checked.add(s)
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Checks shared by the reader and the writer's last step
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise TokenStoreError(f"{path}: no manifest.json; not a token store")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenStoreError(f"{manifest_path}: not valid JSON ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    manifest = _read_json(manifest_path)
+    if manifest.get("format") != FORMAT:
         raise TokenStoreError(f"{manifest_path}: not a {FORMAT} manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise TokenStoreError(f"{manifest_path}: format version {manifest.get('format_version')}, this vqtok reads {FORMAT_VERSION}")
+        raise TokenStoreError(f"{manifest_path}: format version {manifest.get('format_version')}, this vqtok reads "
+                              f"{FORMAT_VERSION}; re-encode the store")
     if manifest.get("complete"):
-        required = ("kind", "augmentations", "vocab_size", "grid", "shards", "tokenizer", "num_items")
-        missing = [k for k in required if k not in manifest]
-        if missing or not isinstance(manifest["shards"], list) or not manifest["shards"]:
-            raise TokenStoreError(f"{manifest_path}: malformed manifest (missing or empty: {missing or ['shards']})")
-        if sum(r.get("count", 0) for r in manifest["shards"]) != manifest["num_items"]:
-            raise TokenStoreError(f"{manifest_path}: shard counts do not add up to num_items {manifest['num_items']}")
+        _validate_manifest(manifest, manifest_path)
     return manifest
+
+
+def _validate_manifest(manifest: dict[str, Any], where: Path) -> None:
+    """The declared fields agree with one another, and the shard records cover items 0..num_items-1 once, in order
+    (no file is read)."""
+    required = ("kind", "augmentations", "vocab_size", "grid", "dtype", "item_shape", "num_items", "args",
+                "tokenizer", "shards")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise TokenStoreError(f"{where}: malformed manifest (missing: {', '.join(missing)})")
+    _check_declared_fields(manifest, where)
+    _check_shard_records(manifest, where)
+
+
+def _check_declared_fields(m: dict[str, Any], where: Path) -> None:
+    kind, augmentations, vocab, dtype = m["kind"], m["augmentations"], m["vocab_size"], m["dtype"]
+    shape = m["item_shape"]
+    if kind not in ("discrete", "continuous"):
+        raise TokenStoreError(f"{where}: kind is {kind!r}; expected 'discrete' or 'continuous'")
+    if not (isinstance(augmentations, list) and augmentations and augmentations[0] == "none"
+            and len(set(augmentations)) == len(augmentations) and set(augmentations) <= set(AUGMENTATIONS)):
+        raise TokenStoreError(f"{where}: augmentations {augmentations!r} must start with 'none' and list each of "
+                              f"{AUGMENTATIONS} at most once")
+    axes = ["A", "h", "w"] if kind == "discrete" else ["A", "C", "h", "w"]
+    if not (isinstance(shape, list) and len(shape) == len(axes) and all(_is_int(d) and d >= 1 for d in shape)):
+        raise TokenStoreError(f"{where}: item_shape {shape!r} is not a {kind} store's [{', '.join(axes)}]")
+    if shape[0] != len(augmentations):
+        raise TokenStoreError(f"{where}: items hold {shape[0]} view(s) (item_shape {shape}) but augmentations lists "
+                              f"{len(augmentations)}: {augmentations}")
+    if m["grid"] != shape[-2:]:
+        raise TokenStoreError(f"{where}: grid {m['grid']} is not the items' last two sizes (item_shape {shape})")
+    if kind == "continuous":
+        if vocab is not None or dtype != "float16":
+            raise TokenStoreError(f"{where}: a continuous store holds float16 latents and no vocabulary, not dtype "
+                                  f"{dtype} with vocab_size {vocab}")
+        return
+    if not (_is_int(vocab) and vocab >= 1):
+        raise TokenStoreError(f"{where}: vocab_size {vocab!r} must be a positive integer in a discrete store")
+    if dtype != str(code_dtype(vocab)):
+        raise TokenStoreError(f"{where}: dtype {dtype}, but codes of a {vocab}-code vocabulary are stored as "
+                              f"{code_dtype(vocab)}")
+    tokenizer = m["tokenizer"]
+    recorded = tokenizer.get("config", {}).get("vocab_size") if isinstance(tokenizer, dict) else None
+    if recorded != vocab:
+        raise TokenStoreError(f"{where}: vocab_size {vocab}, but the recorded tokenizer has {recorded} codes")
+
+
+def _check_shard_records(m: dict[str, Any], where: Path) -> None:
+    records, size = m["shards"], m["args"].get("shard_size") if isinstance(m["args"], dict) else None
+    if not isinstance(records, list) or not records or not (_is_int(size) and size >= 1):
+        raise TokenStoreError(f"{where}: malformed manifest (no shard records, or no args.shard_size)")
+    start = 0
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or record.get("index") != i:
+            found = record.get("index") if isinstance(record, dict) else record
+            raise TokenStoreError(f"{where}: shard record {i} is for shard {found!r}; the records must be shards "
+                                  f"0..{len(records) - 1}, each once, in order (reordered or duplicated records)")
+        if record.get("start") != start:
+            raise TokenStoreError(f"{where}: shard {i} starts at item {record.get('start')!r}, but the shards before "
+                                  f"it end at item {start} (overlapping or missing items)")
+        count, last = record.get("count"), i == len(records) - 1
+        if not (_is_int(count) and 1 <= count <= size and (count == size or last)):
+            raise TokenStoreError(f"{where}: shard {i} holds {count!r} items; every shard holds shard_size {size}, "
+                                  "the last one at most that")
+        expected = [("codes", f"shards/codes-{i:05d}.npy"), ("labels", f"shards/labels-{i:05d}.npy")]
+        files = record.get("files")
+        if not (isinstance(files, list) and all(isinstance(f, dict) for f in files)
+                and [(f.get("kind"), f.get("path")) for f in files] == expected
+                and all(_is_int(f.get("bytes")) and isinstance(f.get("sha256"), str) for f in files)):
+            raise TokenStoreError(f"{where}: shard {i}'s record does not list its files {[p for _, p in expected]} "
+                                  "with their bytes and sha256")
+        if m["kind"] == "discrete" and not (isinstance(record.get("code_range"), list)
+                                            and len(record["code_range"]) == 2
+                                            and all(_is_int(v) for v in record["code_range"])):
+            raise TokenStoreError(f"{where}: shard {i}'s record has no code_range [min, max]")
+        if record.get("record_sha256") != _record_sha256(record):
+            raise TokenStoreError(f"{where}: shard {i}'s record does not match its record_sha256 (edited, or mixed "
+                                  "with another shard's)")
+        start += count
+    if start != m["num_items"]:
+        raise TokenStoreError(f"{where}: the shards hold {start} items, num_items is {m['num_items']!r}")
+
+
+def _open_shard(path: Path, m: dict[str, Any], record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-map a shard's codes and labels after checking their sizes, dtypes and shapes against the manifest,
+    and its recorded code range against the vocabulary (the codes themselves are not read)."""
+    for f in record["files"]:
+        file = path / f["path"]
+        actual = file.stat().st_size if file.is_file() else None
+        if actual != f["bytes"]:
+            raise TokenStoreError(f"{file}: {'missing' if actual is None else f'{actual} bytes'}, the manifest "
+                                  f"records {f['bytes']} (truncated or replaced shard)")
+    codes_file, labels_file = (path / f["path"] for f in record["files"])
+    codes, labels = _load_npy(codes_file), _load_npy(labels_file)
+    count, expected = record["count"], (record["count"], *m["item_shape"])
+    if codes.dtype != np.dtype(m["dtype"]) or codes.shape != expected:
+        raise TokenStoreError(f"{codes_file}: {codes.dtype} {list(codes.shape)}, the manifest declares {m['dtype']} "
+                              f"{list(expected)} (count, item_shape)")
+    if labels.dtype != np.int64 or labels.shape != (count,):
+        raise TokenStoreError(f"{labels_file}: {labels.dtype} {list(labels.shape)}, expected int64 [{count}]")
+    if m["kind"] == "discrete":
+        low, high = record["code_range"]
+        if not 0 <= low <= high < m["vocab_size"]:
+            raise TokenStoreError(f"{codes_file}: its record gives codes in [{low}, {high}], outside the vocabulary "
+                                  f"0..{m['vocab_size'] - 1} of the manifest")
+    return codes, labels
+
+
+def _load_npy(file: Path) -> np.ndarray:
+    try:
+        return np.load(file, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:
+        raise TokenStoreError(f"{file}: unreadable shard ({e})") from None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenStoreError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise TokenStoreError(f"{path}: holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     with staged(path) as tmp:
         Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _record_sha256(record: dict[str, Any]) -> str:
+    """sha256 of a shard record without this field: binds its index, start, inputs, code range and files' names and
+    checksums, so that no part of one shard's record can pass for another's."""
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _digest(*parts: bytes | np.ndarray) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else np.ascontiguousarray(part).data)
+    return digest.hexdigest()
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _sha256(path: Path) -> str:

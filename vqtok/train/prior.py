@@ -130,8 +130,9 @@ def _train_prior(config: PriorTrainConfig, *, resume: bool, stop_at: int | None,
 
 
 def open_data(config: PriorTrainConfig, tokenizer: Autoencoder | None) -> PriorData:
-    """Open the stores, check that they hold codes of one tokenizer, and split off the held-out items."""
-    train = TokenDataset(config.tokens)
+    """Open the stores (with `verify_tokens`: checksums too), check that they hold codes of one tokenizer and that
+    every code lies in the vocabulary, and split off the held-out items."""
+    train = TokenDataset(config.tokens, verify=config.verify_tokens)
     if train.kind != "discrete":
         raise TokenStoreError(f"{config.tokens}: holds continuous latents (a Gaussian tokenizer); a prior needs codes")
     if tokenizer is None:
@@ -149,13 +150,15 @@ def open_data(config: PriorTrainConfig, tokenizer: Autoencoder | None) -> PriorD
         # item i is image i // A under augmentation i % A: every view of a training image is trained on
         train_items = (train_images[:, None] * augmentations + np.arange(augmentations)).reshape(-1)
     else:
-        eval_set = TokenDataset(config.eval_tokens)
+        eval_set = TokenDataset(config.eval_tokens, verify=config.verify_tokens)
         eval_set.check_tokenizer(tokenizer)
         eval_images, train_items = np.arange(eval_set.num_images), np.arange(len(train))
     if tuple(eval_set.grid) != tuple(train.grid):
         raise TokenStoreError(f"{config.eval_tokens}: code grid {eval_set.grid} differs from the training store's "
                               f"{train.grid}")
     eval_items = eval_images * len(eval_set.augmentations)  # the un-augmented view of each held-out image
+    train.check_codes()  # every code in the vocabulary: one pass, now rather than at a bad shard's first read
+    eval_set.check_codes()  # (once per shard: free when eval_set is train)
     return PriorData(train, train_items, eval_set, eval_items, tokenizer)
 
 
@@ -217,7 +220,9 @@ def _accumulate_step(config: PriorTrainConfig, accelerator, model, data: PriorDa
         codes, labels = codes.to(accelerator.device), labels.to(accelerator.device)
         last = micro == config.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
-            with accelerator.autocast():  # the store's codes and labels were range-checked when it was opened
+            # check=False: open_data checked every code against the vocabulary (TokenDataset.check_codes) and
+            # resolve_prior_config the labels against num_classes
+            with accelerator.autocast():
                 logits = model(codes, _labels_for(raw, labels), check=False)
             loss = code_nll(logits, codes)
             accelerator.backward(loss / config.grad_accum)

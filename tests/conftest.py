@@ -34,6 +34,20 @@ def tiny_config(bottleneck, **overrides) -> AutoencoderConfig:
     return AutoencoderConfig(**base)
 
 
+def png_header(path: Path, width: int, height: int) -> None:
+    """A PNG whose header declares width x height grey pixels, followed by one row of data: all PIL reads before it
+    refuses a decompression bomb, so a 20000x20000 "image" costs a few bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    data = zlib.compress(b"\0" * (width + 1))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b""))
+
+
 @pytest.fixture(scope="session")
 def vq_config() -> AutoencoderConfig:
     return tiny_config(VQConfig(codebook_size=32, dim=4, kmeans_samples=64))

@@ -162,3 +162,138 @@ def test_gaussian_bottleneck_needs_a_likelihood_in_nats():
     with pytest.raises(ConfigError, match="would scale beta by the number of pixels"):
         TrainConfig(model=AutoencoderConfig(bottleneck=GaussianConfig()), loss="mse")
     TrainConfig(model=AutoencoderConfig(bottleneck=GaussianConfig()), loss="gaussian")
+
+
+# ---- size guards: exact element counts, checked before anything is allocated ---------------------------------------
+
+
+def _elements(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    mult=st.lists(st.integers(1, 3), min_size=1, max_size=3),
+    blocks=st.integers(1, 3),
+    width=st.sampled_from([4, 8]),
+    attn=st.booleans(),
+    mid_attention=st.booleans(),
+    bottleneck=st.sampled_from(["gaussian", "ema", "trained"]),
+    output=st.sampled_from(["image", "bernoulli_logits", "logistic_mixture"]),
+    channels=st.integers(1, 3),
+)
+def test_an_autoencoders_element_count_is_exact(mult, blocks, width, attn, mid_attention, bottleneck, output,
+                                                channels):
+    """`num_elements` (from the config alone) equals the parameters and buffers of the built model."""
+    dims = {"gaussian": GaussianConfig(dim=3), "ema": VQConfig(codebook_size=5, dim=3),
+            "trained": VQConfig(codebook_size=5, dim=3, ema=False, codebook_weight=1.0)}
+    resolution = 2 ** (len(mult) - 1) * 4
+    config = AutoencoderConfig(
+        bottleneck=dims[bottleneck], in_channels=channels, resolution=resolution, base_channels=width,
+        channel_mult=tuple(mult), num_res_blocks=blocks,
+        attn_resolutions=(resolution // 2 ** (len(mult) - 1),) if attn else (),
+        mid_attention=mid_attention, latent_channels=5, norm_groups=2, decoder_output=output,
+        input_range="0,1" if output == "bernoulli_logits" else "-1,1",
+        num_mixtures=2 if output == "logistic_mixture" else None,
+    )
+    assert config.num_elements == _elements(Autoencoder(config))
+
+
+@pytest.mark.parametrize("positions, num_classes, mlp_ratio", [("learned", 3, 4), ("rotary", 0, 2)])
+def test_a_priors_and_a_discriminators_element_counts_are_exact(positions, num_classes, mlp_ratio):
+    from vqtok.config import DiscriminatorConfig, PriorConfig
+    from vqtok.models import TransformerPrior
+    from vqtok.models.discriminator import PatchDiscriminator
+
+    config = PriorConfig(vocab_size=11, grid=(3, 5), num_classes=num_classes, n_layer=3, n_head=4, n_embd=16,
+                         mlp_ratio=mlp_ratio, positions=positions)
+    assert config.num_elements == _elements(TransformerPrior(config))
+    for layers in range(1, 7):
+        config = DiscriminatorConfig(in_channels=2, channels=3, layers=layers)
+        assert config.num_elements == _elements(PatchDiscriminator(config)), layers
+
+
+def test_the_size_limit_is_the_element_count(monkeypatch):
+    """A model of exactly MAX_MODEL_ELEMENTS elements is accepted, one more is refused, naming the sizing keys."""
+    import vqtok.config
+
+    config = AutoencoderConfig(bottleneck=VQConfig(codebook_size=8, dim=4), base_channels=8, norm_groups=8,
+                               channel_mult=(1, 2), resolution=8)
+    monkeypatch.setattr(vqtok.config, "MAX_MODEL_ELEMENTS", config.num_elements)
+    assert from_dict(AutoencoderConfig, to_dict(config)) == config
+    monkeypatch.setattr(vqtok.config, "MAX_MODEL_ELEMENTS", config.num_elements - 1)
+    with pytest.raises(ConfigError, match=r"c.yaml: base_channels 8 with channel_mult \[1, 2\], num_res_blocks 2 and "
+                                          rf"latent_channels 64 give a model of {config.num_elements:,} parameters"):
+        from_dict(AutoencoderConfig, to_dict(config), source="c.yaml")
+
+
+@pytest.mark.parametrize("data, match", [
+    ({"base_channels": 100_000}, r"'?base_channels 100000 .* more than vqtok's limit of 2,147,483,648"),
+    ({"bottleneck": {"kind": "vq", "codebook_size": 10**9}}, r"bottleneck.codebook_size 1000000000 with dim 64 give a "
+                                                            r"codebook of 130,000,000,006 parameters"),
+    ({"bottleneck": {"kind": "vq", "codebook_size": 10**9, "dim": 1}}, "give a codebook of 4,000,000,006 parameters"),
+    ({"num_res_blocks": 10**12}, "limit"),
+])
+def test_absurd_sizes_are_refused_by_the_config(data, match):
+    with pytest.raises(ConfigError, match=match):
+        from_dict(AutoencoderConfig, data, source="c.yaml")
+
+
+def test_absurd_prior_and_discriminator_sizes_are_refused():
+    from vqtok.config import DiscriminatorConfig, PriorConfig
+
+    with pytest.raises(ConfigError, match="prior.n_layer 8, n_embd 256, mlp_ratio 4, vocab_size 100000000"):
+        from_dict(__import__("vqtok.config").config.PriorTrainConfig,
+                  {"tokens": "t", "prior": {"vocab_size": 10**8, "grid": [16, 16], "num_classes": 0}}, source="p.yaml")
+    PriorConfig(n_embd=10**6)  # unresolved: nothing to count yet
+    with pytest.raises(ConfigError, match="channels 100000 with layers 3 give a discriminator"):
+        DiscriminatorConfig(channels=100_000)
+    with pytest.raises(ConfigError, match="limit"):
+        DiscriminatorConfig(layers=10**9)
+
+
+# ---- strict YAML ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# only a comment\n# and another\n", "---\n"])
+def test_an_empty_or_comment_only_file_is_an_error(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=r"empty.yaml: holds no config keys .*write \{\} to take every default"):
+        load_yaml(path, AutoencoderConfig)
+    path.write_text("{}  # every default\n")
+    assert load_yaml(path, AutoencoderConfig) == AutoencoderConfig()
+
+
+@pytest.mark.parametrize("text, match", [
+    ("base_channels: 64\nresolution: 16\nbase_channels: 32\n", r"key 'base_channels' is given twice \(lines 1 and 3\)"),
+    ("bottleneck:\n  kind: vq\n  dim: 8\n  dim: 16\n", r"key 'dim' is given twice \(lines 3 and 4\)"),
+    ("channel_mult: [1, 2]\nbottleneck: {kind: vq, kind: gaussian}\n", "key 'kind' is given twice"),
+])
+def test_a_duplicate_key_is_an_error(tmp_path, text, match):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="dup.yaml: " + match):
+        load_yaml(path, AutoencoderConfig)
+
+
+def test_merged_keys_may_be_overridden_and_set_values_are_strict(tmp_path):
+    from vqtok.config import apply_overrides
+
+    path = tmp_path / "merge.yaml"
+    path.write_text("bottleneck:\n  <<: {kind: vq, dim: 8, codebook_size: 64}\n  dim: 16\n")
+    assert load_yaml(path, AutoencoderConfig).bottleneck == VQConfig(dim=16, codebook_size=64)
+    with pytest.raises(ConfigError, match=r"--set 'bottleneck=\{kind: vq, dim: 1, dim: 2\}': key 'dim' is given twice"):
+        apply_overrides({}, ["bottleneck={kind: vq, dim: 1, dim: 2}"])
+
+
+def test_deeply_nested_data_is_a_config_error(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("bottleneck: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(ConfigError, match="deep.yaml: nested too deeply"):
+        load_yaml(path, AutoencoderConfig)
+    deep: list = []
+    for _ in range(5_000):
+        deep = [deep]
+    with pytest.raises(ConfigError, match=r"must be an integer, got \[\[\[\[\.\.\.\]\]\]\]"):
+        from_dict(AutoencoderConfig, {"base_channels": deep})

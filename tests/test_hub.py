@@ -243,3 +243,70 @@ def test_repo_missing_from_the_offline_cache_says_so(tmp_path):
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "not in the local Hub cache" in result.stderr
+
+
+# ---- local paths and Hub repo ids -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("runs/mytokenizer",
+     "runs/ is a local folder; for the Hub repo of that name give a revision, runs/mytokenizer@main"),
+    ("mytokenizer", "a Hub repo id has the form org/name"),
+    ("runs/exp/tokenizer", "a Hub repo id has the form org/name"),
+    ("./mytokenizer", "it is written as a path"),
+    ("~/mytokenizer", "it is written as a path"),
+    ("/abs/mytokenizer", "it is written as a path"),
+    ("org/model.safetensors", "it ends in a file suffix"),
+    ("org/na--me", "not a valid Hub repo id"),
+])
+def test_a_name_that_can_only_be_a_local_path_is_not_looked_up_on_the_hub(tmp_path, monkeypatch, name, reason):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with mock.patch("vqtok.hub.hf_hub_download", side_effect=AssertionError("asked the Hub")):
+        with pytest.raises(FileNotFoundError) as error:
+            vqtok.load(name)
+    assert str(error.value) == f"no local folder {name} (not looked up on the Hub: {reason})"
+
+
+def test_an_org_name_id_goes_to_the_hub_and_its_error_says_there_is_no_local_folder(tmp_path, monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    asked = []
+
+    def offline(**kwargs):
+        asked.append((kwargs["repo_id"], kwargs["revision"]))
+        raise LocalEntryNotFoundError("offline")
+
+    with mock.patch("vqtok.hub.hf_hub_download", side_effect=offline):
+        for name in ("org/absent", "runs/mytokenizer@main"):
+            with pytest.raises(FileNotFoundError, match="no local folder of that name, and the Hub repo's config.json"):
+                vqtok.load(name)
+    assert asked == [("org/absent", None), ("runs/mytokenizer", "main")]
+
+
+def test_offline_a_mistyped_local_path_fails_at_once_naming_it(tmp_path):
+    (tmp_path / "runs").mkdir()
+    code = ("import vqtok\nfor name in ['runs/mytokenizer', 'org/absent']:\n    try:\n        vqtok.load(name)\n"
+            "    except FileNotFoundError as e:\n        print(e)\n")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "no local folder runs/mytokenizer (not looked up on the Hub: runs/ is a local folder; for the Hub repo of that "
+        "name give a revision, runs/mytokenizer@main)",
+        "org/absent: no local folder of that name, and the Hub repo's config.json is not in the local Hub cache and "
+        "the Hub cannot be reached (offline, or HF_HUB_OFFLINE=1?)",
+    ]
+
+
+def test_a_key_given_twice_in_config_json_is_an_error(saved_vq, tmp_path):
+    _, path = saved_vq
+    path = _copy(path, tmp_path)
+    text = (path / "config.json").read_text()
+    (path / "config.json").write_text(text.replace('"base_channels": 16,', '"base_channels": 16, "base_channels": 32,'))
+    with pytest.raises(ConfigError, match=r"config.json: key 'base_channels' is given twice"):
+        vqtok.load(path)

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from vqtok import Autoencoder
-from tests.conftest import tiny_config
+from tests.conftest import png_header, tiny_config
 from vqtok.config import VQConfig
 
 
@@ -57,3 +57,34 @@ def test_16_bit_images_are_scaled_not_clipped(vq_model):
     assert torch.equal(x[0, 0], torch.from_numpy((values >> 8).astype(np.uint8)))
     with pytest.raises(ValueError, match="mode F"):
         vq_model.preprocess(Image.fromarray(np.zeros((16, 16), dtype=np.float32)))
+
+
+# ---- image folders: files that cannot be read -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["bomb", "broken_link"])
+def test_a_bomb_or_a_broken_link_is_an_unreadable_image(tmp_path, bad):
+    """Counted with skip_unreadable, an error naming the file without: never left out unseen or a raw PIL error."""
+    from vqtok.config import DataConfig, PreprocessConfig
+    from vqtok.data import build_dataset
+    from vqtok.data.sources import UnreadableImageError
+
+    for name in ("a.png", "c.png"):
+        Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / name)
+    if bad == "bomb":
+        png_header(tmp_path / "b.png", 20_000, 20_000)
+        reason = "decompression bomb"
+    else:
+        (tmp_path / "b.png").symlink_to(tmp_path / "gone.png")
+        reason = f"a broken symbolic link \\(to {tmp_path / 'gone.png'}\\)"
+
+    def build(skip: bool):
+        config = DataConfig(source="folder", path=str(tmp_path), skip_unreadable=skip)
+        return build_dataset(config, channels=1, preprocess=PreprocessConfig(), size=None)
+
+    skipping = build(True)
+    assert skipping.skipped == 1 and [p.name for p in skipping.source.files] == ["a.png", "c.png"]
+    strict = build(False)
+    assert len(strict) == 3
+    with pytest.raises(UnreadableImageError, match=f"cannot read image {tmp_path / 'b.png'}: .*{reason}"):
+        strict[1]

@@ -248,3 +248,12 @@ def test_tokenizer_encode_decode(vq_model, images):
 def test_bad_codes_are_clear_errors(vq_model, codes, error, match):
     with pytest.raises(error, match=match):
         vq_model.decode(codes)
+
+
+def test_an_empty_batch_encodes_to_empty_codes(vq_model, gaussian_model):
+    """As the Gaussian path gives an empty posterior, an empty VQ batch gives empty codes (and decodes back)."""
+    empty = torch.zeros(0, 3, 16, 16)
+    codes = vq_model.encode(empty)
+    assert codes.shape == (0, 8, 8) and codes.dtype == torch.long
+    assert vq_model.decode(codes).shape == (0, 3, 16, 16)
+    assert gaussian_model.encode(empty).mode().shape == (0, 4, 8, 8)

@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import traceback
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-
+from typing import Any, BinaryIO, Iterator
 
 from vqtok.version import __version__
+
+MAX_GRID_IMAGES = 1024  # a PNG grid shows at most this many images (sample: the first ones; decode: --n)
+SAMPLE_BATCH = 64  # vqtok sample's default batch: codes sampled, decoded and written this many at a time
+DECODE_BATCH = 256  # codes decoded at once
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,19 +42,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     sample = commands.add_parser("sample", help="sample codes from a prior and decode them into images")
     sample.add_argument("--prior", required=True, help="the prior: local folder or Hub repo id[@revision]")
-    sample.add_argument("--n", type=int, default=64, help="number of images (default 64)")
-    sample.add_argument("--class", dest="label", type=int, default=None,
+    sample.add_argument("--n", type=positive_int, default=64,
+                        help=f"number of images (default 64); more than {MAX_GRID_IMAGES} need --images-dir or --codes")
+    sample.add_argument("--class", dest="label", type=nonnegative_int, default=None,
                         help="class of every sample (conditional priors; default: unconditional)")
-    sample.add_argument("--temperature", type=float, default=1.0)
-    sample.add_argument("--top-k", type=int, default=None)
-    sample.add_argument("--top-p", type=float, default=None)
-    sample.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (needs --class)")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--batch-size", type=int, default=None, help="samples generated at once (default: all)")
+    sample.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0: greedy (default 1)")
+    sample.add_argument("--top-k", type=positive_int, default=None)
+    sample.add_argument("--top-p", type=probability, default=None)
+    sample.add_argument("--cfg-scale", type=finite_float, default=1.0,
+                        help="classifier-free guidance scale (needs --class)")
+    sample.add_argument("--seed", type=random_seed, default=0)
+    sample.add_argument("--batch-size", type=positive_int, default=SAMPLE_BATCH,
+                        help=f"samples generated and decoded at once (default {SAMPLE_BATCH}); the seed's samples "
+                        "depend on it")
     sample.add_argument("--tokenizer", default=None,
                         help="decode with this tokenizer instead of the recorded one (it must be the same weights)")
     sample.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    sample.add_argument("--out", required=True, help="PNG grid to write")
+    sample.add_argument("--out", required=True,
+                        help=f"PNG grid to write (of the first {MAX_GRID_IMAGES} images at most)")
     sample.add_argument("--images-dir", default=None, help="also write each image as a PNG into this folder")
     sample.add_argument("--codes", default=None, help="also write the sampled codes [n, h, w] to this .npy file")
     sample.set_defaults(run=_sample)
@@ -56,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("tokenizer", help="local folder or Hub repo id[@revision]")
     evaluate.add_argument("--data", required=True, help="digits | folder:PATH | idx:IMAGES[,LABELS] | amat:PATH | torchvision:NAME:ROOT")
     evaluate.add_argument("--split", choices=["train", "test"], default="test")
-    evaluate.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    evaluate.add_argument("--batch-size", type=int, default=64)
+    evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N images only")
+    evaluate.add_argument("--batch-size", type=positive_int, default=64)
     evaluate.add_argument("--out", default=None, help="also write the metrics as JSON here")
     evaluate.add_argument("--lpips", default=None, metavar="WEIGHTS",
                           help="also report LPIPS, with these LPIPS-VGG16 weights (scripts/convert_lpips_weights.py)")
@@ -68,18 +80,20 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--data", required=True, help="digits | folder:PATH | idx:IMAGES[,LABELS] | amat:PATH | torchvision:NAME:ROOT")
     encode.add_argument("--split", choices=["train", "test"], default="train")
     encode.add_argument("--out", required=True, help="the store folder (re-run with the same arguments to resume)")
-    encode.add_argument("--batch-size", type=int, default=256)
-    encode.add_argument("--shard-size", type=int, default=10_000)
+    encode.add_argument("--batch-size", type=positive_int, default=256)
+    encode.add_argument("--shard-size", type=positive_int, default=10_000)
     encode.add_argument("--hflip", action="store_true", help="also store the codes of horizontally flipped images")
-    encode.add_argument("--num-workers", type=int, default=4)
-    encode.add_argument("--limit", type=int, default=None, help="encode the first N images only")
+    encode.add_argument("--num-workers", type=nonnegative_int, default=4)
+    encode.add_argument("--limit", type=positive_int, default=None, help="encode the first N images only")
     encode.set_defaults(run=_encode)
 
     decode = commands.add_parser("decode", help="decode stored codes back to images (a PNG grid)")
-    decode.add_argument("codes", help="a token store folder, or a .npy file of codes [n, h, w] (needs --tokenizer)")
+    decode.add_argument("codes", help="a token store folder, or a .npy file of codes [n, h, w] (latents [n, dim, h, w] "
+                        "for a Gaussian tokenizer; needs --tokenizer)")
     decode.add_argument("--out", required=True, help="PNG file to write")
     decode.add_argument("--tokenizer", default=None, help="for a .npy file: the tokenizer folder or Hub id")
-    decode.add_argument("--n", type=int, default=64, help="number of images (default 64)")
+    decode.add_argument("--n", type=grid_count, default=64,
+                        help=f"number of images (default 64, at most {MAX_GRID_IMAGES})")
     decode.set_defaults(run=_decode)
 
     push = commands.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
@@ -93,7 +107,82 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="print a saved model's config and codebook statistics")
     info.add_argument("model", help="local folder or Hub repo id[@revision]")
     info.set_defaults(run=_info)
+
+    debug_help = "on an error, also show the traceback"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
+    for command in commands.choices.values():  # `vqtok --debug CMD` or `vqtok CMD ... --debug`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Argument types: bad numbers are refused while parsing, with argparse's usage line and exit status 2.
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    value = _integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def random_seed(text: str) -> int:
+    """A random seed: an integer in [0, 2^64)."""
+    value = nonnegative_int(text)
+    if value >= 2**64:
+        raise argparse.ArgumentTypeError(f"must be below 2^64, got {text}")
+    return value
+
+
+def grid_count(text: str) -> int:
+    """A number of images for a PNG grid: 1 .. MAX_GRID_IMAGES."""
+    value = positive_int(text)
+    if value > MAX_GRID_IMAGES:
+        raise argparse.ArgumentTypeError(f"a grid shows at most {MAX_GRID_IMAGES} images, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """A finite number (not nan or inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """A finite number >= 0."""
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """A number in (0, 1]."""
+    value = finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
 
 
 def _run_options(parser: argparse.ArgumentParser, config_kind: str, example: str) -> None:
@@ -158,46 +247,69 @@ def _train_prior(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-
+    """Sample `--n` code grids from a prior, `--batch-size` at a time, decoding and writing each batch before the
+    next: any n works in bounded memory, and the grid shows the first MAX_GRID_IMAGES."""
     import vqtok
-    from vqtok.files import staged
-    from vqtok.images import to_pil
-    from vqtok.train.evaluate import save_image_grid
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
+    if args.n > MAX_GRID_IMAGES and not (args.codes or args.images_dir):
+        raise ValueError(f"--n {args.n}: the grid (--out) shows at most {MAX_GRID_IMAGES} images; to sample more, "
+                         "write them with --images-dir or --codes")
+    out = _output_file(args.out, "--out", image=True)
+    codes_path = _output_file(args.codes, "--codes") if args.codes else None
+    images_dir = _output_folder(args.images_dir, "--images-dir") if args.images_dir else None
     prior = vqtok.load(args.prior, map_location=device)
     if not isinstance(prior, vqtok.TransformerPrior):
         raise ValueError(f"{args.prior} holds a {prior.model_type}, not a transformer prior")
     if args.tokenizer:
         prior.attach_tokenizer(_load_tokenizer(args.tokenizer))  # refused unless it is the recorded tokenizer
     tokenizer = prior.tokenizer.to(device)
-    codes = prior.generate(args.n, labels=args.label, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, cfg_scale=args.cfg_scale, seed=args.seed, batch_size=args.batch_size)
-    with torch.inference_mode():
-        images = torch.cat([tokenizer.postprocess(tokenizer.decode(chunk)) for chunk in codes.split(256)])
-    save_image_grid(images, args.out)
-    written = [args.out]
-    if args.codes:
-        with staged(args.codes) as tmp, open(tmp, "wb") as f:
-            np.save(f, codes.cpu().numpy(), allow_pickle=False)
-        written.append(args.codes)
-    if args.images_dir:
-        folder = Path(args.images_dir)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(to_pil(images)):
-            image.save(folder / f"{i:05d}.png")
-        written.append(f"{folder}/ ({len(images)} PNG files)")
-    print(f"sampled {args.n} images; wrote " + ", ".join(str(w) for w in written))
+    shape = (args.n, *prior.config.grid)
+    if codes_path:
+        _check_free_space(codes_path, math.prod(shape) * 8, "--codes")
+    batches = prior.generate_batches(args.n, labels=args.label, temperature=args.temperature, top_k=args.top_k,
+                                     top_p=args.top_p, cfg_scale=args.cfg_scale, seed=args.seed,
+                                     batch_size=args.batch_size)
+    _write_samples(batches, tokenizer, shape, out, codes_path, images_dir)
+    written = [f"{out}" + (f" (the first {MAX_GRID_IMAGES})" if args.n > MAX_GRID_IMAGES else "")]
+    if codes_path:
+        written.append(str(codes_path))
+    if images_dir:
+        written.append(f"{images_dir}/ ({args.n} PNG files)")
+    print(f"sampled {args.n} images; wrote " + ", ".join(written))
     return 0
+
+
+def _write_samples(batches: Iterator[Any], tokenizer: Any, shape: tuple[int, ...], out: Path, codes_path: Path | None,
+                   images_dir: Path | None) -> None:
+    """Decode and write each batch of codes as it comes: its codes appended to the .npy file (renamed into place
+    once complete), its images as PNG files, the first MAX_GRID_IMAGES kept for the grid, written last."""
+    import numpy as np
+    import torch
+
+    shown: list[torch.Tensor] = []
+    with ExitStack() as stack:
+        codes_file = stack.enter_context(_npy_rows(codes_path, shape, np.int64)) if codes_path else None
+        done = 0
+        for codes in batches:
+            images = _decode_images(tokenizer, codes)
+            if done < MAX_GRID_IMAGES:
+                shown.append(images[: MAX_GRID_IMAGES - done].cpu())
+            if codes_file is not None:
+                codes_file.write(codes.cpu().numpy())
+            if images_dir is not None:
+                _write_pngs(images, images_dir, first=done)
+            done += len(codes)
+        _save_grid(torch.cat(shown), out)
 
 
 def _eval(args: argparse.Namespace) -> int:
     from vqtok.data import build_dataset
+    from vqtok.files import staged
     from vqtok.nn.perceptual import LPIPS
     from vqtok.train.evaluate import evaluate, format_table
 
+    out = _output_file(args.out, "--out") if args.out else None
     model = _load_tokenizer(args.tokenizer)
     perceptual = LPIPS.from_file(args.lpips) if args.lpips else None
     c = model.config
@@ -205,8 +317,10 @@ def _eval(args: argparse.Namespace) -> int:
                             preprocess=c.preprocess, size=None)
     metrics = evaluate(model, dataset, batch_size=args.batch_size, perceptual=perceptual)
     print(format_table(metrics))
-    if args.out:
-        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with staged(out) as tmp:
+            Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n")
     return 0
 
 
@@ -231,28 +345,77 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
     from vqtok.data.token_store import TokenDataset
-    from vqtok.train.evaluate import save_image_grid
 
     path = Path(args.codes)
+    out = _output_file(args.out, "--out", image=True)
     if path.is_dir():
         store = TokenDataset(path)
+        if len(store) == 0:
+            raise ValueError(f"{path}: the token store holds no images")
         tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else store.load_tokenizer()
         store.check_tokenizer(tokenizer)
         step = len(store.augmentations)
         codes = torch.stack([store[i][0] for i in range(0, min(args.n * step, len(store)), step)])
     else:
+        if not path.is_file():
+            raise FileNotFoundError(f"no token store folder or .npy file {path}")
         if not args.tokenizer:
             raise ValueError("decoding a .npy file of codes needs --tokenizer")
         tokenizer = _load_tokenizer(args.tokenizer)
-        codes = torch.from_numpy(np.load(path, allow_pickle=False)[: args.n]).long()
-    images = tokenizer.postprocess(tokenizer.decode(codes.to(torch.float32) if tokenizer.is_gaussian else codes))
-    save_image_grid(images, args.out)
-    print(f"wrote {len(images)} decoded images to {args.out}")
+        codes = _read_codes(path, tokenizer, args.n)
+    images = _decode_images(tokenizer, codes)
+    _save_grid(images, out)
+    print(f"wrote {len(images)} decoded images to {out}")
     return 0
+
+
+def _read_codes(path: Path, tokenizer: Any, n: int) -> Any:
+    """The first n items of a .npy file, checked against the tokenizer: integer codes [n, h, w] in its vocabulary
+    (VQ), or finite float latents [n, dim, h, w] (Gaussian). A float array is never truncated into codes."""
+    import numpy as np
+    import torch
+
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)  # only the first n items are read
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable .npy array ({' '.join(str(e).split())})") from None
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{path}: an .npz archive, not a .npy array of codes")
+    if tokenizer.is_gaussian:
+        dim = tokenizer.bottleneck.dim
+        if array.dtype.kind != "f" or array.ndim != 4 or array.shape[1] != dim:
+            raise ValueError(f"{path}: a Gaussian tokenizer decodes float latents [n, {dim}, h, w], got {array.dtype} "
+                             f"{list(array.shape)}")
+    elif array.dtype.kind not in "iu" or array.ndim != 3:
+        kind = "float values (not codes; they would be truncated)" if array.dtype.kind in "fc" else str(array.dtype)
+        raise ValueError(f"{path}: codes must be integers [n, h, w], got {kind} of shape {list(array.shape)}")
+    if array.size == 0:
+        raise ValueError(f"{path}: holds no codes (shape {list(array.shape)})")
+    first = np.array(array[:n])
+    if tokenizer.is_gaussian:
+        if not np.isfinite(first).all():
+            raise ValueError(f"{path}: latents contain NaN or infinite values")
+        return torch.from_numpy(first.astype(np.float32))
+    low, high, vocab = int(first.min()), int(first.max()), tokenizer.vocab_size
+    if low < 0 or high >= vocab:
+        raise ValueError(f"{path}: codes must lie in [0, {vocab}) for this tokenizer, got values in [{low}, {high}]")
+    return torch.from_numpy(first.astype(np.int64))
+
+
+def _decode_images(tokenizer: Any, codes: Any) -> Any:
+    """uint8 images [n, C, H, W] of codes (or a Gaussian tokenizer's latents), decoded DECODE_BATCH at a time."""
+    import torch
+
+    device = tokenizer.post_quant_conv.weight.device
+    with torch.inference_mode():
+        return torch.cat([
+            tokenizer.postprocess(tokenizer.decode(chunk.to(device, torch.float32) if tokenizer.is_gaussian
+                                                   else chunk.to(device)))
+            for chunk in codes.split(DECODE_BATCH)
+        ])
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -282,13 +445,179 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Outputs, devices and errors
+
+
+def _output_file(path: str, flag: str, *, image: bool = False) -> Path:
+    """Check an output file's place before any work is done: not a folder, under folders (or nothing yet), and for
+    an image a suffix PIL can write. Missing folders are made when the file is written."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {path}: is a folder; give a file name")
+    for ancestor in path.parents:
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise ValueError(f"{flag} {path}: {ancestor} is a file, not a folder")
+            break
+    if image:
+        from PIL import Image
+
+        if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+            raise ValueError(f"{flag} {path}: not an image file name (use .png)")
+    return path
+
+
+def _output_folder(path: str, flag: str) -> Path:
+    """Check an output folder's place before any work: a folder or nothing yet, under folders."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: is a file, not a folder")
+    _output_file(path / "x", flag)
+    return path
+
+
+def _check_free_space(path: Path, size: int, flag: str) -> None:
+    import shutil
+
+    place = next(p for p in [path.parent, *path.parents] if p.exists())
+    free = shutil.disk_usage(place).free
+    if size > free:
+        raise ValueError(f"{flag} {path}: needs {size / 2**30:,.2f} GiB, only {free / 2**30:,.2f} GiB are free there")
+
+
+class _Rows:
+    """Rows appended to an open .npy file whose header promised `shape`."""
+
+    def __init__(self, file: BinaryIO, shape: tuple[int, ...], dtype: Any):
+        self.file, self.shape, self.dtype, self.rows = file, shape, dtype, 0
+
+    def write(self, rows: Any) -> None:
+        import numpy as np
+
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if tuple(rows.shape[1:]) != self.shape[1:] or self.rows + len(rows) > self.shape[0]:
+            raise ValueError(f"rows of shape {rows.shape} do not fit a .npy array of shape {self.shape}")
+        self.file.write(rows.tobytes())
+        self.rows += len(rows)
+
+
+@contextmanager
+def _npy_rows(path: Path, shape: tuple[int, ...], dtype: Any) -> Iterator[_Rows]:
+    """A .npy file of `shape` written row block by row block (never held whole), renamed into place only when every
+    row was written (`staged`)."""
+    import numpy as np
+
+    from vqtok.files import staged
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with staged(path) as tmp, open(tmp, "wb") as f:
+        header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(f, header)
+        rows = _Rows(f, shape, dtype)
+        yield rows
+        if rows.rows != shape[0]:
+            raise RuntimeError(f"{path}: {rows.rows} of {shape[0]} rows written")
+
+
+def _write_pngs(images: Any, folder: Path, first: int) -> None:
+    """uint8 images as folder/NNNNN.png from index `first`, each written whole or not at all."""
+    from vqtok.files import staged
+    from vqtok.images import to_pil
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(to_pil(images.cpu()), start=first):
+        with staged(folder / f"{i:05d}.png") as tmp:
+            image.save(tmp, format="PNG")
+
+
+def _save_grid(images: Any, out: Path) -> None:
+    from vqtok.train.evaluate import save_image_grid
+
+    save_image_grid(images.cpu(), out)
+
+
+def _device(name: str | None) -> Any:
+    """--device as a torch.device that exists here (default: cuda when available, else cpu)."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: not a device (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available here (no GPU, or torch was built without it)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {name}: vqtok runs on cpu, cuda or mps")
+    return device
+
+
+USER_ERRORS = (ValueError, OSError, ImportError)
+"""Errors whose message is written for the user (ConfigError, the data and store errors are ValueErrors; missing
+files are OSErrors): shown as they are. Any other error is shown with its type and a hint at --debug."""
+
+
+def describe_error(error: BaseException) -> str:
+    """One line naming the problem: an OSError's reason and file, otherwise the message, whitespace collapsed."""
+    if isinstance(error, OSError) and error.strerror and error.filename is not None:
+        message = f"{error.strerror}: {error.filename}"
+    elif isinstance(error, OSError) and error.strerror:
+        message = error.strerror
+    else:
+        message = _from_worker(str(error))
+    message = " ".join(message.split()) or type(error).__name__
+    if not isinstance(error, USER_ERRORS):
+        message = f"{type(error).__name__}: {message} (--debug shows the traceback)"
+    return message
+
+
+def _from_worker(message: str) -> str:
+    """The original error's line of an error re-raised from a DataLoader worker, whose message holds the worker's
+    whole traceback ("Caught X in DataLoader worker process 0. Original Traceback ... module.X: message")."""
+    if "Original Traceback (most recent call last):" not in message:
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1]
+    kind, sep, text = last.partition(": ")
+    return f"{text if sep and ' ' not in kind else last} (in a data loader worker)"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit status. Whatever goes wrong, the last line on stderr is one line naming
+    the problem: `vqtok COMMAND: error: ...` (status 1; with --debug, after the traceback), argparse's own for bad
+    arguments (status 2), or `vqtok COMMAND: interrupted` on Ctrl-C (status 130)."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error argparse has already reported
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:  # ConfigError is a ValueError
-        print(f"vqtok {args.command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        _end_progress_bars()
+        if args.debug:
+            traceback.print_exc()
+        print(f"vqtok {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        _end_progress_bars()
+        if args.debug:
+            traceback.print_exc()
+        print(f"vqtok {args.command}: error: {describe_error(e)}", file=sys.stderr)
         return 1
+
+
+def _end_progress_bars() -> None:
+    """Close the progress bars an error left open, so that the error's line starts a line of its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ discriminator or a value of the wrong type is an error that names the key and wh
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,6 +23,14 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config value, key or file that cannot be used; the message names the key and the source."""
+
+
+MAX_MODEL_ELEMENTS = 2**31
+"""The most parameters and buffers (elements, all tensors together) a config may describe: 2^31, 8 GiB in float32
+(a training run holds about four times that with AdamW's moments and the gradients). Every model config counts its
+model's elements exactly from the config (`num_elements`) and refuses beyond this bound, so a typo such as
+`base_channels: 100000` or a codebook of 1e9 entries is an error naming the keys before anything is allocated.
+Raise it in Python (`vqtok.config.MAX_MODEL_ELEMENTS = ...`) for a model that really is larger."""
 
 
 def _require(condition: bool, message: str) -> None:
@@ -114,6 +123,13 @@ class VQConfig:
         )
         _require(self.usage_window >= 1, f"usage_window must be >= 1, got {self.usage_window}")
         _require(self.search_chunk is None or self.search_chunk >= 1, f"search_chunk must be >= 1, got {self.search_chunk}")
+        _require_size(self.num_elements, f"codebook_size {self.codebook_size} with dim {self.dim} give a codebook")
+
+    @property
+    def num_elements(self) -> int:
+        """Elements of the quantizer's tensors: the codebook, its EMA sums (with `ema`), counts, last use, scalars."""
+        k, d = self.codebook_size, self.dim
+        return k * d * (2 if self.ema else 1) + 2 * k + 6
 
     @property
     def kmeans_reservoir(self) -> int:
@@ -211,6 +227,62 @@ class AutoencoderConfig:
             f"attn_resolutions {unknown} are not feature sizes of this model at resolution {self.resolution}; "
             f"the levels have sizes {sorted(reachable, reverse=True)}",
         )
+        _require_size(self.num_elements, f"base_channels {self.base_channels} with channel_mult "
+                      f"{list(self.channel_mult)}, num_res_blocks {self.num_res_blocks} and latent_channels "
+                      f"{self.latent_channels} give a model")
+
+    @property
+    def num_elements(self) -> int:
+        """Elements of every parameter and buffer of the `Autoencoder` this config builds, counted exactly (a test
+        checks the count against built models): the size guard's measure, known before anything is allocated."""
+        gaussian = isinstance(self.bottleneck, GaussianConfig)
+        dim = self.bottleneck.dim
+        encoder_out = self.latent_channels * (2 if gaussian else 1)  # a Gaussian's mean and log-variance
+        if self.decoder_output == "logistic_mixture":
+            from vqtok.losses import mixture_channels
+
+            decoder_out = mixture_channels(self.num_mixtures, self.in_channels)
+        else:
+            decoder_out = self.in_channels
+        projections = (_conv_elements(encoder_out, 2 * dim if gaussian else dim, 1)  # quant_conv, post_quant_conv
+                       + _conv_elements(dim, self.latent_channels, 1))
+        bottleneck = 0 if gaussian else self.bottleneck.num_elements
+        return self._encoder_elements(encoder_out) + projections + bottleneck + self._decoder_elements(decoder_out)
+
+    def _encoder_elements(self, out_channels: int) -> int:
+        """The Encoder's: conv_in, per level its residual blocks (and attention) and a downsampling step but the
+        last, the mid block, norm_out and conv_out."""
+        widths = [self.base_channels * m for m in self.channel_mult]
+        total = _conv_elements(self.in_channels, self.base_channels, 3)
+        width, size = self.base_channels, self.resolution
+        for i, out in enumerate(widths):
+            blocks = self.num_res_blocks
+            total += _res_elements(width, out) + (blocks - 1) * _res_elements(out, out)
+            total += blocks * self._attention_elements(size, out)
+            width = out
+            if i < len(widths) - 1:
+                total += _conv_elements(width, width, 3)
+                size //= 2
+        return total + _mid_elements(width, self.mid_attention) + 2 * width + _conv_elements(width, out_channels, 3)
+
+    def _decoder_elements(self, out_channels: int) -> int:
+        """The Decoder's: conv_in, the mid block, per level from the deepest num_res_blocks + 1 residual blocks (and
+        attention) and an upsampling step but the last, norm_out and conv_out."""
+        widths = [self.base_channels * m for m in self.channel_mult]
+        width, size = widths[-1], self.resolution // self.downsampling_factor
+        total = _conv_elements(self.latent_channels, width, 3) + _mid_elements(width, self.mid_attention)
+        for i in reversed(range(len(widths))):
+            blocks = self.num_res_blocks + 1
+            total += _res_elements(width, widths[i]) + (blocks - 1) * _res_elements(widths[i], widths[i])
+            total += blocks * self._attention_elements(size, widths[i])
+            width = widths[i]
+            if i > 0:
+                total += _conv_elements(width, width, 3)
+                size *= 2
+        return total + 2 * width + _conv_elements(width, out_channels, 3)
+
+    def _attention_elements(self, size: int, width: int) -> int:
+        return _attn_elements(width) if size in self.attn_resolutions else 0
 
     @property
     def downsampling_factor(self) -> int:
@@ -318,6 +390,17 @@ class DiscriminatorConfig:
         _require(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
         _require(self.channels >= 1, f"channels must be >= 1, got {self.channels}")
         _require(self.layers >= 1, f"layers must be >= 1, got {self.layers}")
+        _require_size(self.num_elements, f"channels {self.channels} with layers {self.layers} give a discriminator")
+
+    @property
+    def num_elements(self) -> int:
+        """Elements of the `PatchDiscriminator`'s parameters and buffers (BatchNorm's statistics included)."""
+        c, n = self.channels, self.layers
+        doubling = [c * 2**i for i in range(1, min(n, 3) + 1)]  # 2c, 4c, 8c: conv (no bias) + BatchNorm (4 + 1)
+        total = _conv_elements(self.in_channels, c, 4)
+        total += sum(i * o * 16 + 4 * o + 1 for i, o in zip([c] + doubling[:-1], doubling))
+        total += max(n - 3, 0) * (8 * c * 8 * c * 16 + 4 * 8 * c + 1)  # the layers at the capped width 8c
+        return total + _conv_elements(8 * c if n > 3 else doubling[-1], 1, 4)
 
 
 @dataclass(frozen=True)
@@ -513,6 +596,17 @@ class PriorConfig:
             _require(0.0 <= self.label_dropout < 1.0, f"label_dropout must be in [0, 1), got {self.label_dropout}")
             _require(self.label_dropout == 0 or self.num_classes != 0,
                      "label_dropout is set but num_classes is 0 (an unconditional prior has no labels to drop)")
+        if self.resolved:
+            _require_size(self.num_elements, f"n_layer {self.n_layer}, n_embd {self.n_embd}, mlp_ratio "
+                          f"{self.mlp_ratio}, vocab_size {self.vocab_size} and grid {list(self.grid)} give a prior")
+
+    @property
+    def num_elements(self) -> int:
+        """Elements of every parameter and buffer of the `TransformerPrior` this (resolved) config builds."""
+        c, t, hidden = self.n_embd, self.seq_len, self.mlp_ratio * self.n_embd
+        block = 4 * c + (3 * c * c + 3 * c) + (c * c + c) + (c * hidden + hidden) + (hidden * c + c)
+        positions = t * c if self.positions == "learned" else 2 * t * (c // self.n_head)  # rotary: cos, sin
+        return 2 * self.vocab_size * c + (self.num_classes + 1) * c + positions + self.n_layer * block + 2 * c
 
     @property
     def resolved(self) -> bool:
@@ -575,6 +669,34 @@ def _freeze_lists(config: Any) -> None:
             object.__setattr__(config, f.name, tuple(value))
 
 
+def _require_size(elements: int, what: str) -> None:
+    """The size guard (see MAX_MODEL_ELEMENTS): `what` names the keys that set the size."""
+    _require(
+        elements <= MAX_MODEL_ELEMENTS,
+        f"{what} of {elements:,} parameters and buffers ({elements * 4 / 2**30:,.1f} GiB in float32), more than "
+        f"vqtok's limit of {MAX_MODEL_ELEMENTS:,} (vqtok.config.MAX_MODEL_ELEMENTS): a typo?",
+    )
+
+
+def _conv_elements(c_in: int, c_out: int, kernel: int) -> int:
+    return c_in * c_out * kernel * kernel + c_out
+
+
+def _res_elements(c_in: int, c_out: int) -> int:
+    """A ResBlock: two GroupNorms, two 3x3 convolutions, a 1x1 shortcut when the widths differ."""
+    shortcut = _conv_elements(c_in, c_out, 1) if c_in != c_out else 0
+    return 2 * c_in + _conv_elements(c_in, c_out, 3) + 2 * c_out + _conv_elements(c_out, c_out, 3) + shortcut
+
+
+def _attn_elements(width: int) -> int:
+    """An AttnBlock: a GroupNorm and four 1x1 convolutions (q, k, v, proj)."""
+    return 2 * width + 4 * _conv_elements(width, width, 1)
+
+
+def _mid_elements(width: int, attention: bool) -> int:
+    return 2 * _res_elements(width, width) + (_attn_elements(width) if attention else 0)
+
+
 def _finite(x: float) -> bool:
     return x == x and abs(x) != float("inf")
 
@@ -594,20 +716,42 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def from_dict(cls: type[T], data: Any, *, source: str = "config") -> T:
     """Build the dataclass `cls` from plain data, strictly: unknown keys and ill-typed values raise ConfigError."""
-    return _convert(cls, data, path="", source=source)
+    try:
+        return _convert(cls, data, path="", source=source)
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother = 3, 80, 80
+
+
+def _show(value: Any) -> str:
+    """A value as error messages quote it: its repr, shortened (a value may be huge or deeply nested)."""
+    return _SHORT.repr(value)
 
 
 def load_yaml(path: str | Path, cls: type[T], overrides: Sequence[str] = ()) -> T:
     """Read a YAML file into the config dataclass `cls`, after applying dotted KEY=VALUE `overrides` (values parsed
-    as YAML, e.g. "model.bottleneck.beta=0.5"); errors name the file and the key."""
+    as YAML, e.g. "model.bottleneck.beta=0.5"); errors name the file and the key.
+
+    Strict: a key given twice in one mapping is an error (YAML parsers keep the last one silently), and so is an
+    empty or comment-only file (write `{}` to take every default)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _parse_yaml(path.read_text())
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file ({e})") from None
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    data = data if data is not None else {}
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
+    if data is None:
+        raise ConfigError(f"{path}: holds no config keys (empty or only comments); write {{}} to take every default")
     if overrides:
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: must hold a mapping of config keys")
@@ -629,10 +773,42 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
                 raise ConfigError(f"--set {key}: '{part}' is not a section")
             node = child
         try:
-            node[leaf] = yaml.safe_load(value)
+            node[leaf] = _parse_yaml(value)
+        except _DuplicateKey as e:
+            raise ConfigError(f"--set {item!r}: {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value is not valid YAML ({e})") from None
+        except RecursionError:
+            raise ConfigError(f"--set {key}: the value is nested too deeply") from None
     return data
+
+
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping that gives one key twice."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping. Keys brought in by a merge (`<<: *base`) may
+    be overridden, as YAML intends; only keys written out twice are refused."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=deep), key_node.start_mark.line + 1
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader's own error follows
+                continue
+            if first is not None:
+                raise _DuplicateKey(f"key {key!r} is given twice (lines {first} and {line})")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
 
 
 def save_yaml(config: Any, path: str | Path) -> None:
@@ -650,28 +826,28 @@ def _convert(tp: Any, value: Any, *, path: str, source: str) -> Any:
         return _convert_union(args, value, path=path, source=source)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{where} must be one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{where} must be one of {list(args)}, got {_show(value)}")
         return value
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{where} must be a list, got {type(value).__name__} {_show(value)}")
         item_type = args[0]
         return tuple(_convert(item_type, v, path=f"{path}[{i}]", source=source) for i, v in enumerate(value))
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
+            raise ConfigError(f"{where} must be true or false, got {_show(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
+            raise ConfigError(f"{where} must be an integer, got {_show(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
+            raise ConfigError(f"{where} must be a number, got {_show(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
+            raise ConfigError(f"{where} must be a string, got {_show(value)}")
         return value
     raise TypeError(f"unsupported config field type {tp!r} at {path}")  # a bug in a config class, not user input
 

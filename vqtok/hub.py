@@ -25,6 +25,7 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
+from huggingface_hub.utils import validate_repo_id
 from packaging.version import InvalidVersion, Version
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -302,12 +303,15 @@ def _resolve(source: str, filename: str, **fetch: Any) -> str:
         _missing_file(source, filename, present=set(os.listdir(source)))
     if os.path.exists(source):
         raise ValueError(f"{source} is a file; vqtok models are folders with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    reason = _local_path_reason(source, fetch.get("revision"))
+    if reason is not None:
+        raise FileNotFoundError(f"no local folder {source} (not looked up on the Hub: {reason})")
     try:
         return hf_hub_download(repo_id=source, filename=filename, **fetch)
     except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: first)
         raise FileNotFoundError(
-            f"{source}: {filename} is not in the local Hub cache and the Hub cannot be reached (offline, or "
-            "HF_HUB_OFFLINE=1?)"
+            f"{source}: no local folder of that name, and the Hub repo's {filename} is not in the local Hub cache and "
+            "the Hub cannot be reached (offline, or HF_HUB_OFFLINE=1?)"
         ) from None
     except EntryNotFoundError as e:
         _missing_file(source, filename, present=set(), cause=e)
@@ -321,6 +325,33 @@ def _resolve(source: str, filename: str, **fetch: Any) -> str:
         ) from None
     except HFValidationError as e:
         raise FileNotFoundError(f"{source}: not a local folder, and not a valid Hub repo id ({e})") from None
+
+
+FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".yaml", ".yml", ".npy", ".npz", ".png",
+                 ".jpg", ".txt", ".md")
+
+
+def _local_path_reason(source: str, revision: str | None) -> str | None:
+    """Why `source`, which names no local file or folder, is taken for a mistyped local path rather than a Hub repo
+    id (None: it may be a repo id, and the Hub is asked). A Hub repo id is exactly `org/name` in the Hub's characters,
+    so a name that starts with '.', '~' or '/', has no '/' or several, contains a backslash, or ends in a file
+    suffix is a path; so is `org/name` where `org` is a local folder (`runs/mytokenizer`), unless a revision is
+    given (`runs/mytokenizer@main` means the Hub repo). Deciding this at once spares the Hub's retries (seconds
+    to minutes offline) for what is only a typo."""
+    if source.startswith((".", "~", "/")) or os.path.isabs(source) or "\\" in source:
+        return "it is written as a path"
+    if source.count("/") != 1:
+        return "a Hub repo id has the form org/name"
+    if source.lower().endswith(FILE_SUFFIXES):
+        return "it ends in a file suffix"
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return "not a valid Hub repo id"
+    org = source.split("/")[0]
+    if revision is None and os.path.isdir(org):
+        return f"{org}/ is a local folder; for the Hub repo of that name give a revision, {source}@main"
+    return None
 
 
 def _snapshot_commit(path: str, depth: int = 0) -> str | None:
@@ -345,13 +376,31 @@ def _missing_file(source: str, filename: str, *, present: set[str], cause: Excep
 
 
 def _read_config_json(path: str) -> dict[str, Any]:
+    """config.json as a dict, strictly: a key given twice in one object is an error (JSON parsers keep the last)."""
     try:
-        raw = json.loads(Path(path).read_text())
+        raw = json.loads(Path(path).read_text(), object_pairs_hook=_refuse_duplicate_keys)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except _DuplicateJSONKey as e:
+        raise ConfigError(f"{path}: key {e.args[0]!r} is given twice in one object") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: must hold a JSON object, got {type(raw).__name__}")
     return raw
+
+
+class _DuplicateJSONKey(ValueError):
+    pass
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateJSONKey(key)
+        obj[key] = value
+    return obj
 
 
 def _model_class(raw: dict[str, Any], path: str) -> type[HubModel]:

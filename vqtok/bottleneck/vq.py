@@ -152,12 +152,12 @@ class VectorQuantizer(Bottleneck):
 
     @torch.no_grad()
     def encode(self, h: torch.Tensor) -> torch.Tensor:
-        """Features [B, dim, h, w] -> codes LongTensor [B, h, w]."""
+        """Features [B, dim, h, w] -> codes LongTensor [B, h, w] (an empty batch gives empty codes)."""
         self.check_features(h)
-        b, _, height, _ = h.shape
+        b, _, height, width = h.shape
         z = rearrange(self._prepared(h), "b d h w -> (b h w) d")
         codes = nearest_code(z, self.code_vectors(), chunk_elements=self.config.search_chunk)
-        return rearrange(codes, "(b h w) -> b h w", b=b, h=height)
+        return codes.view(b, height, width)  # (not einops, which cannot infer a size from an empty batch)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, h, w] -> decoder input [B, dim, h, w] (float32: the codebook's dtype)."""

@@ -180,7 +180,10 @@ class FolderSource(Source):
 
 
 def _image_files(root: Path) -> list[tuple[str, ...]]:
-    """Relative paths (as parts) of the image files under root, found with os.scandir (no stat per file)."""
+    """Relative paths (as parts) of the image files under root, found with os.scandir (no stat per file).
+
+    A broken symbolic link with an image file's name is listed too: it is an image that cannot be read, reported
+    (or skipped and counted) as such rather than left out unseen."""
     found, stack = [], [()]
     while stack:
         prefix = stack.pop()
@@ -188,19 +191,28 @@ def _image_files(root: Path) -> list[tuple[str, ...]]:
             for entry in entries:
                 if entry.is_dir():
                     stack.append((*prefix, entry.name))
-                elif entry.is_file() and os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and (
+                    entry.is_file() or _is_broken_link(entry.path)
+                ):
                     found.append((*prefix, entry.name))
     return found
 
 
+def _is_broken_link(path: str | Path) -> bool:
+    return os.path.islink(path) and not os.path.exists(path)
+
+
 def _open_image(path: Path) -> Image.Image:
+    """The decoded image; any file PIL cannot decode - corrupt, truncated, a broken link, or too many pixels for
+    PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) - is an UnreadableImageError naming the file."""
     try:
         with Image.open(path) as image:
             image.load()
             return image
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = f"a broken symbolic link (to {os.readlink(path)})" if _is_broken_link(path) else str(e)
         raise UnreadableImageError(
-            f"cannot read image {path}: {e} (set data.skip_unreadable: true to skip and count such files)"
+            f"cannot read image {path}: {reason} (set data.skip_unreadable: true to skip and count such files)"
         ) from None
 
 

@@ -14,7 +14,7 @@ A prior records the tokenizer whose codes it models (`config.tokenizer`: a Hub i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -251,25 +251,58 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
         batch_size: chunks of `batch_size` draw from that generator in turn. `use_cache=False` recomputes the whole
         prefix at every step (the reference the cache is tested against).
         """
+        chunks = self.generate_batches(n, labels, temperature=temperature, top_k=top_k, top_p=top_p,
+                                       cfg_scale=cfg_scale, seed=seed, batch_size=batch_size, prefix=prefix,
+                                       use_cache=use_cache)
+        return torch.cat(list(chunks)).view(n, *self.config.grid)
+
+    def generate_batches(
+        self,
+        n: int,
+        labels: int | Sequence[int] | torch.Tensor | None = None,
+        *,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cfg_scale: float = 1.0,
+        seed: int | None = None,
+        batch_size: int | None = None,
+        prefix: torch.Tensor | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """The codes of `generate` with the same arguments, as they are sampled: chunks [b, h, w] of `batch_size`
+        (None: all n at once), so that many samples can be decoded and written without holding them all. Nothing of
+        size n is allocated unless labels or a prefix are given per sample. The arguments are checked at once; the
+        prior is in eval mode while chunks are drawn (its mode comes back when the iterator is exhausted or closed)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         _check_sampling(temperature, top_k, top_p)
         device = self.head.weight.device
-        guided = cfg_scale != 1.0
-        if guided and (labels is None or not self.config.num_classes):
+        if cfg_scale != 1.0 and (labels is None or not self.config.num_classes):
             raise ValueError("cfg_scale != 1 (classifier-free guidance) needs a class-conditional prior and labels")
-        labels = self._check_labels(labels, n, device)
+        one_label = labels is None or torch.as_tensor(labels).ndim == 0
+        labels = self._check_labels(labels, 1 if one_label else n, device)
         prefix = self._check_prefix(prefix, n, device)
         generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-        batch_size = batch_size or n
+        settings = (temperature, top_k, top_p, cfg_scale, generator, use_cache)
+        return self._sample_batches(n, batch_size or n, labels if not one_label else None, labels[0], prefix, settings)
+
+    @torch.no_grad()
+    def _sample_batches(self, n: int, batch_size: int, labels: torch.Tensor | None, label: torch.Tensor,
+                        prefix: torch.Tensor, settings: tuple) -> Iterator[torch.Tensor]:
+        """Chunks of samples in turn: `labels` [n] per sample, or None for `label` for all."""
         was_training = self.training
         self.eval()
         try:
-            chunks = [self._sample(chunk, known, temperature, top_k, top_p, cfg_scale, generator, use_cache)
-                      for chunk, known in zip(labels.split(batch_size), prefix.split(batch_size), strict=True)]
+            for start in range(0, n, batch_size):
+                b = min(batch_size, n - start)
+                chunk = labels[start : start + b] if labels is not None else label.repeat(b)
+                codes = self._sample(chunk, prefix[start : start + b], *settings)
+                yield codes.view(b, *self.config.grid)
         finally:
             self.train(was_training)
-        return torch.cat(chunks).view(n, *self.config.grid)
 
     def _sample(self, labels: torch.Tensor, known: torch.Tensor, temperature: float, top_k: int | None,
                 top_p: float | None, cfg_scale: float, generator: torch.Generator | None, use_cache: bool) -> torch.Tensor:

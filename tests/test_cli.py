@@ -1,0 +1,367 @@
+"""The command line on bad input: every failure ends in one line `vqtok COMMAND: error: ...` naming the problem
+(exit status 1), bad numbers are refused while parsing (argparse's usage line and status 2), nothing large is
+allocated for an absurd request, and a sample of any size is written batch by batch."""
+
+import errno
+import json
+import os
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import vqtok
+import vqtok.cli
+from tests.conftest import png_header, tiny_config
+from vqtok.cli import main
+from vqtok.config import GaussianConfig, PreprocessConfig, PriorConfig, VQConfig
+from vqtok.models import TransformerPrior
+from vqtok.models.prior import tokenizer_ref
+from vqtok.train.evaluate import save_image_grid
+
+TINY_PRIOR = dict(n_layer=2, n_head=2, n_embd=32)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """A tiny VQ tokenizer (16 codes, 8x8 grid, grey 16x16 images), a prior paired with it, a Gaussian tokenizer."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    tok = vqtok.Autoencoder(tiny_config(VQConfig(codebook_size=16, dim=4, kmeans_init=False), in_channels=1,
+                                        preprocess=PreprocessConfig(resize=16))).eval()
+    tok.save_pretrained(root / "tok")
+    prior = TransformerPrior(PriorConfig(vocab_size=16, grid=(8, 8), num_classes=10, tokenizer=tokenizer_ref(tok),
+                                         **TINY_PRIOR)).eval()
+    prior.attach_tokenizer(tok)
+    prior.save_pretrained(root / "prior")
+    vqtok.Autoencoder(tiny_config(GaussianConfig(dim=3), in_channels=1)).save_pretrained(root / "vae")
+    return {"root": root, "tok": root / "tok", "prior": root / "prior", "vae": root / "vae"}
+
+
+def fails(capsys, argv: list[str], verb: str, *fragments: str, only_line: bool = True) -> str:
+    """Run the CLI, expect exit status 1 and a stderr that is exactly one line `vqtok VERB: error: ...` holding
+    every fragment (`only_line=False`: that line last, after progress bars); returns that line."""
+    status = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    lines = err.split("\n")
+    assert status == 1 and lines[-1] == "" and "Traceback" not in err, err
+    assert len(lines) == 2 or not only_line, err
+    assert lines[-2].startswith(f"vqtok {verb}: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[-2], (fragment, lines[-2])
+    return lines[-2]
+
+
+def refused_while_parsing(capsys, argv: list[str], verb: str, *fragments: str) -> None:
+    """argparse's way: usage, then one last line `vqtok VERB: error: argument ...`, exit status 2, no traceback."""
+    status = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert status == 2 and "Traceback" not in err, err
+    assert last.startswith(f"vqtok {verb}: error: argument "), err
+    for fragment in fragments:
+        assert fragment in last, (fragment, last)
+
+
+# ---- numbers are checked while parsing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["sample", "--prior", "p", "--out", "g.png", "--batch-size", "-2"], ("--batch-size", "positive integer", "-2")),
+    (["sample", "--prior", "p", "--out", "g.png", "--cfg-scale", "nan"], ("--cfg-scale", "finite", "nan")),
+    (["sample", "--prior", "p", "--out", "g.png", "--temperature", "inf"], ("--temperature", "finite")),
+    (["sample", "--prior", "p", "--out", "g.png", "--temperature", "-1"], ("--temperature", ">= 0")),
+    (["sample", "--prior", "p", "--out", "g.png", "--top-p", "1.5"], ("--top-p", "(0, 1]")),
+    (["sample", "--prior", "p", "--out", "g.png", "--top-k", "0"], ("--top-k", "positive")),
+    (["sample", "--prior", "p", "--out", "g.png", "--n", "0"], ("--n", "positive")),
+    (["sample", "--prior", "p", "--out", "g.png", "--class", "-1"], ("--class", ">= 0")),
+    (["sample", "--prior", "p", "--out", "g.png", "--seed", "x"], ("--seed", "must be an integer")),
+    (["decode", "codes.npy", "--out", "g.png", "--n", "0"], ("--n", "positive integer, got 0")),
+    (["decode", "codes.npy", "--out", "g.png", "--n", "5000"], ("--n", "at most 1024")),
+    (["eval", "tok", "--data", "digits", "--batch-size", "-2"], ("--batch-size", "positive")),
+    (["eval", "tok", "--data", "digits", "--limit", "0"], ("--limit", "positive")),
+    (["encode", "--tokenizer", "t", "--data", "digits", "--out", "s", "--shard-size", "0"], ("--shard-size",)),
+    (["encode", "--tokenizer", "t", "--data", "digits", "--out", "s", "--num-workers", "-1"], ("--num-workers",)),
+])
+def test_bad_numbers_are_refused_while_parsing(capsys, argv, fragments):
+    refused_while_parsing(capsys, argv, argv[0], *fragments)
+
+
+# ---- every error is one line ----------------------------------------------------------------------------------------
+
+
+def test_a_prior_given_as_a_tokenizer(capsys, folders, tmp_path):
+    prior, codes = folders["prior"], tmp_path / "codes.npy"
+    np.save(codes, np.zeros((2, 8, 8), dtype=np.int64))
+    not_a_tokenizer = "holds a transformer_prior, not a tokenizer"
+    fails(capsys, ["eval", prior, "--data", "digits"], "eval", not_a_tokenizer)
+    fails(capsys, ["decode", codes, "--tokenizer", prior, "--out", tmp_path / "g.png"], "decode", not_a_tokenizer)
+    fails(capsys, ["sample", "--prior", prior, "--tokenizer", prior, "--out", tmp_path / "g.png"], "sample",
+          not_a_tokenizer)
+    fails(capsys, ["encode", "--tokenizer", prior, "--data", "digits", "--out", tmp_path / "store"], "encode",
+          "TypeError", "needs an image tokenizer", "--debug")
+    fails(capsys, ["sample", "--prior", folders["tok"], "--out", tmp_path / "g.png"], "sample",
+          "not a transformer prior")
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_an_output_path_under_a_file_is_refused_before_any_work(capsys, folders, tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("mine")
+    sample = ["sample", "--prior", folders["prior"], "--n", "2"]
+    with mock.patch.object(TransformerPrior, "generate_batches", side_effect=AssertionError("sampled")):
+        fails(capsys, [*sample, "--out", a_file / "grid.png"], "sample", f"{a_file} is a file, not a folder")
+        fails(capsys, [*sample, "--out", tmp_path], "sample", "is a folder")
+        fails(capsys, [*sample, "--out", tmp_path / "grid.txt"], "sample", "not an image file name")
+        fails(capsys, [*sample, "--out", tmp_path / "g.png", "--images-dir", a_file], "sample",
+              f"--images-dir {a_file}: is a file")
+        fails(capsys, [*sample, "--out", tmp_path / "g.png", "--codes", a_file / "c.npy"], "sample", "is a file")
+    fails(capsys, ["encode", "--tokenizer", folders["tok"], "--data", "digits", "--limit", "4", "--num-workers", "0",
+                   "--out", a_file], "encode", "Not a directory", str(a_file))
+    fails(capsys, ["eval", folders["tok"], "--data", "digits", "--out", a_file / "m.json"], "eval", "is a file")
+    assert a_file.read_text() == "mine"
+
+
+def test_a_full_disk_is_one_line(capsys, folders, tmp_path):
+    out = tmp_path / "grid.png"
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out))
+    with mock.patch("vqtok.cli._save_grid", side_effect=full):
+        fails(capsys, ["sample", "--prior", folders["prior"], "--n", "2", "--out", out, "--codes", tmp_path / "c.npy"],
+              "sample", f"No space left on device: {out}")
+    assert sorted(os.listdir(tmp_path)) == []  # the codes file was staged, and removed with the failure
+
+
+def test_an_unexpected_error_names_its_type_and_debug_shows_the_traceback(capsys, folders, tmp_path):
+    argv = ["sample", "--prior", folders["prior"], "--n", "2", "--out", tmp_path / "g.png"]
+    boom = RuntimeError("CUDA out of memory.\nTried to allocate 2.00 GiB")
+    with mock.patch.object(TransformerPrior, "generate_batches", side_effect=boom):
+        fails(capsys, argv, "sample", "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB", "--debug")
+        for debug in (["--debug", *argv], [*argv, "--debug"]):
+            assert main([str(a) for a in debug]) == 1
+            err = capsys.readouterr().err
+            assert "Traceback (most recent call last)" in err and "generate_batches" not in err.splitlines()[-1]
+            assert err.splitlines()[-1].startswith("vqtok sample: error: RuntimeError: CUDA out of memory.")
+
+
+def test_ctrl_c_is_one_line_and_status_130(capsys, folders):
+    with mock.patch("vqtok.load", side_effect=KeyboardInterrupt):
+        assert main(["info", str(folders["tok"])]) == 130
+    assert capsys.readouterr().err == "vqtok info: interrupted\n"
+
+
+def test_devices_that_are_not_here(capsys, folders, tmp_path):
+    argv = ["sample", "--prior", folders["prior"], "--n", "2", "--out", tmp_path / "g.png", "--device"]
+    fails(capsys, [*argv, "banana"], "sample", "--device 'banana': not a device")
+    if not torch.cuda.is_available():
+        fails(capsys, [*argv, "cuda"], "sample", "--device cuda: CUDA is not available")
+    else:
+        fails(capsys, [*argv, f"cuda:{torch.cuda.device_count()}"], "sample", "CUDA device(s)")
+
+
+def test_an_error_in_a_data_loader_worker_is_its_own_line(capsys, folders, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(images / "a.png")
+    (images / "b.png").write_bytes(b"not a png")
+    line = fails(capsys, ["encode", "--tokenizer", folders["tok"], "--data", f"folder:{images}", "--num-workers", "1",
+                          "--out", tmp_path / "store"], "encode", f"cannot read image {images / 'b.png'}",
+                 "(in a data loader worker)", only_line=False)
+    assert line.count("cannot read image") == 1
+
+
+# ---- decode refuses what is not codes -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("array, fragments", [
+    (np.full((3, 8, 8), 2.7), ("must be integers [n, h, w]", "float values", "truncated")),
+    (np.zeros((3, 8, 8), dtype=bool), ("must be integers", "bool")),
+    (np.zeros((8, 8), dtype=np.int64), ("must be integers [n, h, w]", "shape [8, 8]")),
+    (np.zeros((0, 8, 8), dtype=np.int64), ("holds no codes",)),
+    (np.full((3, 8, 8), 16, dtype=np.int64), ("must lie in [0, 16)", "[16, 16]")),
+    (np.full((3, 8, 8), -1, dtype=np.int32), ("must lie in [0, 16)", "[-1, -1]")),
+])
+def test_decode_refuses_what_is_not_codes(capsys, folders, tmp_path, array, fragments):
+    np.save(tmp_path / "codes.npy", array)
+    fails(capsys, ["decode", tmp_path / "codes.npy", "--tokenizer", folders["tok"], "--out", tmp_path / "g.png"],
+          "decode", str(tmp_path / "codes.npy"), *fragments)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_decode_refuses_unreadable_files(capsys, folders, tmp_path):
+    argv = ["--tokenizer", folders["tok"], "--out", tmp_path / "g.png"]
+    (tmp_path / "empty.npy").write_bytes(b"")
+    fails(capsys, ["decode", tmp_path / "empty.npy", *argv], "decode", "empty.npy: not a readable .npy array")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    fails(capsys, ["decode", tmp_path / "objects.npy", *argv], "decode", "objects.npy: not a readable .npy array")
+    fails(capsys, ["decode", tmp_path / "absent.npy", *argv], "decode", "no token store folder or .npy file")
+
+
+def test_decode_reads_codes_and_gaussian_latents(capsys, folders, tmp_path):
+    codes = np.random.default_rng(0).integers(0, 16, (5, 8, 8)).astype(np.uint16)
+    np.save(tmp_path / "codes.npy", codes)
+    assert main(["decode", str(tmp_path / "codes.npy"), "--tokenizer", str(folders["tok"]), "--n", "3",
+                 "--out", str(tmp_path / "g.png")]) == 0
+    tok = vqtok.load(folders["tok"])
+    expected = tok.postprocess(tok.decode(torch.from_numpy(codes[:3].astype(np.int64))))
+    save_image_grid(expected, tmp_path / "expected.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "g.png")), np.asarray(Image.open(tmp_path / "expected.png")))
+    latents = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "latents.npy", latents)
+    assert main(["decode", str(tmp_path / "latents.npy"), "--tokenizer", str(folders["vae"]),
+                 "--out", str(tmp_path / "v.png")]) == 0
+    capsys.readouterr()
+    fails(capsys, ["decode", tmp_path / "codes.npy", "--tokenizer", folders["vae"], "--out", tmp_path / "v.png"],
+          "decode", "a Gaussian tokenizer decodes float latents [n, 3, h, w], got uint16")
+    latents[0, 0, 0, 0] = np.nan
+    np.save(tmp_path / "latents.npy", latents)
+    fails(capsys, ["decode", tmp_path / "latents.npy", "--tokenizer", folders["vae"], "--out", tmp_path / "v.png"],
+          "decode", "NaN or infinite")
+
+
+# ---- size guards ----------------------------------------------------------------------------------------------------
+
+
+def _edit_config(folder: Path, tmp_path: Path, edit) -> Path:
+    import shutil
+
+    copy = Path(shutil.copytree(folder, tmp_path / folder.name))
+    config = json.loads((copy / "config.json").read_text())
+    edit(config)
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize("folder, edit, fragments", [
+    ("tok", lambda c: c.update(base_channels=100_000),
+     ("config.json: base_channels 100000", "more than vqtok's limit")),
+    ("tok", lambda c: c["bottleneck"].update(codebook_size=10**9, kmeans_samples=None),
+     ("bottleneck.codebook_size 1000000000 with dim 4", "limit")),
+    ("prior", lambda c: c.update(vocab_size=10**9), ("vocab_size 1000000000", "limit")),
+    ("prior", lambda c: c.update(n_layer=10**6), ("n_layer 1000000", "limit")),
+])
+def test_a_config_json_of_an_absurd_size_is_refused_before_allocation(capsys, folders, tmp_path, folder, edit,
+                                                                      fragments):
+    path = _edit_config(folders[folder], tmp_path, edit)
+    with mock.patch("torch.nn.Module.__init__", side_effect=AssertionError("a model was built")):
+        fails(capsys, ["info", path], "info", str(path / "config.json"), *fragments)
+
+
+def test_a_set_of_an_absurd_size_is_refused(capsys, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"output_dir: {tmp_path / 'run'}\nmodel:\n  base_channels: 16\n  norm_groups: 8\n")
+    with mock.patch("torch.nn.Module.__init__", side_effect=AssertionError("a model was built")):
+        fails(capsys, ["train", config, "--set", "model.base_channels=100000"], "train", "c.yaml",
+              "model.base_channels 100000", "limit")
+        fails(capsys, ["train", config, "--set", "model.bottleneck={kind: vq, codebook_size: 1000000000}"], "train",
+              "model.bottleneck.codebook_size 1000000000 with dim 64")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_deeply_nested_config_is_a_clear_error(capsys, folders, tmp_path):
+    path = _edit_config(folders["tok"], tmp_path, lambda c: None)
+    (path / "config.json").write_text('{"model_type": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    fails(capsys, ["info", path], "info", "config.json: nested too deeply")
+    config = tmp_path / "deep.yaml"
+    config.write_text("model: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    fails(capsys, ["train", config], "train", "deep.yaml: nested too deeply")
+
+
+def test_a_decompression_bomb_is_an_unreadable_image(capsys, folders, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(images / "a.png")
+    png_header(images / "b.png", 20_000, 20_000)
+    fails(capsys, ["eval", folders["tok"], "--data", f"folder:{images}"], "eval",
+          f"cannot read image {images / 'b.png'}", "decompression bomb", "skip_unreadable")
+
+
+def test_a_broken_link_is_an_unreadable_image(capsys, folders, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(images / "a.png")
+    (images / "b.png").symlink_to(tmp_path / "gone.png")
+    fails(capsys, ["eval", folders["tok"], "--data", f"folder:{images}"], "eval",
+          f"cannot read image {images / 'b.png'}: a broken symbolic link (to {tmp_path / 'gone.png'})")
+
+
+# ---- sampling many images -------------------------------------------------------------------------------------------
+
+
+def test_sampling_more_than_the_grid_shows_needs_somewhere_to_write_them(capsys, folders, tmp_path):
+    with mock.patch.object(TransformerPrior, "generate_batches", side_effect=AssertionError("sampled")):
+        fails(capsys, ["sample", "--prior", folders["prior"], "--n", "100000000", "--out", tmp_path / "g.png"],
+              "sample", "--n 100000000", "at most 1024", "--images-dir or --codes")
+        fails(capsys, ["sample", "--prior", folders["prior"], "--n", "10000000000000", "--out", tmp_path / "g.png",
+                       "--codes", tmp_path / "c.npy"], "sample", "--codes", "needs 4,768,371.58 GiB", "GiB are free")
+    assert os.listdir(tmp_path) == []
+
+
+def test_many_samples_are_written_batch_by_batch(capsys, folders, tmp_path, monkeypatch):
+    """More samples than the grid shows: generated, decoded and written 4 at a time; the codes are those of
+    generate() with the same batch size, the PNGs their decoded images, and the grid the first MAX_GRID_IMAGES."""
+    monkeypatch.setattr(vqtok.cli, "MAX_GRID_IMAGES", 6)
+    calls = []
+    real_decode = vqtok.cli._decode_images
+
+    def counted_decode(tokenizer, codes):
+        calls.append(len(codes))
+        return real_decode(tokenizer, codes)
+
+    monkeypatch.setattr(vqtok.cli, "_decode_images", counted_decode)
+    out, codes_path, images = tmp_path / "grid.png", tmp_path / "codes.npy", tmp_path / "imgs"
+    assert main(["sample", "--prior", str(folders["prior"]), "--n", "10", "--class", "3", "--batch-size", "4",
+                 "--seed", "7", "--device", "cpu", "--out", str(out), "--codes", str(codes_path),
+                 "--images-dir", str(images)]) == 0
+    assert "wrote " + str(out) + " (the first 6)" in capsys.readouterr().out
+    assert calls == [4, 4, 2]
+    prior = vqtok.load(folders["prior"])
+    expected = prior.generate(10, labels=3, seed=7, batch_size=4)
+    codes = np.load(codes_path)
+    assert codes.dtype == np.int64 and np.array_equal(codes, expected.numpy())
+    decoded = prior.tokenizer.postprocess(prior.tokenizer.decode(expected))
+    assert sorted(os.listdir(images)) == [f"{i:05d}.png" for i in range(10)]
+    for i in (0, 5, 9):
+        assert np.array_equal(np.asarray(Image.open(images / f"{i:05d}.png")), decoded[i, 0].numpy())
+    save_image_grid(decoded[:6], tmp_path / "expected.png")
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "expected.png")))
+
+
+def test_generate_batches_gives_the_codes_of_generate_chunk_by_chunk():
+    """Chunks of batch_size, drawn in turn from one seeded generator, each with its own samples' labels: checked
+    against the chunks sampled one by one with a shared generator, and against greedy decoding of each sample alone
+    (which depends on its label only)."""
+    torch.manual_seed(0)
+    prior = TransformerPrior(PriorConfig(vocab_size=16, grid=(2, 3), num_classes=4, **TINY_PRIOR)).eval()
+    for labels in (None, 2, [0, 1, 2, 3, 0, 1, 2]):
+        chunks = list(prior.generate_batches(7, labels=labels, seed=3, batch_size=3, top_k=5))
+        assert [len(c) for c in chunks] == [3, 3, 1] and all(c.shape[1:] == (2, 3) for c in chunks)
+        assert torch.equal(torch.cat(chunks), prior.generate(7, labels=labels, seed=3, batch_size=3, top_k=5))
+        per_sample = torch.tensor(labels if isinstance(labels, list) else [4 if labels is None else labels] * 7)
+        generator = torch.Generator().manual_seed(3)
+        expected = [prior._sample(part, torch.empty(len(part), 0, dtype=torch.long), 1.0, 5, None, 1.0, generator, True)
+                    for part in per_sample.split(3)]
+        assert torch.equal(torch.cat(chunks), torch.cat(expected).view(7, 2, 3))
+        greedy = torch.cat(list(prior.generate_batches(7, labels=labels, temperature=0, batch_size=3)))
+        for i, label in enumerate(per_sample.tolist()):
+            alone = prior.generate(1, labels=None if labels is None else label, temperature=0)
+            assert torch.equal(greedy[i : i + 1], alone), i
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        prior.generate_batches(7, batch_size=-2)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        prior.generate_batches(0)
+
+
+# ---- Hub names ------------------------------------------------------------------------------------------------------
+
+
+def test_a_mistyped_local_path_is_reported_at_once(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with mock.patch("vqtok.hub.hf_hub_download", side_effect=AssertionError("asked the Hub")):
+        fails(capsys, ["info", "runs/mytokenizer"], "info", "no local folder runs/mytokenizer",
+              "runs/ is a local folder", "runs/mytokenizer@main")
+        fails(capsys, ["info", "./mytokenizer"], "info", "no local folder ./mytokenizer")
+        fails(capsys, ["eval", "mytokenizer", "--data", "digits"], "eval", "no local folder mytokenizer")

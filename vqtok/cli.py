@@ -99,7 +99,11 @@ def _run_options(parser: argparse.ArgumentParser, config_kind: str, example: str
     parser.add_argument("config", help=f"YAML file ({config_kind})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a config value, e.g. --set max_steps=100 --set {example}")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in output_dir (made with this config)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in the output_dir of an earlier vqtok run, deleting its checkpoints, "
+                             "metrics, samples and exports (other files stay)")
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                         help="stop after STEP with a checkpoint (resume later with --resume)")
 
@@ -135,7 +139,10 @@ def _train(args: argparse.Namespace) -> int:
     from vqtok.train import train
 
     config = load_yaml(args.config, TrainConfig, overrides=args.set)
-    folder = train(config, resume=args.resume, stop_at=args.stop_at)
+    try:
+        folder = train(config, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
+    except KeyboardInterrupt as e:
+        return _interrupted("train", e)
     print(f"tokenizer saved to {folder}" if folder else f"stopped at step {args.stop_at}; continue with --resume")
     return 0
 
@@ -145,9 +152,24 @@ def _train_prior(args: argparse.Namespace) -> int:
     from vqtok.train.prior import train_prior
 
     config = load_yaml(args.config, PriorTrainConfig, overrides=args.set)
-    folder = train_prior(config, resume=args.resume, stop_at=args.stop_at)
+    try:
+        folder = train_prior(config, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
+    except KeyboardInterrupt as e:
+        return _interrupted("train-prior", e)
     print(f"prior saved to {folder}" if folder else f"stopped at step {args.stop_at}; continue with --resume")
     return 0
+
+
+def _interrupted(command: str, error: KeyboardInterrupt) -> int:
+    """A run stopped by Ctrl-C or SIGTERM ends in one line that says whether a checkpoint was saved (no traceback);
+    returns the exit code, 128 + the signal's number."""
+    from vqtok.train.engine import TrainingInterrupted
+
+    if isinstance(error, TrainingInterrupted):
+        print(f"vqtok {command}: {error}", file=sys.stderr)
+        return error.exit_code
+    print(f"vqtok {command}: interrupted outside the training steps; no checkpoint was saved", file=sys.stderr)
+    return 130
 
 
 def _sample(args: argparse.Namespace) -> int:

@@ -119,7 +119,8 @@ def test_the_cli_stops_on_ctrl_c_with_a_checkpoint_and_one_line(tmp_path, capsys
         assert main(["train", str(tmp_path / "run.yaml")]) == 130
     err = capsys.readouterr().err
     first = tmp_path / "run" / "checkpoints" / "step_000001"
-    assert err.splitlines()[-1] == f"vqtok train: stopped by SIGINT after step 1 of 4: saved {first}; continue with --resume"
+    assert err.splitlines()[-1] == (f"vqtok train: stopped by SIGINT after step 1 of 4: saved {first}; continue with "
+                                    "--resume")
     assert "Traceback" not in err and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     # an interrupt in the middle of a step (a second Ctrl-C) saves nothing, and says so
     with mock.patch.object(loop, "_accumulate_step", side_effect=KeyboardInterrupt):
@@ -235,14 +236,16 @@ def _corrupt_header(path: Path) -> None:
     path.write_bytes(b"\xff" * 8 + data[8:])  # the same size, an absurd header length
 
 
-DAMAGE = {
+DAMAGE = {  # what is done to the newest checkpoint's folder, and the reason given for skipping it
     "empty train_state.json": (lambda c: (c / "train_state.json").write_text(""), "train_state.json is empty"),
     "partial train_state.json": (lambda c: _truncate(c / "train_state.json"), "train_state.json is unreadable"),
     "no train_state.json": (lambda c: (c / "train_state.json").unlink(), "no train_state.json"),
-    "truncated model": (lambda c: _truncate(c / "model.safetensors"), r"model.safetensors is [\d,]+ bytes, [\d,]+ when"),
+    "truncated model": (lambda c: _truncate(c / "model.safetensors"),
+                        r"model.safetensors is [\d,]+ bytes, [\d,]+ when saved"),
     "truncated optimizer": (lambda c: _truncate(c / "optimizer.bin"), r"optimizer.bin is [\d,]+ bytes"),
     "no RNG state": (lambda c: (c / "random_states_0.pkl").unlink(), "random_states_0.pkl is missing"),
-    "bad safetensors header": (lambda c: _corrupt_header(c / "model.safetensors"), "model.safetensors is not a readable safetensors"),
+    "bad safetensors header": (lambda c: _corrupt_header(c / "model.safetensors"),
+                               "model.safetensors is not a readable safetensors file"),
 }
 
 
@@ -282,7 +285,7 @@ def test_resume_falls_back_past_a_checkpoint_that_does_not_load_and_says_why(sto
     # with no usable checkpoint at all, resume refuses rather than start over
     for checkpoint in (out / "checkpoints").iterdir():
         (checkpoint / "train_state.json").write_text("")
-    with pytest.raises(RunFolderError, match="none of its checkpoints is complete and readable .*train_state.json is empty"):
+    with pytest.raises(RunFolderError, match="none of its checkpoints is complete and readable .*json is empty"):
         train(replace(stopped_run, output_dir=str(out)), resume=True)
 
 

@@ -168,7 +168,8 @@ def _interrupted(command: str, error: KeyboardInterrupt) -> int:
     if isinstance(error, TrainingInterrupted):
         print(f"vqtok {command}: {error}", file=sys.stderr)
         return error.exit_code
-    print(f"vqtok {command}: interrupted outside the training steps; no checkpoint was saved", file=sys.stderr)
+    print(f"vqtok {command}: interrupted outside the training steps (checkpoints saved before it stay; continue "
+          "with --resume)", file=sys.stderr)
     return 130
 
 

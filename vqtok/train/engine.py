@@ -39,14 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from vqtok.config import RunConfig, to_dict
+from vqtok.config import RunConfig, save_yaml, to_dict
 from vqtok.files import staged
 from vqtok.losses import lr_factor
 
@@ -316,7 +315,8 @@ class RunFolder:
             self.out.mkdir(parents=True, exist_ok=True)
             if self.earlier is None or self.overwrite:
                 write_text_atomically(self.out / RUN_MARKER, json.dumps({"kind": self.kind}) + "\n")
-            write_text_atomically(self.out / "config.yaml", yaml.safe_dump(to_dict(self.config), sort_keys=False))
+            with staged(self.out / "config.yaml") as tmp:
+                save_yaml(self.config, tmp)
         accelerator.wait_for_everyone()
         accelerator.init_trackers("vqtok")
 
@@ -346,6 +346,8 @@ class RunFolder:
             self._check_config(checkpoint)
             try:
                 transient = self._load(checkpoint, ema)
+            except RunFolderError:
+                raise
             except Exception as e:  # complete by its sizes but unreadable: fall back to the next older one
                 self.accelerator.print(f"skipping {checkpoint.path}: it does not load ({type(e).__name__}: {e})")
                 continue
@@ -409,6 +411,8 @@ class RunFolder:
             if isinstance(e, OSError):
                 raise CheckpointError(self._save_failure(final, e)) from e
             raise
+        if accelerator.is_main_process:
+            self._prune()
         accelerator.wait_for_everyone()
         return final
 
@@ -430,7 +434,6 @@ class RunFolder:
         else:
             os.replace(staging, final)
         _fsync_folder(self.checkpoints)
-        self._prune()
 
     def _prune(self) -> None:
         keep = self.config.keep_checkpoints
@@ -606,7 +609,8 @@ def config_sha256(config: RunConfig) -> str:
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """'key: saved -> current' for every dotted key that differs, but MAY_CHANGE_ON_RESUME."""
     a, b = _flatten(saved), _flatten(current)
-    keys = sorted(k for k in a.keys() | b.keys() if k not in MAY_CHANGE_ON_RESUME and a.get(k, _ABSENT) != b.get(k, _ABSENT))
+    keys = sorted(k for k in a.keys() | b.keys()
+                  if k not in MAY_CHANGE_ON_RESUME and a.get(k, _ABSENT) != b.get(k, _ABSENT))
     return [f"{k}: {a.get(k, _ABSENT)!r} -> {b.get(k, _ABSENT)!r}" for k in keys]
 
 

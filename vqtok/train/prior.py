@@ -9,8 +9,8 @@ use at most `eval_items` held-out images, the final one all of them.
 
 Artefacts under output_dir: config.yaml, metrics.jsonl (TensorBoard logs when installed), samples/step_XXXXXX.png
 (codes sampled from the prior and decoded by the store's tokenizer, one row per class for conditional priors),
-checkpoints/step_XXXXXX (see engine.RunFolder), and prior/ (save_pretrained: the prior, its tokenizer recorded as a Hub id@commit or copied
-into prior/tokenizer/, the held-out metrics in its model card).
+checkpoints/step_XXXXXX (see engine.RunFolder), and prior/ (save_pretrained: the prior, its tokenizer recorded as a
+Hub id@commit or copied into prior/tokenizer/, the held-out metrics in its model card).
 """
 
 from __future__ import annotations

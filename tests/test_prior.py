@@ -24,6 +24,7 @@ from vqtok.data import TokenStoreError, encode_dataset
 from vqtok.hub import weights_sha256
 from vqtok.models import PriorTokenizerMismatch, TransformerPrior
 from vqtok.models.prior import sample_from_logits, tokenizer_ref
+from vqtok.train import RunFolderError
 from vqtok.train.prior import open_data, train_prior
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32)
@@ -362,6 +363,11 @@ def test_training_writes_a_prior_paired_with_its_tokenizer_and_resumes_exactly(s
     assert all(torch.equal(a[k], b[k]) for k in a)  # dropout and label dropout RNG restored too
     lines = lambda p: [json.loads(x)["loss"] for x in (p / "metrics.jsonl").read_text().splitlines() if '"train"' in x]  # noqa: E731
     assert lines(run) == lines(split)
+    # the run folder rules of the shared engine: no fresh run over an earlier one, no resume with another config
+    with pytest.raises(RunFolderError, match="holds an earlier vqtok prior run: continue it with --resume"):
+        train_prior(prior_train_config(stores, split))
+    with pytest.raises(RunFolderError, match=r"another config \(prior.dropout: 0.1 -> 0.2\)"):
+        train_prior(prior_train_config(stores, split, prior=PriorConfig(**TINY, dropout=0.2)), resume=True)
 
 
 def test_two_processes_match_one(stores, tmp_path):

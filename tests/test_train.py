@@ -1,16 +1,22 @@
 """Training: artefacts, exact resume, two processes against one, bad inputs, the CLI, and the objectives."""
 
+import errno
 import json
 import math
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from accelerate import Accelerator
 from PIL import Image
 from safetensors.torch import load_file
 from torch.distributions import Bernoulli, Normal
@@ -18,10 +24,12 @@ from torch.distributions import Bernoulli, Normal
 import vqtok
 from tests.scripts.common import WORLD_INVARIANT_VQ, assert_same_weights, tiny_train_config
 from vqtok.cli import main
-from vqtok.config import DataConfig, VQConfig, save_yaml
+from vqtok.config import DataConfig, GaussianConfig, TrainConfig, VQConfig, load_yaml, save_yaml
 from vqtok.losses import kl_weight, lr_factor, reconstruction_loss
 from vqtok.metrics import psnr, ssim
-from vqtok.train import TooManySkippedSteps, train
+from vqtok.train import CheckpointError, RunFolderError, TooManySkippedSteps, TrainingInterrupted, loop, train
+from vqtok.train.engine import RUN_MARKER, scan_checkpoints, truncate_metrics
+from vqtok.train.quickstart import QUICKSTART_MARKER, claim_quickstart_folder, remove_earlier_stores
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +52,8 @@ def test_run_leaves_the_artefacts_a_person_looks_at(finished_run):
     assert Image.open(out / "samples" / "step_000006.png").size[0] > 16
     train_lines = metrics_lines(out)
     assert [r["step"] for r in train_lines] == [1, 2, 3, 4, 5, 6]
-    assert {"loss", "recon", "commitment", "vq/usage", "vq/ema_perplexity", "grad_norm", "lr"} <= set(train_lines[-1])
+    assert {"loss", "recon", "commitment", "vq/usage", "vq/perplexity", "vq/ema_perplexity", "grad_norm",
+            "lr"} <= set(train_lines[-1])
     assert [r["step"] for r in metrics_lines(out, "eval")] == [3, 6]
     model = vqtok.load(folder)
     assert model.config.preprocess.resize == 16
@@ -65,6 +74,247 @@ def test_resume_continues_exactly(tmp_path):
     assert split_losses == full_losses  # bit for bit on CPU
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def signal_after_step(step: int, number: int):
+    """Patch the tokenizer loop so that this process receives signal `number` as optimizer step `step` ends."""
+    original = loop.finish_step
+
+    def finish_then_signal(*args, **kwargs):
+        logs = original(*args, **kwargs)
+        if args[5].step == step:  # the counters
+            os.kill(os.getpid(), number)
+        return logs
+
+    return mock.patch.object(loop, "finish_step", finish_then_signal)
+
+
+def test_resume_is_exact_with_posterior_samples_dropout_and_a_mixture_likelihood(tmp_path):
+    """A Gaussian posterior's samples and dropout draw from the random state a checkpoint restores, so nothing may
+    draw from it between the restore and the first step (the data loader's iterator did). The split run is stopped
+    by SIGTERM after step 2: the checkpoint it saves then continues exactly too."""
+    base = tiny_train_config("unused")
+    model = replace(base.model, bottleneck=GaussianConfig(dim=4), decoder_output="logistic_mixture", num_mixtures=2,
+                    dropout=0.1)
+    settings = dict(model=model, loss="logistic_mixture", kl_schedule="linear", kl_warmup_steps=4, max_steps=4,
+                    eval_every=4, checkpoint_every=4, eval_images=8)
+    full = train(tiny_train_config(str(tmp_path / "full"), **settings))
+    config = tiny_train_config(str(tmp_path / "split"), **settings)
+    with signal_after_step(2, signal.SIGTERM), pytest.raises(TrainingInterrupted) as stopped:
+        train(config)
+    assert stopped.value.checkpoint == tmp_path / "split" / "checkpoints" / "step_000002"
+    assert stopped.value.exit_code == 143 and "stopped by SIGTERM after step 2 of 4" in str(stopped.value)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are the run's only while it runs
+    resumed = train(config, resume=True)
+    losses = lambda run: [(r["step"], r["loss"], r["kl"]) for r in metrics_lines(run)]  # noqa: E731
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")  # bit for bit on CPU
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_cli_stops_on_ctrl_c_with_a_checkpoint_and_one_line(tmp_path, capsys):
+    config = tiny_train_config(str(tmp_path / "run"), max_steps=4, eval_every=4, checkpoint_every=4, eval_images=8)
+    save_yaml(config, tmp_path / "run.yaml")
+    with signal_after_step(1, signal.SIGINT):
+        assert main(["train", str(tmp_path / "run.yaml")]) == 130
+    err = capsys.readouterr().err
+    first = tmp_path / "run" / "checkpoints" / "step_000001"
+    assert err.splitlines()[-1] == (f"vqtok train: stopped by SIGINT after step 1 of 4: saved {first}; continue with "
+                                    "--resume")
+    assert "Traceback" not in err and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    # an interrupt in the middle of a step (a second Ctrl-C) saves nothing, and says so
+    with mock.patch.object(loop, "_accumulate_step", side_effect=KeyboardInterrupt):
+        assert main(["train", str(tmp_path / "run.yaml"), "--resume"]) == 130
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"vqtok train: interrupted during step 2 of 4: no checkpoint saved for it (the "
+                                    f"newest is {first}; continue with --resume)")
+    assert "Traceback" not in err
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["step_000001"]
+
+
+def test_runs_never_mix_in_one_output_dir(tmp_path, capsys):
+    out = tmp_path / "run"
+    config = tiny_train_config(str(out), max_steps=4, eval_every=4, checkpoint_every=2, eval_images=8)
+    assert train(config, stop_at=2) is None
+    before = folder_bytes(out)
+    with pytest.raises(RunFolderError, match="holds an earlier vqtok tokenizer run: continue it with --resume"):
+        train(config)
+    with pytest.raises(RunFolderError, match=r"another config \(seed: 0 -> 1\)"):
+        train(replace(config, seed=1), resume=True)
+    with pytest.raises(ValueError, match="contradict"):
+        train(config, resume=True, overwrite=True)
+    save_yaml(config, tmp_path / "run.yaml")
+    assert main(["train", str(tmp_path / "run.yaml"), "--resume", "--set", "lr=0.1"]) == 1
+    assert "lr: 0.001 -> 0.1" in capsys.readouterr().err
+    assert folder_bytes(out) == before  # refused before anything was written
+    # what a resume may change, it changes, and config.yaml records the config in force
+    changed = replace(config, log_every=2, eval_images=16)
+    train(changed, resume=True)
+    assert load_yaml(out / "config.yaml", TrainConfig) == changed
+    assert [r["step"] for r in metrics_lines(out)] == [1, 2, 4]
+    # overwrite deletes the earlier run's artefacts, and nothing that vqtok did not write
+    (out / "notes.txt").write_text("mine")
+    train(replace(config, seed=1), overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [r["step"] for r in metrics_lines(out)] == [1, 2, 3, 4]
+    assert load_yaml(out / "config.yaml", TrainConfig).seed == 1
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_folders_that_are_not_a_vqtok_run_are_never_deleted(tmp_path):
+    mine = tmp_path / "mine"
+    (mine / "checkpoints").mkdir(parents=True)
+    (mine / "checkpoints" / "weights.pt").write_text("mine")
+    (mine / "config.yaml").write_text("mine")
+    before = folder_bytes(mine)
+    with pytest.raises(RunFolderError, match=f"output_dir {mine} is not empty \\(it holds checkpoints, config.yaml\\)"):
+        train(tiny_train_config(str(mine)))
+    with pytest.raises(RunFolderError, match=f"no {RUN_MARKER}, so nothing in it .* and nothing was deleted"):
+        train(tiny_train_config(str(mine)), overwrite=True)
+    with pytest.raises(RunFolderError, match="not the folder of a vqtok run"):
+        train(tiny_train_config(str(mine)), resume=True)
+    assert folder_bytes(mine) == before and sorted(os.listdir(mine)) == ["checkpoints", "config.yaml"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunFolderError, match="is a file, not a folder"):
+        train(tiny_train_config(str(tmp_path / "file")))
+
+
+def test_quickstart_deletes_nothing_it_did_not_make(tmp_path, capsys):
+    out = tmp_path / "quick"
+    (out / "tokens" / "mnist").mkdir(parents=True)
+    (out / "tokens" / "mnist" / "manifest.json").write_text("{}")
+    (out / "prior_run").mkdir()
+    (out / "prior_run" / "keep.txt").write_text("mine")
+    before = folder_bytes(out)
+    assert main(["quickstart", "--out", str(out), "--steps", "1", "--prior-steps", "1"]) == 1
+    assert f"--out {out} is not empty (it holds prior_run, tokens) and was not made by vqtok quickstart" in \
+        capsys.readouterr().err
+    assert folder_bytes(out) == before and sorted(os.listdir(out)) == ["prior_run", "tokens"]
+    # in a folder it made, it replaces its own token stores and nothing else (the runs replace theirs: overwrite)
+    own = tmp_path / "own"
+    claim_quickstart_folder(own)
+    assert (own / QUICKSTART_MARKER).is_file()
+    for name in ("train", "test", "mine"):
+        (own / "tokens" / name).mkdir(parents=True)
+        (own / "tokens" / name / "manifest.json").write_text(name)
+    claim_quickstart_folder(own)  # its own earlier output: accepted
+    remove_earlier_stores(own)
+    assert os.listdir(own / "tokens") == ["mine"]
+    (own / QUICKSTART_MARKER).unlink()
+    with pytest.raises(FileNotFoundError, match="not a quickstart folder"):
+        remove_earlier_stores(own)
+    assert os.listdir(own / "tokens") == ["mine"]
+
+
+# ---- checkpoints: complete or skipped, pruned, never half-written ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run stopped after step 4 of 6 that checkpoints every step and keeps 3."""
+    config = tiny_train_config(str(tmp_path_factory.mktemp("stopped") / "run"), checkpoint_every=1, keep_checkpoints=3,
+                               eval_every=6, eval_images=8)
+    assert train(config, stop_at=4) is None
+    return config
+
+
+def test_only_the_newest_checkpoints_are_kept(stopped_run):
+    checkpoints = Path(stopped_run.output_dir) / "checkpoints"
+    assert sorted(os.listdir(checkpoints)) == ["step_000002", "step_000003", "step_000004"]
+    assert [c.step for c in scan_checkpoints(checkpoints)[0]] == [4, 3, 2]
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _corrupt_header(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(b"\xff" * 8 + data[8:])  # the same size, an absurd header length
+
+
+DAMAGE = {  # what is done to the newest checkpoint's folder, and the reason given for skipping it
+    "empty train_state.json": (lambda c: (c / "train_state.json").write_text(""), "train_state.json is empty"),
+    "partial train_state.json": (lambda c: _truncate(c / "train_state.json"), "train_state.json is unreadable"),
+    "no train_state.json": (lambda c: (c / "train_state.json").unlink(), "no train_state.json"),
+    "truncated model": (lambda c: _truncate(c / "model.safetensors"),
+                        r"model.safetensors is [\d,]+ bytes, [\d,]+ when saved"),
+    "truncated optimizer": (lambda c: _truncate(c / "optimizer.bin"), r"optimizer.bin is [\d,]+ bytes"),
+    "no RNG state": (lambda c: (c / "random_states_0.pkl").unlink(), "random_states_0.pkl is missing"),
+    "bad safetensors header": (lambda c: _corrupt_header(c / "model.safetensors"),
+                               "model.safetensors is not a readable safetensors file"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_newest_checkpoint_is_skipped_with_the_reason(stopped_run, tmp_path, damage):
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(Path(stopped_run.output_dir) / "checkpoints", checkpoints)
+    harm, reason = DAMAGE[damage]
+    harm(checkpoints / "step_000004")
+    (checkpoints / "step_abc").mkdir()
+    (checkpoints / "step_000005.tmp-save").mkdir()
+    complete, skipped = scan_checkpoints(checkpoints)
+    assert [c.step for c in complete] == [3, 2]
+    why = {path.name: text for path, text in skipped}
+    assert why.keys() == {"step_000004", "step_abc", "step_000005.tmp-save"}
+    assert why["step_abc"] == "not a checkpoint name (step_ and a number)"
+    assert why["step_000005.tmp-save"] == "an unfinished save"
+    assert re.match(reason, why["step_000004"]), why["step_000004"]
+
+
+def test_resume_falls_back_past_a_checkpoint_that_does_not_load_and_says_why(stopped_run, tmp_path, capsys):
+    """A newest checkpoint whose optimizer state is garbage of the right size passes the checks and fails to load:
+    the run resumes from the one before, and a kill's half-written last metrics line is dropped."""
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run.output_dir, out)
+    optimizer = out / "checkpoints" / "step_000004" / "optimizer.bin"
+    optimizer.write_bytes(bytes(optimizer.stat().st_size))
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().rstrip("\n")[:-20])
+    capsys.readouterr()
+    train(replace(stopped_run, output_dir=str(out)), resume=True)
+    said = capsys.readouterr().out
+    assert f"skipping {out / 'checkpoints' / 'step_000004'}: it does not load" in said
+    assert f"resumed from {out / 'checkpoints' / 'step_000003'} at step 3" in said
+    assert [r["step"] for r in metrics_lines(out)] == [1, 2, 3, 4, 5, 6]
+    assert [c.step for c in scan_checkpoints(out / "checkpoints")[0]] == [6, 5, 4]  # step 4 saved again, whole
+    # with no usable checkpoint at all, resume refuses rather than start over
+    for checkpoint in (out / "checkpoints").iterdir():
+        (checkpoint / "train_state.json").write_text("")
+    with pytest.raises(RunFolderError, match="none of its checkpoints is complete and readable .*json is empty"):
+        train(replace(stopped_run, output_dir=str(out)), resume=True)
+
+
+def test_metrics_truncation_drops_only_a_cut_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"st')
+    truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+    path.write_text('{"step": 1}\ngarbage\n{"step": 2}\n')
+    with pytest.raises(RunFolderError, match="metrics.jsonl: line 2 is not a metrics record"):
+        truncate_metrics(path, 2)
+
+
+def test_a_full_disk_while_saving_says_so_and_leaves_no_partial_checkpoint(tmp_path):
+    config = tiny_train_config(str(tmp_path / "run"), max_steps=4, checkpoint_every=2, eval_every=4, eval_images=8)
+    original = Accelerator.save_state
+
+    def fill_the_disk_at_step_4(self, output_dir, **kwargs):
+        if Path(output_dir).name.startswith("step_000004"):
+            (Path(output_dir) / "model.safetensors").write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, output_dir, **kwargs)
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    with mock.patch.object(Accelerator, "save_state", fill_the_disk_at_step_4), pytest.raises(
+            CheckpointError, match=f"step_000004: the disk is full .*newest complete checkpoint is "
+                                   f"{checkpoints / 'step_000002'}; free space, then continue with --resume"):
+        train(config)
+    assert os.listdir(checkpoints) == ["step_000002"]
 
 
 def test_two_processes_match_one_on_the_same_batches(tmp_path):
@@ -96,6 +346,9 @@ def test_gradient_accumulation_matches_one_batch(tmp_path):
     over both micro-batches and applied once per step."""
     whole = train(tiny_train_config(str(tmp_path / "whole"), vq=WORLD_INVARIANT_VQ, max_steps=3))
     micro = train(tiny_train_config(str(tmp_path / "micro"), vq=WORLD_INVARIANT_VQ, max_steps=3, grad_accum=2))
+    # the logged perplexity is the step's (from the codes of both micro-batches), not a mean of two (biased low)
+    step_perplexity = lambda run: [r["vq/perplexity"] for r in metrics_lines(run)]  # noqa: E731
+    assert step_perplexity(tmp_path / "micro") == pytest.approx(step_perplexity(tmp_path / "whole"), rel=1e-6)
     a, b = load_file(whole / "model.safetensors"), load_file(micro / "model.safetensors")
     assert int(b["bottleneck.steps"]) == 3  # one codebook update per optimizer step, not per micro-batch
     reference = vqtok.load(whole)

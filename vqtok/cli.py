@@ -190,7 +190,11 @@ def _run_options(parser: argparse.ArgumentParser, config_kind: str, example: str
     parser.add_argument("config", help=f"YAML file ({config_kind})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override a config value, e.g. --set max_steps=100 --set {example}")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in output_dir (made with this config)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start afresh in the output_dir of an earlier vqtok run, deleting its checkpoints, "
+                             "metrics, samples and exports (other files stay)")
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                         help="stop after STEP with a checkpoint (resume later with --resume)")
 
@@ -226,7 +230,7 @@ def _train(args: argparse.Namespace) -> int:
     from vqtok.train import train
 
     config = load_yaml(args.config, TrainConfig, overrides=args.set)
-    folder = train(config, resume=args.resume, stop_at=args.stop_at)
+    folder = train(config, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
     print(f"tokenizer saved to {folder}" if folder else f"stopped at step {args.stop_at}; continue with --resume")
     return 0
 
@@ -241,7 +245,7 @@ def _train_prior(args: argparse.Namespace) -> int:
             raise ConfigError("--verify and --set verify_tokens=... both given; use one")
         overrides.append("verify_tokens=true")
     config = load_yaml(args.config, PriorTrainConfig, overrides=overrides)
-    folder = train_prior(config, resume=args.resume, stop_at=args.stop_at)
+    folder = train_prior(config, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
     print(f"prior saved to {folder}" if folder else f"stopped at step {args.stop_at}; continue with --resume")
     return 0
 
@@ -591,25 +595,37 @@ def _from_worker(message: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status. Whatever goes wrong, the last line on stderr is one line naming
     the problem: `vqtok COMMAND: error: ...` (status 1; with --debug, after the traceback), argparse's own for bad
-    arguments (status 2), or `vqtok COMMAND: interrupted` on Ctrl-C (status 130)."""
+    arguments (status 2), or `vqtok COMMAND: interrupted` on Ctrl-C (status 130; a training run stopped by Ctrl-C or
+    SIGTERM says which checkpoint it saved, status 130 or 143)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a usage error argparse has already reported
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
         return args.run(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         _end_progress_bars()
         if args.debug:
             traceback.print_exc()
-        print(f"vqtok {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(args.command, e)
     except Exception as e:
         _end_progress_bars()
         if args.debug:
             traceback.print_exc()
         print(f"vqtok {args.command}: error: {describe_error(e)}", file=sys.stderr)
         return 1
+
+
+def _interrupted(command: str, error: KeyboardInterrupt) -> int:
+    """One line for Ctrl-C or SIGTERM; returns the exit status, 128 + the signal's number. A training run stopped
+    between steps says which checkpoint it saved (`TrainingInterrupted`)."""
+    from vqtok.train.engine import TrainingInterrupted
+
+    if isinstance(error, TrainingInterrupted):
+        print(f"vqtok {command}: {error}", file=sys.stderr)
+        return error.exit_code
+    print(f"vqtok {command}: interrupted", file=sys.stderr)
+    return 130
 
 
 def _end_progress_bars() -> None:

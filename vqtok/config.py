@@ -339,7 +339,8 @@ class RunConfig:
     AdamW with `warmup_steps` of linear warm-up, then cosine decay to `min_lr_ratio` x lr at max_steps.
     skip_grad_norm skips updates whose gradient norm (before clipping) is above it or not finite; more than
     max_consecutive_skips in a row stops the run with an error. weights_ema > 0 keeps an EMA of the weights, which is
-    what gets exported.
+    what gets exported. A checkpoint is saved every `checkpoint_every` steps (and at the end, and on SIGINT/SIGTERM);
+    `keep_checkpoints` N deletes all but the newest N complete ones (None: keeps all).
     """
 
     seed: int = 0
@@ -359,6 +360,7 @@ class RunConfig:
     eval_every: int = 250
     checkpoint_every: int = 500
     log_every: int = 10
+    keep_checkpoints: int | None = None
 
     def __post_init__(self) -> None:
         _freeze_lists(self)
@@ -374,6 +376,8 @@ class RunConfig:
         _require(self.clip_grad_norm >= 0, f"clip_grad_norm must be >= 0 (0 = off), got {self.clip_grad_norm}")
         _require(self.skip_grad_norm is None or self.skip_grad_norm > 0, f"skip_grad_norm must be > 0, got {self.skip_grad_norm}")
         _require(0 <= self.weights_ema < 1, f"weights_ema must be in [0, 1) (0 = off), got {self.weights_ema}")
+        _require(self.keep_checkpoints is None or self.keep_checkpoints >= 1,
+                 f"keep_checkpoints must be >= 1 (null: keep all), got {self.keep_checkpoints}")
 
 
 @dataclass(frozen=True)

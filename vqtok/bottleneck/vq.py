@@ -290,7 +290,8 @@ class VectorQuantizer(Bottleneck):
         self.last_used[p["count"] > 0] = self.steps
         sq_error = p["sq_error"] / p["n"].clamp_min(1) / self.dim
         self._update_ema(p["count"], p["sum"] if self.config.ema else None, sq_error)
-        stats = {"step_perplexity": perplexity(p["count"])}
+        # the perplexity of the whole step: its micro-batches' (and processes') counts, not a mean of theirs
+        stats = {"perplexity": perplexity(p["count"])}
         if self.config.dead_threshold > 0:
             restarted = self._restart_dead_codes(p["candidates"])
             self.restarts_total += restarted

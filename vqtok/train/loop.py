@@ -7,9 +7,9 @@ bottleneck's once-per-step hook (EMA codebook, restarts) or tells it that the st
 discriminator's own step, if there is one.
 
 Artefacts under output_dir: config.yaml, metrics.jsonl (and TensorBoard logs when tensorboard is installed),
-samples/step_XXXXXX.png grids, checkpoints/step_XXXXXX (Accelerate state + vqtok's train_state.json,
-weights_ema.safetensors and each rank's bottleneck state), tokenizer/ (save_pretrained, with the final metrics
-in its model card) and, with an adversarial term, discriminator/ beside it.
+samples/step_XXXXXX.png grids, checkpoints/step_XXXXXX (Accelerate state + vqtok's train_state.json, config.json,
+weights_ema.safetensors and each rank's bottleneck state; see engine.RunFolder), tokenizer/ (save_pretrained, with
+the final metrics in its model card) and, with an adversarial term, discriminator/ beside it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from vqtok.config import ConfigError, TrainConfig, save_yaml, to_dict
+from vqtok.config import ConfigError, TrainConfig, to_dict
 from vqtok.data import build_dataset
 from vqtok.images import uint8_to_range
 from vqtok.losses import kl_weight, reconstruction_loss
@@ -33,34 +33,38 @@ from vqtok.models import Autoencoder
 from vqtok.train.adversarial import ImageLosses
 from vqtok.train.batches import StepBatchSampler
 from vqtok.train.engine import (
-    Counters,
+    RunFolder,
     WeightsEMA,
     accelerate_run,
     append_metrics,
     exported,
     finish_step,
-    load_checkpoint,
     log_metrics,
     make_accelerator,
     make_optimizer,
-    save_checkpoint,
 )
 from vqtok.train.evaluate import evaluate, format_table, save_prior_samples, save_reconstruction_grid
 
 
-def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None) -> Path | None:
+def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
+          overwrite: bool = False) -> Path | None:
     """Run (or resume) a training run; returns the folder of the exported tokenizer.
 
-    `stop_at` ends the run early after that step with a checkpoint (the schedule is still that of max_steps), for
-    jobs split over several time slots: resume continues exactly where it stopped. Returns None then.
+    A fresh run needs a new or empty output_dir; `overwrite` starts afresh in the folder of an earlier vqtok run,
+    deleting that run's artefacts (files vqtok did not write stay). `resume` continues from the newest complete
+    checkpoint, made with this config (see engine.RunFolder). `stop_at` ends the run early after that step with a
+    checkpoint (the schedule is still that of max_steps), for jobs split over several time slots: resume continues
+    exactly where it stopped. Returns None then. SIGINT or SIGTERM end it after the current step with a checkpoint,
+    raising engine.TrainingInterrupted.
     """
     with accelerate_run():
-        return _train(config, resume=resume, stop_at=stop_at)
+        return _train(config, resume=resume, stop_at=stop_at, overwrite=overwrite)
 
 
-def _train(config: TrainConfig, *, resume: bool, stop_at: int | None) -> Path | None:
+def _train(config: TrainConfig, *, resume: bool, stop_at: int | None, overwrite: bool) -> Path | None:
     out = Path(config.output_dir)
     accelerator = make_accelerator(config, out)
+    run = RunFolder(accelerator, config, "tokenizer", resume=resume, overwrite=overwrite)
     set_seed(config.seed)  # the same on every rank while the model is built: DDP with broadcast_buffers=False does
     # not copy rank 0's buffers (the codebook) when it wraps the model
     model_config = config.model
@@ -82,47 +86,51 @@ def _train(config: TrainConfig, *, resume: bool, stop_at: int | None) -> Path | 
     raw: Autoencoder = accelerator.unwrap_model(model)
     ema = WeightsEMA(raw, config.weights_ema) if config.weights_ema > 0 else None
 
-    counters, transient = load_checkpoint(accelerator, out, ema) if resume else (Counters(), {})
+    counters, transient = run.restore(ema)
     if transient:
         raw.bottleneck.load_transient_state(transient)
 
     sampler = StepBatchSampler(len(dataset), batch_size=config.batch_size, grad_accum=config.grad_accum,
                                rank=accelerator.process_index, world=accelerator.num_processes, seed=config.seed,
                                start_step=counters.step, max_steps=config.max_steps)
+    # Its own generator: starting its iterator draws a seed, which must not come from the random state just restored
     loader = DataLoader(_Indexed(dataset), batch_sampler=sampler, num_workers=config.num_workers,
-                        pin_memory=accelerator.device.type == "cuda", persistent_workers=config.num_workers > 0)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(config, out / "config.yaml")
-        accelerator.init_trackers("vqtok")
+                        pin_memory=accelerator.device.type == "cuda", persistent_workers=config.num_workers > 0,
+                        generator=torch.Generator().manual_seed(config.seed))
+    run.start()
     fixed_images = torch.stack([eval_dataset[i][0] for i in range(min(8, len(eval_dataset)))])
 
     batches = iter(loader)
-    progress = tqdm(total=config.max_steps, initial=counters.step, desc="train",
-                    disable=not accelerator.is_local_main_process)
     started = time.perf_counter()
     end = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
 
     def on_step(skipped: bool) -> dict[str, torch.Tensor]:  # the codebook's once-per-step hook, its stats logged
         return {f"vq/{k}": v for k, v in raw.on_optimizer_step(skipped=skipped).items()}
 
-    while counters.step < end:
-        model.train()
-        gan = image_losses.active(counters.step)
-        logs = _accumulate_step(config, accelerator, model, image_losses, batches, counters.step)
-        logs.update(finish_step(config, accelerator, model, optimizer, scheduler, counters, on_step=on_step, ema=ema))
-        if gan:
-            logs.update(image_losses.discriminator_step())
-        step = counters.step
-        progress.update(1)
-        if step % config.log_every == 0 or step == config.max_steps:
-            log_metrics(accelerator, out, step, logs, progress, started, shown=("loss", "vq/usage", "kl", "d_loss"))
-        if step % config.eval_every == 0 or step == config.max_steps:
-            _evaluate(accelerator, raw, image_losses, eval_dataset, fixed_images, config, out, step)
-        if step % config.checkpoint_every == 0 or step == end:
-            transient = raw.bottleneck.transient_state() if hasattr(raw.bottleneck, "transient_state") else {}
-            save_checkpoint(accelerator, out, counters, ema, transient=transient)
-    progress.close()
+    progress = tqdm(total=config.max_steps, initial=counters.step, desc="train",
+                    disable=not accelerator.is_local_main_process)
+    with progress, run.stoppable(counters) as stop:
+        while counters.step < end:
+            model.train()
+            gan = image_losses.active(counters.step)
+            logs = _accumulate_step(config, accelerator, model, image_losses, batches, counters.step)
+            logs.update(finish_step(config, accelerator, model, optimizer, scheduler, counters, on_step=on_step,
+                                    ema=ema))
+            if gan:
+                logs.update(image_losses.discriminator_step())
+            step = counters.step
+            progress.update(1)
+            if step % config.log_every == 0 or step == config.max_steps:
+                log_metrics(accelerator, out, step, logs, progress, started,
+                            shown=("loss", "vq/usage", "kl", "d_loss"))
+            if step % config.eval_every == 0 or step == config.max_steps:
+                _evaluate(accelerator, raw, image_losses, eval_dataset, fixed_images, config, out, step)
+            stopping = stop.requested()
+            if step % config.checkpoint_every == 0 or step == end or stopping:
+                transient = raw.bottleneck.transient_state() if hasattr(raw.bottleneck, "transient_state") else {}
+                saved = run.save(counters, ema, transient=transient)
+            if stopping:
+                raise run.stopped(stopping, saved, step)
     if counters.step < config.max_steps:
         accelerator.end_training()
         return None
@@ -167,7 +175,8 @@ def _accumulate_step(config, accelerator, model, image_losses: ImageLosses, batc
                 image_terms.update(image_losses.discriminator_backward(x, out.reconstruction))
         terms = {"loss": loss.detach() * config.grad_accum, "recon": recon.detach(), **image_terms,
                  **{k: v.detach() for k, v in out.bottleneck.terms.items()},
-                 **{k: v for k, v in out.bottleneck.stats.items()}}
+                 # a batch's perplexity does not average over micro-batches: the step's comes from the step hook
+                 **{k: v for k, v in out.bottleneck.stats.items() if k != "perplexity"}}
         for k, v in terms.items():
             logs[k] = logs.get(k, 0.0) + v.float() / config.grad_accum  # tensors: read only at log steps
     if config.model.bottleneck.kind == "gaussian":

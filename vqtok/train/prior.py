@@ -9,8 +9,8 @@ use at most `eval_items` held-out images, the final one all of them.
 
 Artefacts under output_dir: config.yaml, metrics.jsonl (TensorBoard logs when installed), samples/step_XXXXXX.png
 (codes sampled from the prior and decoded by the store's tokenizer, one row per class for conditional priors),
-checkpoints/step_XXXXXX, and prior/ (save_pretrained: the prior, its tokenizer recorded as a Hub id@commit or copied
-into prior/tokenizer/, the held-out metrics in its model card).
+checkpoints/step_XXXXXX (see engine.RunFolder), and prior/ (save_pretrained: the prior, its tokenizer recorded as a
+Hub id@commit or copied into prior/tokenizer/, the held-out metrics in its model card).
 """
 
 from __future__ import annotations
@@ -29,23 +29,21 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from vqtok.config import ConfigError, PriorConfig, PriorTrainConfig, save_yaml
+from vqtok.config import ConfigError, PriorConfig, PriorTrainConfig
 from vqtok.data.token_store import TokenDataset, TokenStoreError
 from vqtok.models import Autoencoder, TransformerPrior
 from vqtok.models.prior import code_nll, tokenizer_ref
 from vqtok.train.batches import StepBatchSampler
 from vqtok.train.engine import (
-    Counters,
+    RunFolder,
     WeightsEMA,
     accelerate_run,
     append_metrics,
     exported,
     finish_step,
-    load_checkpoint,
     log_metrics,
     make_accelerator,
     make_optimizer,
-    save_checkpoint,
 )
 from vqtok.train.evaluate import format_table, save_image_grid
 
@@ -65,17 +63,19 @@ class PriorData:
 
 
 def train_prior(config: PriorTrainConfig, *, resume: bool = False, stop_at: int | None = None,
-                tokenizer: Autoencoder | None = None) -> Path | None:
+                tokenizer: Autoencoder | None = None, overwrite: bool = False) -> Path | None:
     """Run (or resume) a prior training run; returns the folder of the exported prior (None when `stop_at` ends it
-    early with a checkpoint). `tokenizer` is needed only for stores made from an in-memory tokenizer."""
+    early with a checkpoint). `tokenizer` is needed only for stores made from an in-memory tokenizer. `resume`,
+    `overwrite` and signals as in `vqtok.train.train`."""
     with accelerate_run():
-        return _train_prior(config, resume=resume, stop_at=stop_at, tokenizer=tokenizer)
+        return _train_prior(config, resume=resume, stop_at=stop_at, tokenizer=tokenizer, overwrite=overwrite)
 
 
 def _train_prior(config: PriorTrainConfig, *, resume: bool, stop_at: int | None,
-                 tokenizer: Autoencoder | None) -> Path | None:
+                 tokenizer: Autoencoder | None, overwrite: bool) -> Path | None:
     out = Path(config.output_dir)
     accelerator = make_accelerator(config, out)
+    run = RunFolder(accelerator, config, "prior", resume=resume, overwrite=overwrite)
     data = open_data(config, tokenizer)
     prior_config = resolve_prior_config(config.prior, data)
     set_seed(config.seed)  # the same initial weights on every rank
@@ -86,7 +86,7 @@ def _train_prior(config: PriorTrainConfig, *, resume: bool, stop_at: int | None,
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     raw: TransformerPrior = accelerator.unwrap_model(model)
     ema = WeightsEMA(raw, config.weights_ema) if config.weights_ema > 0 else None
-    counters, _ = load_checkpoint(accelerator, out, ema) if resume else (Counters(), {})
+    counters, _ = run.restore(ema)
     data.tokenizer.to(accelerator.device)
 
     sampler = StepBatchSampler(len(data.train_items), batch_size=config.batch_size, grad_accum=config.grad_accum,
@@ -95,30 +95,31 @@ def _train_prior(config: PriorTrainConfig, *, resume: bool, stop_at: int | None,
     unigram = math.nan  # the baseline in the main process's reports: a pass over the training codes
     if accelerator.is_main_process:
         unigram = unigram_bits(data.train, data.train_items)
-        out.mkdir(parents=True, exist_ok=True)
-        save_yaml(config, out / "config.yaml")
-        accelerator.init_trackers("vqtok")
         accelerator.print(f"training on {len(data.train_items):,} items, {prior_config.seq_len} codes each; held out: "
                           f"{len(data.eval_items):,}; unigram entropy {unigram:.4f} bits per code")
 
+    run.start()
     batches = iter(sampler)
-    progress = tqdm(total=config.max_steps, initial=counters.step, desc="train-prior",
-                    disable=not accelerator.is_local_main_process)
     started = time.perf_counter()
     end = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
-    while counters.step < end:
-        model.train()
-        logs = _accumulate_step(config, accelerator, model, data, batches)
-        logs.update(finish_step(config, accelerator, model, optimizer, scheduler, counters, ema=ema))
-        step = counters.step
-        progress.update(1)
-        if step % config.log_every == 0 or step == config.max_steps:
-            log_metrics(accelerator, out, step, logs, progress, started, shown=("bits_per_code",))
-        if step % config.eval_every == 0 or step == config.max_steps:
-            _evaluate(accelerator, raw, data, config, out, step, unigram)
-        if step % config.checkpoint_every == 0 or step == end:
-            save_checkpoint(accelerator, out, counters, ema)
-    progress.close()
+    progress = tqdm(total=config.max_steps, initial=counters.step, desc="train-prior",
+                    disable=not accelerator.is_local_main_process)
+    with progress, run.stoppable(counters) as stop:
+        while counters.step < end:
+            model.train()
+            logs = _accumulate_step(config, accelerator, model, data, batches)
+            logs.update(finish_step(config, accelerator, model, optimizer, scheduler, counters, ema=ema))
+            step = counters.step
+            progress.update(1)
+            if step % config.log_every == 0 or step == config.max_steps:
+                log_metrics(accelerator, out, step, logs, progress, started, shown=("bits_per_code",))
+            if step % config.eval_every == 0 or step == config.max_steps:
+                _evaluate(accelerator, raw, data, config, out, step, unigram)
+            stopping = stop.requested()
+            if step % config.checkpoint_every == 0 or step == end or stopping:
+                saved = run.save(counters, ema)
+            if stopping:
+                raise run.stopped(stopping, saved, step)
     if counters.step < config.max_steps:
         accelerator.end_training()
         return None

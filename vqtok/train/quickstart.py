@@ -1,5 +1,11 @@
 """`vqtok quickstart`: the whole pipeline on the built-in digits in a few minutes on 2 CPU cores - a small VQ tokenizer,
-the digits encoded to token stores, a class-conditional transformer prior on the codes, and a grid of new digits."""
+the digits encoded to token stores, a class-conditional transformer prior on the codes, and a grid of new digits.
+
+The output folder is the quickstart's own: it must be new or empty, and the quickstart marks it
+(`.vqtok-quickstart.json`). Run again into a folder it marked, it replaces its earlier outputs - the tokenizer run,
+tokens/train and tokens/test, the prior run and samples.png - and nothing else; any other non-empty folder is
+refused before anything is trained or deleted.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ from vqtok.config import (
 )
 
 QUICKSTART_CFG = 2.0
+QUICKSTART_MARKER = ".vqtok-quickstart.json"
+STORES = ("train", "test")  # the token stores under tokens/
 
 
 def quickstart_config(output_dir: str = "runs/quickstart", max_steps: int = 600) -> TrainConfig:
@@ -81,19 +89,19 @@ def quickstart(output_dir: str = "runs/quickstart", max_steps: int = 600, prior_
     from vqtok.train.prior import save_sample_grid, train_prior
 
     out = Path(output_dir)
+    claim_quickstart_folder(out)
     config = quickstart_config(output_dir, max_steps)
     print("[1/4] training a VQ tokenizer on the built-in digits")
-    folder = train(config)
+    folder = train(config, overwrite=True)  # the folder is this command's: replace its earlier tokenizer run
     metrics = json.loads((out / "final_metrics.json").read_text())
     print("[2/4] encoding the digits to token stores")
-    for stale in (out / "tokens", Path(quickstart_prior_config(output_dir).output_dir)):
-        shutil.rmtree(stale, ignore_errors=True)  # the quickstart's own outputs of an earlier run (another tokenizer)
-    for split in ("train", "test"):
+    remove_earlier_stores(out)  # codes of an earlier quickstart's tokenizer
+    for split in STORES:
         encode_dataset(str(folder), DataConfig(source="digits", split=split), out / "tokens" / split, num_workers=0,
                        progress=False)
     print("[3/4] training a class-conditional transformer prior on the codes")
     prior_config = quickstart_prior_config(output_dir, prior_steps)
-    prior_folder = train_prior(prior_config)
+    prior_folder = train_prior(prior_config, overwrite=True)
     prior_metrics = json.loads((Path(prior_config.output_dir) / "final_metrics.json").read_text())
     print("[4/4] sampling new digits from the prior")
     prior = TransformerPrior.from_pretrained(prior_folder)
@@ -115,3 +123,32 @@ def quickstart(output_dir: str = "runs/quickstart", max_steps: int = 600, prior_
         f"prior = vqtok.load('{prior_folder}'); codes = prior.generate(16, labels=3)"
     )
     return 0
+
+
+def claim_quickstart_folder(out: Path) -> None:
+    """Make `out` the quickstart's: it must be new, empty, or marked by an earlier quickstart (whose outputs this one
+    replaces); anything else is refused before anything is trained or deleted."""
+    from vqtok.train.engine import RunFolderError, write_text_atomically
+
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file, not a folder")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not (out / QUICKSTART_MARKER).is_file():
+        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        raise RunFolderError(f"--out {out} is not empty (it holds {shown}) and was not made by vqtok quickstart; "
+                             "nothing was changed: choose a new or empty folder")
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(out / QUICKSTART_MARKER, json.dumps({"made_by": "vqtok quickstart"}) + "\n")
+
+
+def remove_earlier_stores(out: Path) -> None:
+    """Delete the token stores an earlier quickstart wrote into `out` (tokens/train, tokens/test), only those, and
+    only in a folder that carries the quickstart's marker."""
+    if not (out / QUICKSTART_MARKER).is_file():
+        raise FileNotFoundError(f"{out / QUICKSTART_MARKER} is missing: {out} is not a quickstart folder")
+    for split in STORES:
+        store = out / "tokens" / split
+        if store.is_symlink() or store.is_file():
+            store.unlink()
+        elif store.is_dir():
+            shutil.rmtree(store)

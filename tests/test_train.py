@@ -28,7 +28,7 @@ from vqtok.config import DataConfig, GaussianConfig, TrainConfig, VQConfig, load
 from vqtok.losses import kl_weight, lr_factor, reconstruction_loss
 from vqtok.metrics import psnr, ssim
 from vqtok.train import CheckpointError, RunFolderError, TooManySkippedSteps, TrainingInterrupted, loop, train
-from vqtok.train.engine import RUN_MARKER, scan_checkpoints, truncate_metrics
+from vqtok.train.run_folder import RUN_MARKER, scan_checkpoints, truncate_metrics
 from vqtok.train.quickstart import QUICKSTART_MARKER, claim_quickstart_folder, remove_earlier_stores
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -287,6 +287,37 @@ def test_resume_falls_back_past_a_checkpoint_that_does_not_load_and_says_why(sto
         (checkpoint / "train_state.json").write_text("")
     with pytest.raises(RunFolderError, match="none of its checkpoints is complete and readable .*json is empty"):
         train(replace(stopped_run, output_dir=str(out)), resume=True)
+
+
+class _RunsCode:
+    """Pickled, it calls os.system when unpickled: what a crafted checkpoint would hold."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("victim", ["random_states_0.pkl", "optimizer.bin", "scheduler.bin"])
+def test_a_crafted_pickle_in_a_checkpoint_never_runs(stopped_run, tmp_path, capsys, victim):
+    """Accelerate's checkpoint files are pickles. A checkpoint folder from someone else, whose pickles call os.system
+    (and whose train_state.json was edited to match the sizes), runs nothing on resume: under the minimum versions
+    (pyproject.toml) every one is read with torch.load(weights_only=True), so the file fails to load and the resume
+    falls back to the checkpoint before it."""
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run.output_dir, out)
+    newest, ran = out / "checkpoints" / "step_000004", tmp_path / "code-ran"
+    torch.save({"state": _RunsCode(f"touch {ran}")}, newest / victim)
+    state = json.loads((newest / "train_state.json").read_text())
+    state["files"][victim] = (newest / victim).stat().st_size
+    (newest / "train_state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    train(replace(stopped_run, output_dir=str(out)), resume=True)
+    said = capsys.readouterr().out
+    assert not ran.exists()
+    assert f"skipping {newest}: it does not load (UnpicklingError" in said
+    assert f"resumed from {out / 'checkpoints' / 'step_000003'} at step 3" in said
 
 
 def test_metrics_truncation_drops_only_a_cut_last_line(tmp_path):

@@ -619,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
 def _interrupted(command: str, error: KeyboardInterrupt) -> int:
     """One line for Ctrl-C or SIGTERM; returns the exit status, 128 + the signal's number. A training run stopped
     between steps says which checkpoint it saved (`TrainingInterrupted`)."""
-    from vqtok.train.engine import TrainingInterrupted
+    from vqtok.train.run_folder import TrainingInterrupted
 
     if isinstance(error, TrainingInterrupted):
         print(f"vqtok {command}: {error}", file=sys.stderr)

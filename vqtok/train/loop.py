@@ -8,7 +8,7 @@ discriminator's own step, if there is one.
 
 Artefacts under output_dir: config.yaml, metrics.jsonl (and TensorBoard logs when tensorboard is installed),
 samples/step_XXXXXX.png grids, checkpoints/step_XXXXXX (Accelerate state + vqtok's train_state.json, config.json,
-weights_ema.safetensors and each rank's bottleneck state; see engine.RunFolder), tokenizer/ (save_pretrained, with
+weights_ema.safetensors and each rank's bottleneck state; see run_folder.RunFolder), tokenizer/ (save_pretrained, with
 the final metrics in its model card) and, with an adversarial term, discriminator/ beside it.
 """
 
@@ -33,7 +33,6 @@ from vqtok.models import Autoencoder
 from vqtok.train.adversarial import ImageLosses
 from vqtok.train.batches import StepBatchSampler
 from vqtok.train.engine import (
-    RunFolder,
     WeightsEMA,
     accelerate_run,
     append_metrics,
@@ -44,6 +43,7 @@ from vqtok.train.engine import (
     make_optimizer,
 )
 from vqtok.train.evaluate import evaluate, format_table, save_prior_samples, save_reconstruction_grid
+from vqtok.train.run_folder import RunFolder
 
 
 def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
@@ -52,10 +52,10 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = No
 
     A fresh run needs a new or empty output_dir; `overwrite` starts afresh in the folder of an earlier vqtok run,
     deleting that run's artefacts (files vqtok did not write stay). `resume` continues from the newest complete
-    checkpoint, made with this config (see engine.RunFolder). `stop_at` ends the run early after that step with a
+    checkpoint, made with this config (see run_folder.RunFolder). `stop_at` ends the run early after that step with a
     checkpoint (the schedule is still that of max_steps), for jobs split over several time slots: resume continues
     exactly where it stopped. Returns None then. SIGINT or SIGTERM end it after the current step with a checkpoint,
-    raising engine.TrainingInterrupted.
+    raising run_folder.TrainingInterrupted.
     """
     with accelerate_run():
         return _train(config, resume=resume, stop_at=stop_at, overwrite=overwrite)

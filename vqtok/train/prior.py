@@ -9,7 +9,7 @@ use at most `eval_items` held-out images, the final one all of them.
 
 Artefacts under output_dir: config.yaml, metrics.jsonl (TensorBoard logs when installed), samples/step_XXXXXX.png
 (codes sampled from the prior and decoded by the store's tokenizer, one row per class for conditional priors),
-checkpoints/step_XXXXXX (see engine.RunFolder), and prior/ (save_pretrained: the prior, its tokenizer recorded as a
+checkpoints/step_XXXXXX (see run_folder.RunFolder), and prior/ (save_pretrained: the prior, its tokenizer recorded as a
 Hub id@commit or copied into prior/tokenizer/, the held-out metrics in its model card).
 """
 
@@ -35,7 +35,6 @@ from vqtok.models import Autoencoder, TransformerPrior
 from vqtok.models.prior import code_nll, tokenizer_ref
 from vqtok.train.batches import StepBatchSampler
 from vqtok.train.engine import (
-    RunFolder,
     WeightsEMA,
     accelerate_run,
     append_metrics,
@@ -46,6 +45,7 @@ from vqtok.train.engine import (
     make_optimizer,
 )
 from vqtok.train.evaluate import format_table, save_image_grid
+from vqtok.train.run_folder import RunFolder
 
 HOLDOUT_FRACTION = 0.05
 LN2 = math.log(2.0)

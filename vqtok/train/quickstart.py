@@ -128,7 +128,7 @@ def quickstart(output_dir: str = "runs/quickstart", max_steps: int = 600, prior_
 def claim_quickstart_folder(out: Path) -> None:
     """Make `out` the quickstart's: it must be new, empty, or marked by an earlier quickstart (whose outputs this one
     replaces); anything else is refused before anything is trained or deleted."""
-    from vqtok.train.engine import RunFolderError, write_text_atomically
+    from vqtok.train.run_folder import RunFolderError, write_text_atomically
 
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {out} is a file, not a folder")

@@ -582,9 +582,10 @@ def test_evaluate_reports_the_psnr_of_the_pooled_mse(vq_model, fresh):
 # ---- a real run ----------------------------------------------------------------------------------------------------
 
 
-# Measured on 2 CPU cores with this exact run (conftest's mnist_tokenizer_run: 150 steps, batch 32): test PSNR
-# 21.08 dB, 100% of 64 codes used, ~26 s. Asserted with a 1 dB margin for other kernels/threads.
-MNIST_PSNR = 21.08
+# Measured on 2 CPU cores with this exact run (conftest's mnist_tokenizer_run: 150 steps, batch 32; torch 2.14.1): test
+# PSNR 20.27 dB of the pooled MSE (21.08 dB was the earlier per-image mean), 100% of 64 codes used, ~45 s. Asserted
+# with a 1 dB margin for other kernels/threads.
+MNIST_PSNR = 20.27
 
 
 def test_short_mnist_run_reaches_measured_psnr(mnist_tokenizer_run):

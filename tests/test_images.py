@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from vqtok import Autoencoder
 from tests.conftest import png_header, tiny_config
+from vqtok import Autoencoder
 from vqtok.config import VQConfig
 
 

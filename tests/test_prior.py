@@ -19,7 +19,15 @@ import vqtok
 from tests.conftest import tiny_config
 from tests.scripts.common import assert_same_weights
 from vqtok.cli import main
-from vqtok.config import ConfigError, DataConfig, PreprocessConfig, PriorConfig, PriorTrainConfig, TokenizerRef, VQConfig
+from vqtok.config import (
+    ConfigError,
+    DataConfig,
+    PreprocessConfig,
+    PriorConfig,
+    PriorTrainConfig,
+    TokenizerRef,
+    VQConfig,
+)
 from vqtok.data import TokenStoreError, encode_dataset
 from vqtok.hub import weights_sha256
 from vqtok.models import PriorTokenizerMismatch, TransformerPrior

@@ -21,8 +21,15 @@ import vqtok
 import vqtok.cli
 from tests.conftest import tiny_config
 from tests.test_hub import _hub_cache
-from vqtok.config import (DataConfig, GaussianConfig, PreprocessConfig, PriorConfig, PriorTrainConfig, VQConfig,
-                          save_yaml)
+from vqtok.config import (
+    DataConfig,
+    GaussianConfig,
+    PreprocessConfig,
+    PriorConfig,
+    PriorTrainConfig,
+    VQConfig,
+    save_yaml,
+)
 from vqtok.data import TokenDataset, TokenStoreError, build_dataset, encode_dataset
 from vqtok.train.prior import open_data
 

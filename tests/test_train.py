@@ -28,8 +28,8 @@ from vqtok.config import DataConfig, GaussianConfig, TrainConfig, VQConfig, load
 from vqtok.losses import kl_weight, lr_factor, reconstruction_loss
 from vqtok.metrics import psnr, ssim
 from vqtok.train import CheckpointError, RunFolderError, TooManySkippedSteps, TrainingInterrupted, loop, train
-from vqtok.train.run_folder import RUN_MARKER, scan_checkpoints, truncate_metrics
 from vqtok.train.quickstart import QUICKSTART_MARKER, claim_quickstart_folder, remove_earlier_stores
+from vqtok.train.run_folder import RUN_MARKER, scan_checkpoints, truncate_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

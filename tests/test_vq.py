@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
+from tests.conftest import tiny_config
 from vqtok import Autoencoder
 from vqtok.bottleneck import VectorQuantizer
-from vqtok.metrics import perplexity
 from vqtok.config import VQConfig
-from tests.conftest import tiny_config
+from vqtok.metrics import perplexity
 
 
 def as_features(z: torch.Tensor) -> torch.Tensor:

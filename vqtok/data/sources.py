@@ -74,6 +74,21 @@ class ImageDataset(Dataset):
         return image, self.source.labels[index]
 
 
+class WithIndex(Dataset):
+    """Items of `dataset` as (image, label, index): for a batch to key per-image randomness by the global index
+    (training's flips), or to name the files it came from (the token store's checks)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        image, label = self.dataset[index]
+        return image, label, index
+
+
 def to_chw(image: Image.Image | np.ndarray, channels: int) -> torch.Tensor:
     """PIL image or uint8 HW/HWC array -> uint8 tensor [channels, H, W] (grey <-> RGB converted)."""
     if isinstance(image, Image.Image):

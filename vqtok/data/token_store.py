@@ -43,7 +43,14 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm.auto import tqdm
 
 from vqtok.config import DataConfig, to_dict
-from vqtok.data.sources import ArraySource, FolderSource, ImageDataset, TorchvisionSource, build_dataset
+from vqtok.data.sources import (
+    ArraySource,
+    FolderSource,
+    ImageDataset,
+    TorchvisionSource,
+    WithIndex,
+    build_dataset,
+)
 from vqtok.files import staged
 from vqtok.hub import load, weights_sha256
 from vqtok.images import uint8_to_range
@@ -152,26 +159,13 @@ class _ShardBatches(Sampler[list[int]]):
         return sum(-(-count // self.batch_size) for _, count in self.shards)
 
 
-class _Indexed(Dataset):
-    """(index, image, label) items, so that a batch can name its images."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[int, Any, Any]:
-        image, label = self.dataset[index]
-        return index, image, label
-
-
-def _collate(items: list[tuple[int, Any, Any]]) -> tuple[list[int], torch.Tensor | list[torch.Tensor], torch.Tensor]:
-    """(indices, images stacked - or a list where their shapes or dtypes differ, for `_check_images` -, labels)."""
-    indices = [index for index, _, _ in items]
-    images = [torch.as_tensor(image) for _, image, _ in items]
+def _collate(items: list[tuple[Any, Any, int]]) -> tuple[list[int], torch.Tensor | list[torch.Tensor], torch.Tensor]:
+    """`WithIndex` items -> (indices, images stacked - or a list where their shapes or dtypes differ, for
+    `_check_images` -, labels)."""
+    indices = [index for _, _, index in items]
+    images = [torch.as_tensor(image) for image, _, _ in items]
     alike = all(image.shape == images[0].shape and image.dtype == images[0].dtype for image in images)
-    return indices, torch.stack(images) if alike else images, default_collate([label for _, _, label in items])
+    return indices, torch.stack(images) if alike else images, default_collate([label for _, label, _ in items])
 
 
 def encode_dataset(
@@ -235,7 +229,7 @@ def encode_dataset(
         _start_store(out, args, inputs)
     state.wait_for_everyone()
     todo = [s for s in range(len(ranges)) if s % world == rank and not _shard_complete(out, s, shard_inputs[s])]
-    loader = DataLoader(_Indexed(dataset), batch_sampler=_ShardBatches([ranges[s] for s in todo], batch_size),
+    loader = DataLoader(WithIndex(dataset), batch_sampler=_ShardBatches([ranges[s] for s in todo], batch_size),
                         collate_fn=_collate, num_workers=num_workers, pin_memory=device.type == "cuda",
                         persistent_workers=False)
     batches = iter(loader)

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from vqtok.config import ConfigError, TrainConfig, to_dict
 from vqtok.data import build_dataset
+from vqtok.data.sources import WithIndex
 from vqtok.images import uint8_to_range
 from vqtok.losses import kl_weight, reconstruction_loss
 from vqtok.models import Autoencoder
@@ -94,7 +95,7 @@ def _train(config: TrainConfig, *, resume: bool, stop_at: int | None, overwrite:
                                rank=accelerator.process_index, world=accelerator.num_processes, seed=config.seed,
                                start_step=counters.step, max_steps=config.max_steps)
     # Its own generator: starting its iterator draws a seed, which must not come from the random state just restored
-    loader = DataLoader(_Indexed(dataset), batch_sampler=sampler, num_workers=config.num_workers,
+    loader = DataLoader(WithIndex(dataset), batch_sampler=sampler, num_workers=config.num_workers,
                         pin_memory=accelerator.device.type == "cuda", persistent_workers=config.num_workers > 0,
                         generator=torch.Generator().manual_seed(config.seed))
     run.start()
@@ -182,20 +183,6 @@ def _accumulate_step(config, accelerator, model, image_losses: ImageLosses, batc
     if config.model.bottleneck.kind == "gaussian":
         logs["kl_weight"] = factor
     return logs
-
-
-class _Indexed(torch.utils.data.Dataset):
-    """Items as (image, label, index), so per-image randomness can be keyed by the global index."""
-
-    def __init__(self, dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int):
-        image, label = self.dataset[index]
-        return image, label, index
 
 
 def _coin(seed: int, step: int, index: int) -> bool:

@@ -309,7 +309,7 @@ def _write_samples(batches: Iterator[Any], tokenizer: Any, shape: tuple[int, ...
 
 def _eval(args: argparse.Namespace) -> int:
     from vqtok.data import build_dataset
-    from vqtok.files import staged
+    from vqtok.files import write_text_atomically
     from vqtok.nn.perceptual import LPIPS
     from vqtok.train.evaluate import evaluate, format_table
 
@@ -323,8 +323,7 @@ def _eval(args: argparse.Namespace) -> int:
     print(format_table(metrics))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        with staged(out) as tmp:
-            Path(tmp).write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_atomically(out, json.dumps(metrics, indent=2) + "\n")
     return 0
 
 

@@ -27,6 +27,12 @@ def staged(path: str | Path) -> Iterator[str]:
     os.replace(tmp, path)
 
 
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Write `text` to `path` through `staged`: a reader sees the old file or the whole new one."""
+    with staged(path) as tmp:
+        Path(tmp).write_text(text)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

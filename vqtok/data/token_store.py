@@ -51,7 +51,7 @@ from vqtok.data.sources import (
     WithIndex,
     build_dataset,
 )
-from vqtok.files import staged
+from vqtok.files import staged, write_text_atomically
 from vqtok.hub import load, weights_sha256
 from vqtok.images import uint8_to_range
 from vqtok.models import Autoencoder
@@ -656,8 +656,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    with staged(path) as tmp:
-        Path(tmp).write_text(json.dumps(data, indent=2) + "\n")
+    write_text_atomically(path, json.dumps(data, indent=2) + "\n")
 
 
 def _record_sha256(record: dict[str, Any]) -> str:

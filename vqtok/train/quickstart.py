@@ -128,15 +128,15 @@ def quickstart(output_dir: str = "runs/quickstart", max_steps: int = 600, prior_
 def claim_quickstart_folder(out: Path) -> None:
     """Make `out` the quickstart's: it must be new, empty, or marked by an earlier quickstart (whose outputs this one
     replaces); anything else is refused before anything is trained or deleted."""
-    from vqtok.train.run_folder import RunFolderError, write_text_atomically
+    from vqtok.files import write_text_atomically
+    from vqtok.train.run_folder import RunFolderError, listing
 
     if out.exists() and not out.is_dir():
         raise RunFolderError(f"--out {out} is a file, not a folder")
     entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if entries and not (out / QUICKSTART_MARKER).is_file():
-        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
-        raise RunFolderError(f"--out {out} is not empty (it holds {shown}) and was not made by vqtok quickstart; "
-                             "nothing was changed: choose a new or empty folder")
+        raise RunFolderError(f"--out {out} is not empty (it holds {listing(entries)}) and was not made by vqtok "
+                             "quickstart; nothing was changed: choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out / QUICKSTART_MARKER, json.dumps({"made_by": "vqtok quickstart"}) + "\n")
 

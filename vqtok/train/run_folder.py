@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from vqtok.config import RunConfig, save_yaml, to_dict
-from vqtok.files import staged
+from vqtok.files import staged, write_text_atomically
 from vqtok.train.engine import Counters, WeightsEMA
 
 
@@ -113,20 +113,20 @@ class RunFolder:
         earlier = read_run_marker(out)
         if self.resume:
             if earlier is None:
-                raise RunFolderError(f"cannot resume in {out}: it holds {_listing(entries)} but no {RUN_MARKER}, so "
+                raise RunFolderError(f"cannot resume in {out}: it holds {listing(entries)} but no {RUN_MARKER}, so "
                                      "it is not the folder of a vqtok run")
             if earlier != self.kind:
                 raise RunFolderError(f"cannot resume in {out}: it holds a {earlier} run, not a {self.kind} run")
         elif not self.overwrite:
             if earlier is None:
-                raise RunFolderError(f"output_dir {out} is not empty (it holds {_listing(entries)}): choose another "
+                raise RunFolderError(f"output_dir {out} is not empty (it holds {listing(entries)}): choose another "
                                      "output_dir, or pass --overwrite to write this run beside those files")
             options = "continue it with --resume, replace" if earlier == self.kind else "replace"
             raise RunFolderError(f"output_dir {out} holds an earlier vqtok {earlier} run: {options} it with "
                                  "--overwrite (deletes its checkpoints, metrics, samples and exports), or choose "
                                  "another output_dir")
         elif earlier is None and (ours := [e for e in entries if e in RUN_ARTEFACTS[self.kind]]):
-            raise RunFolderError(f"--overwrite: {out} holds {_listing(ours)} but no {RUN_MARKER}, so nothing in it is "
+            raise RunFolderError(f"--overwrite: {out} holds {listing(ours)} but no {RUN_MARKER}, so nothing in it is "
                                  "recognisably a vqtok run's and nothing was deleted; remove them yourself or choose "
                                  "another output_dir")
         return earlier
@@ -507,11 +507,6 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_text_atomically(path, "".join(line + "\n" for line in kept))
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    with staged(path) as tmp:
-        Path(tmp).write_text(text)
-
-
 def _check_rng_state(path: Path) -> None:
     """Read this process's RNG state as Accelerate will (torch.load with weights_only=True: a crafted file runs no
     code) and raise if it cannot be read. Accelerate itself only logs such a failure and goes on with the current
@@ -542,6 +537,7 @@ def _fsync_folder(path: Path) -> None:
         _fsync(path)
 
 
-def _listing(names: list[str], shown: int = 4) -> str:
+def listing(names: list[str], shown: int = 4) -> str:
+    """The first `shown` names, and how many more, for messages about a folder's contents."""
     more = f" and {len(names) - shown} more" if len(names) > shown else ""
     return ", ".join(names[:shown]) + more

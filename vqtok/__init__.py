@@ -10,7 +10,14 @@
 from vqtok.config import AutoencoderConfig, ConfigError, GaussianConfig, PriorConfig, VQConfig, load_yaml
 from vqtok.data import TokenDataset, encode_dataset
 from vqtok.hub import load
-from vqtok.models import Autoencoder, AutoencoderOutput, PriorTokenizerMismatch, TransformerPrior
+from vqtok.models import (
+    Autoencoder,
+    AutoencoderOutput,
+    HierarchicalVAE,
+    HierarchicalVAEConfig,
+    PriorTokenizerMismatch,
+    TransformerPrior,
+)
 from vqtok.version import __version__
 
 __all__ = [
@@ -19,6 +26,8 @@ __all__ = [
     "AutoencoderOutput",
     "ConfigError",
     "GaussianConfig",
+    "HierarchicalVAE",
+    "HierarchicalVAEConfig",
     "PriorConfig",
     "PriorTokenizerMismatch",
     "TokenDataset",

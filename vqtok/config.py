@@ -468,10 +468,11 @@ class TrainConfig(RunConfig):
     kl_schedule scales a Gaussian bottleneck's loss by 1 ('constant'), a linear ramp from 0 over kl_warmup_steps
     ('linear') or that ramp repeated every kl_cycle_steps ('cyclical', Fu et al. 2019).
     `adversarial` and `perceptual` add the VQGAN terms (absent: not used). `init_from` starts from a saved
-    tokenizer (a folder or Hub repo id) whose config must equal `model`, to fine-tune it.
+    tokenizer (a folder or Hub repo id) whose config must equal `model`, to fine-tune it. `model` is an autoencoder's
+    config, or a hierarchical VAE's with `kind: hierarchical_vae`.
     """
 
-    model: AutoencoderConfig = field(default_factory=AutoencoderConfig)
+    model: ModelConfig = field(default_factory=AutoencoderConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval_data: DataConfig | None = None
     output_dir: str = "runs/tokenizer"
@@ -485,6 +486,11 @@ class TrainConfig(RunConfig):
     adversarial: AdversarialConfig | None = None
     perceptual: PerceptualConfig | None = None
     init_from: str | None = None
+
+    @property
+    def variational(self) -> bool:
+        """Whether the model has a KL term: a Gaussian bottleneck, or a hierarchical VAE."""
+        return getattr(self.model, "kind", None) == "hierarchical_vae" or self.model.bottleneck.kind == "gaussian"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -514,10 +520,11 @@ class TrainConfig(RunConfig):
                      "discriminator's optimizers would share one loss scaler); use 'bf16'")
         _require(self.eval_images >= 1, f"eval_images must be >= 1, got {self.eval_images}")
         _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
-        gaussian = self.model.bottleneck.kind == "gaussian"
+        gaussian = self.variational
         _require(
             gaussian or self.kl_schedule == "constant",
-            f"kl_schedule '{self.kl_schedule}' needs a Gaussian bottleneck; this model's is '{self.model.bottleneck.kind}'",
+            f"kl_schedule '{self.kl_schedule}' needs a Gaussian bottleneck or a hierarchical VAE; this model's "
+            f"bottleneck is '{getattr(getattr(self.model, 'bottleneck', None), 'kind', None)}'",
         )
         _require(self.kl_schedule != "linear" or self.kl_warmup_steps >= 1, "kl_schedule 'linear' needs kl_warmup_steps >= 1")
         _require(
@@ -534,9 +541,8 @@ class TrainConfig(RunConfig):
         )
         _require(
             not gaussian or self.loss in ("gaussian", "bernoulli", "logistic_mixture"),
-            f"loss '{self.loss}' is a mean over pixels but a Gaussian bottleneck's KL is in nats per image, which "
-            "would scale beta by the number of pixels; use loss 'gaussian', 'bernoulli' or 'logistic_mixture' and "
-            "set model.bottleneck.beta",
+            f"loss '{self.loss}' is a mean over pixels but a VAE's KL is in nats per image, which would scale beta by "
+            "the number of pixels; use loss 'gaussian', 'bernoulli' or 'logistic_mixture' and set beta",
         )
 
 
@@ -866,8 +872,12 @@ def _convert_union(args: tuple[Any, ...], value: Any, *, path: str, source: str)
     if len(options) == 1:  # Optional[X]
         return _convert(options[0], value, path=path, source=source)
     dataclass_options = [a for a in options if dataclasses.is_dataclass(a)]
-    if dataclass_options:  # a tagged union: the 'kind' key picks the dataclass
-        kinds = {a.__dataclass_fields__["kind"].default: a for a in dataclass_options}
+    if dataclass_options:  # a tagged union: the 'kind' key picks the dataclass (one without a 'kind' field, if
+        # any, is what a mapping without the key means: the autoencoder in a training config's `model`)
+        kinds = {a.__dataclass_fields__["kind"].default: a for a in dataclass_options if "kind" in a.__dataclass_fields__}
+        untagged = [a for a in dataclass_options if "kind" not in a.__dataclass_fields__]
+        if untagged and isinstance(value, dict) and "kind" not in value:
+            return _convert_dataclass(untagged[0], value, path=path, source=source)
         if not isinstance(value, dict) or "kind" not in value:
             raise ConfigError(f"{where} must be a mapping with a 'kind' key, one of {sorted(kinds)}")
         if value["kind"] not in kinds:
@@ -902,3 +912,10 @@ def _convert_dataclass(cls: Any, value: Any, *, path: str, source: str) -> Any:
     except ConfigError as e:
         prefix = f"{path}." if path else ""
         raise ConfigError(f"{source}: {prefix}{e}") from None
+
+
+# The hierarchical VAE's config lives beside its model; imported last, when every name it uses from here exists.
+from vqtok.models.hierarchical_vae import HierarchicalVAEConfig  # noqa: E402
+
+ModelConfig = Union[AutoencoderConfig, HierarchicalVAEConfig]
+"""What a training config's `model` may be: an autoencoder's (no `kind` key) or a hierarchical VAE's."""

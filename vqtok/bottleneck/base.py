@@ -28,6 +28,8 @@ class BottleneckOutput:
     stats: detached diagnostics of this batch (e.g. perplexity, quantization error).
     codes: integer codes [B, h, w] for discrete bottlenecks, else None.
     posterior: the approximate posterior for Gaussian bottlenecks, else None.
+    kl_units: for Gaussian bottlenecks, the KL per image and free-bits unit [B, U] in nats (differentiable), from
+        which the training loop forms the regulariser over the optimizer step's whole batch (kl.KLObjective).
     """
 
     z: torch.Tensor
@@ -36,6 +38,7 @@ class BottleneckOutput:
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     codes: torch.Tensor | None = None
     posterior: Any = None
+    kl_units: torch.Tensor | None = None
 
 
 class Bottleneck(nn.Module, ABC):

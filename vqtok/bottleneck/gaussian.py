@@ -1,24 +1,31 @@
 """The Gaussian bottleneck of a VAE: q(z|x) = N(mu, diag sigma^2), reparameterized, with a closed-form KL to N(0, I).
 
-For one latent element, KL(N(mu, sigma^2) || N(0, 1)) = 0.5 * (mu^2 + sigma^2 - 1 - log sigma^2). The loss is the KL
-summed over the latent grid and averaged over the batch (nats per image, the scale of a summed reconstruction
-log-likelihood), times beta. Free bits (Kingma et al. 2016) apply per latent element to the batch average:
-sum_i max(lambda, E_batch KL_i), so no element is pushed below lambda nats while the reported 'kl' stays unclamped.
+For one latent element, KL(N(mu, sigma^2) || N(0, 1)) = 0.5 * (mu^2 + sigma^2 - 1 - log sigma^2) (`kl.gaussian_kl`,
+shared with the hierarchical VAE's groups). The loss is the KL summed over the latent grid and averaged over the batch
+(nats per image, the scale of a summed reconstruction log-likelihood), times beta. Free bits (Kingma et al. 2016)
+apply per latent element to the average over the batch: sum_i max(lambda, E_batch KL_i), so no element is pushed
+below lambda nats while the reported 'kl' stays unclamped. The forward's own `loss` takes the batch it is given as the
+batch; `vqtok train` applies the floor to the optimizer step's whole batch instead (over micro-batches and processes)
+through `kl_units` and `kl_objective` (see kl.KLObjective).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
-from einops import reduce
 
 from vqtok.bottleneck.base import Bottleneck, BottleneckOutput
+from vqtok.bottleneck.kl import KLObjective, gaussian_kl
 from vqtok.config import GaussianConfig
 
 LOGVAR_RANGE = (-30.0, 20.0)  # as diffusers: keeps exp(logvar) finite in float32 and bf16
+LOG_2PI = math.log(2 * math.pi)
 
 
 class DiagonalGaussian:
-    """A diagonal Gaussian over latents [B, C, h, w] with `.sample()`, `.mode()` and `.kl()` (to N(0, I))."""
+    """A diagonal Gaussian over latents [B, C, h, w] with `.sample()`, `.mode()`, `.kl()` (to N(0, I) or to another
+    diagonal Gaussian) and `.log_prob(z)`."""
 
     def __init__(self, mean: torch.Tensor, logvar: torch.Tensor):
         self.mean = mean
@@ -31,23 +38,26 @@ class DiagonalGaussian:
         mean, logvar = moments.chunk(2, dim=1)
         return cls(mean, logvar)
 
-    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Reparameterized sample mu + sigma * eps, differentiable in mu and sigma."""
+    def sample(self, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
+        """Reparameterized sample mu + t sigma eps, differentiable in mu and sigma (t: the temperature)."""
         eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.std * eps
+        return self.mean + (self.std * temperature if temperature != 1.0 else self.std) * eps
 
     def mode(self) -> torch.Tensor:
         return self.mean
 
-    def kl(self) -> torch.Tensor:
-        """KL to N(0, I) per latent element, in nats, float32 (or float64), same shape as the mean.
+    def kl(self, other: DiagonalGaussian | None = None) -> torch.Tensor:
+        """KL(self || other) per latent element in nats (other None: N(0, I)), float32 (or float64), same shape as
+        the mean (see kl.gaussian_kl)."""
+        if other is None:
+            return gaussian_kl(self.mean, self.logvar)
+        return gaussian_kl(self.mean, self.logvar, other.mean, other.logvar)
 
-        Computed as 0.5 (mu^2 + expm1(logvar) - logvar) in at least float32: in bf16, exp(lv) - 1 - lv cancels
-        catastrophically near the prior (11% low, with negative elements, in a near-prior case).
-        """
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log N(z; mu, sigma^2) per element, in float32 (float64 stays float64)."""
         dtype = torch.promote_types(self.mean.dtype, torch.float32)
-        mean, logvar = self.mean.to(dtype), self.logvar.to(dtype)
-        return 0.5 * (mean.pow(2) + torch.expm1(logvar) - logvar)
+        mean, logvar, z = self.mean.to(dtype), self.logvar.to(dtype), z.to(dtype)
+        return -0.5 * ((z - mean).pow(2) * torch.exp(-logvar) + logvar + LOG_2PI)
 
 
 class GaussianBottleneck(Bottleneck):
@@ -58,27 +68,24 @@ class GaussianBottleneck(Bottleneck):
         self.config = config
         self.dim = config.dim
         self.in_channels = 2 * config.dim
+        self.kl_objective = KLObjective(beta=config.beta, free_bits=config.free_bits)
 
     def forward(self, h: torch.Tensor) -> BottleneckOutput:
         posterior = self.encode(h)
         z = posterior.sample() if self.training else posterior.mode()
         kl = posterior.kl()
-        kl_per_image = reduce(kl, "b c h w -> b", "sum").mean()
-        if self.config.free_bits > 0:
-            per_element = reduce(kl, "b c h w -> c h w", "mean")
-            regulariser = per_element.clamp_min(self.config.free_bits).sum()
-        else:
-            regulariser = kl_per_image
+        kl_units = kl.flatten(1)  # free bits' units: the latent elements
         stats = {
             "kl_per_element": kl.detach().mean(),
             "posterior_std": posterior.std.detach().float().mean(),
         }
         return BottleneckOutput(
             z=z,
-            loss=self.config.beta * regulariser,
-            terms={"kl": kl_per_image},
+            loss=self.kl_objective.loss(kl_units),
+            terms={"kl": kl_units.sum(dim=1).mean()},
             stats=stats,
             posterior=posterior,
+            kl_units=kl_units,
         )
 
     def encode(self, h: torch.Tensor) -> DiagonalGaussian:

@@ -3,6 +3,8 @@ PatchGAN discriminator a VQGAN-style run trains beside the tokenizer."""
 
 from vqtok.models.autoencoder import Autoencoder, AutoencoderOutput
 from vqtok.models.discriminator import PatchDiscriminator
+from vqtok.models.hierarchical_vae import HierarchicalVAE, HierarchicalVAEConfig, HierarchicalVAEOutput
 from vqtok.models.prior import PriorTokenizerMismatch, TransformerPrior
 
-__all__ = ["Autoencoder", "AutoencoderOutput", "PatchDiscriminator", "PriorTokenizerMismatch", "TransformerPrior"]
+__all__ = ["Autoencoder", "AutoencoderOutput", "HierarchicalVAE", "HierarchicalVAEConfig", "HierarchicalVAEOutput",
+           "PatchDiscriminator", "PriorTokenizerMismatch", "TransformerPrior"]

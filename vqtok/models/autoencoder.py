@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from vqtok.bottleneck import Bottleneck, BottleneckOutput, build_bottleneck
+from vqtok.bottleneck import Bottleneck, BottleneckOutput, DiagonalGaussian, build_bottleneck
+from vqtok.bottleneck.kl import KLObjective
 from vqtok.config import AutoencoderConfig
 from vqtok.hub import HubModel
-from vqtok.images import ImageInput, range_to_uint8, resize_and_crop, to_pil, to_uint8_batch, uint8_to_range
-from vqtok.losses import DISCRETE_LIKELIHOODS, mixture_channels, mixture_mode_image, nll_per_image
+from vqtok.models.pixels import PixelModel
 from vqtok.nn import Decoder, Encoder
 
 
@@ -37,7 +37,7 @@ class AutoencoderOutput:
         return self.bottleneck.loss
 
 
-class Autoencoder(HubModel, model_type="autoencoder"):
+class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
     """An image tokenizer: VQ (discrete codes) or Gaussian (VAE latents), saved and loaded in the Hub format."""
 
     config_class = AutoencoderConfig
@@ -51,9 +51,7 @@ class Autoencoder(HubModel, model_type="autoencoder"):
         self.encoder = Encoder(config, out_channels=encoder_out)
         self.quant_conv = nn.Conv2d(encoder_out, self.bottleneck.in_channels, 1)
         self.post_quant_conv = nn.Conv2d(self.bottleneck.dim, config.latent_channels, 1)
-        out_channels = (mixture_channels(config.num_mixtures, config.in_channels)
-                        if config.decoder_output == "logistic_mixture" else config.in_channels)
-        self.decoder = Decoder(config, in_channels=config.latent_channels, out_channels=out_channels)
+        self.decoder = Decoder(config, in_channels=config.latent_channels, out_channels=self.output_channels())
 
     @property
     def is_gaussian(self) -> bool:
@@ -66,23 +64,6 @@ class Autoencoder(HubModel, model_type="autoencoder"):
     @property
     def vocab_size(self) -> int | None:
         return self.bottleneck.vocab_size
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Images <-> model range
-
-    def preprocess(self, images: ImageInput) -> torch.Tensor:
-        """PIL image(s) or uint8 arrays/tensors -> float [B, C, H, W] in the model's input range, on its device,
-        resized and cropped as recorded in the config (`config.preprocess`)."""
-        batch = to_uint8_batch(images, self.config.in_channels)
-        batch = resize_and_crop(batch, self.config.preprocess.resize, self.config.preprocess.crop)
-        return uint8_to_range(batch.to(self._device()), self.config.value_range)
-
-    def postprocess(self, x: torch.Tensor, output_type: str = "uint8") -> torch.Tensor | list[Any]:
-        """Model-range images -> uint8 [B, C, H, W] (rounded, clipped), or a list of PIL images with 'pil'."""
-        if output_type not in ("uint8", "pil"):
-            raise ValueError(f"output_type must be 'uint8' or 'pil', got {output_type!r}")
-        batch = range_to_uint8(x, self.config.value_range)
-        return to_pil(batch) if output_type == "pil" else batch
 
     # ------------------------------------------------------------------------------------------------------------
     # The pipeline
@@ -100,25 +81,13 @@ class Autoencoder(HubModel, model_type="autoencoder"):
         """Codes [B, h, w] (VQ) or latents [B, dim, h, w] (Gaussian) -> images in the model range."""
         return self.to_image(self._decode_z(self.bottleneck.decode(representation)))
 
-    def to_image(self, decoder_output: torch.Tensor) -> torch.Tensor:
-        """The decoder's output as an image in the model range: itself, the mean (sigmoid) of Bernoulli logits, or
-        the centre of each pixel's most probable logistic component."""
-        kind = self.config.decoder_output
-        if kind == "bernoulli_logits":
-            return torch.sigmoid(decoder_output)
-        if kind == "logistic_mixture":
-            return mixture_mode_image(decoder_output, self.config.num_mixtures, self.config.in_channels)
-        return decoder_output
-
     def code_length(self, x: torch.Tensor, generator: torch.Generator | None = None, *,
                     output: AutoencoderOutput | None = None) -> dict[str, torch.Tensor]:
         """The negative ELBO's terms in nats per image [B] for a discrete pixel likelihood (Bernoulli on binary
         images, the logistic mixture on 8-bit ones): 'nll' = -log p(x | z) at one z ~ q(z | x) (the code, for VQ)
         and, for Gaussian models, 'kl' = KL(q(z | x) || N(0, I)) with beta 1 and no free bits. `output`, an
         eval-mode forward of the same x, saves encoding it again."""
-        kind = DISCRETE_LIKELIHOODS.get(self.config.decoder_output)
-        if kind is None:
-            raise ValueError(f"decoder_output {self.config.decoder_output!r} is not a discrete likelihood: no code length")
+        self.discrete_likelihood()
         terms = {}
         if self.is_gaussian:
             posterior = output.bottleneck.posterior if output is not None else self.bottleneck.encode(self._features(x))
@@ -128,8 +97,48 @@ class Autoencoder(HubModel, model_type="autoencoder"):
             params = output.reconstruction
         else:
             params = self._decode_z(self.bottleneck.decode(self.bottleneck.encode(self._features(x))))
-        terms["nll"] = nll_per_image(kind, params, x)
+        terms["nll"] = self.pixel_nll(params, x)
         return terms
+
+    @property
+    def kl_objective(self) -> KLObjective | None:
+        """The KL regulariser of a Gaussian bottleneck (beta, free bits per latent element), None for VQ."""
+        return self.bottleneck.kl_objective if self.is_gaussian else None
+
+    def regularisation(self, out: AutoencoderOutput, *, kl_weight: float = 1.0,
+                       step_kl_mean: torch.Tensor | None = None) -> torch.Tensor:
+        """The training objective's non-reconstruction part: kl_weight x the KL objective over the optimizer step's
+        batch (Gaussian; `step_kl_mean` is the step's average KL per unit, None: this batch's), or the quantizer's
+        commitment and codebook terms (VQ)."""
+        if not self.is_gaussian:
+            return out.bottleneck.loss
+        return self.kl_objective.loss(out.bottleneck.kl_units, step_kl_mean, kl_weight=kl_weight)
+
+    @torch.no_grad()
+    def sample(self, n: int, *, temperature: float = 1.0, seed: int | None = None) -> torch.Tensor:
+        """n images (model range) decoded from latents drawn from the prior N(0, t^2 I) at the model's latent grid
+        (Gaussian models)."""
+        if not self.is_gaussian:
+            raise ValueError("a VQ tokenizer has no prior of its own; sample codes with a transformer prior")
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        z = torch.randn(n, self.bottleneck.dim, *self.config.latent_grid, generator=generator) * temperature
+        return self.decode(z.to(self._device()))
+
+    def log_weights(self, x: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Importance log-weights log p(x, z_i) - log q(z_i | x) [B, num_samples] of a Gaussian model with a discrete
+        pixel likelihood, z_i ~ q(z | x) (the IWAE bound's terms), in float32 (float64 stays float64)."""
+        if not self.is_gaussian:
+            raise ValueError("importance weights need a Gaussian (VAE) tokenizer")
+        self.discrete_likelihood()
+        posterior = self.bottleneck.encode(self._features(x))
+        b = x.shape[0]
+        mean, logvar = (t.repeat_interleave(num_samples, dim=0) for t in (posterior.mean, posterior.logvar))
+        q = DiagonalGaussian(mean, logvar)
+        z = q.sample(generator)
+        prior = DiagonalGaussian(torch.zeros_like(mean), torch.zeros_like(logvar))
+        log_pz_minus_log_qz = (prior.log_prob(z) - q.log_prob(z)).flatten(1).sum(dim=1)
+        log_px = -self.pixel_nll(self._decode_z(z), x.repeat_interleave(num_samples, dim=0))
+        return (log_px + log_pz_minus_log_qz).view(b, num_samples)
 
     def on_optimizer_step(self, skipped: bool = False) -> dict[str, torch.Tensor]:
         """The once-per-optimizer-step hook of the bottleneck (EMA codebook, restarts); see `Bottleneck`."""
@@ -144,25 +153,14 @@ class Autoencoder(HubModel, model_type="autoencoder"):
 
     def check_images(self, x: torch.Tensor) -> None:
         """Clear errors for what the convolutions would otherwise reject obscurely (or silently accept)."""
-        c, f = self.config.in_channels, self.downsampling_factor
-        if not torch.is_tensor(x) or not x.is_floating_point():
-            raise TypeError(
-                f"expected a float tensor [B, {c}, H, W] in the model's range {self.config.value_range}, got "
-                f"{getattr(x, 'dtype', type(x).__name__)}; use preprocess() for uint8 or PIL images"
-            )
-        if x.ndim != 4 or x.shape[1] != c:
-            raise ValueError(f"expected images [B, {c}, H, W], got shape {tuple(x.shape)}")
+        self.check_input(x)
+        f = self.downsampling_factor
         height, width = x.shape[-2:]
         if height % f or width % f or height == 0 or width == 0:
             raise ValueError(
                 f"image size {height}x{width} is not divisible by the downsampling factor {f}; "
                 f"resize or crop to a multiple of {f}"
             )
-        if not torch.isfinite(x).all():
-            raise ValueError("input images contain NaN or infinite values")
-
-    def _device(self) -> torch.device:
-        return self.post_quant_conv.weight.device
 
     def derived_config(self) -> dict[str, Any]:
         c = self.config

@@ -1,0 +1,77 @@
+"""What every image model of vqtok shares at its two ends: images in and out of the model's range, and the pixel
+likelihood its decoder's output parameterises (an image itself, Bernoulli logits, or a discretized logistic mixture).
+
+`PixelModel` is a mixin for models whose config has `in_channels`, `input_range`/`value_range`, `preprocess`,
+`decoder_output` and `num_mixtures` (the autoencoder and the hierarchical VAE).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vqtok.images import ImageInput, range_to_uint8, resize_and_crop, to_pil, to_uint8_batch, uint8_to_range
+from vqtok.losses import DISCRETE_LIKELIHOODS, mixture_channels, mixture_mode_image, nll_per_image
+
+
+class PixelModel:
+    """Mixin: preprocess/postprocess, the decoder's output as an image, and -log p(x | decoder output)."""
+
+    config: Any
+
+    def preprocess(self, images: ImageInput) -> torch.Tensor:
+        """PIL image(s) or uint8 arrays/tensors -> float [B, C, H, W] in the model's input range, on its device,
+        resized and cropped as recorded in the config (`config.preprocess`)."""
+        batch = to_uint8_batch(images, self.config.in_channels)
+        batch = resize_and_crop(batch, self.config.preprocess.resize, self.config.preprocess.crop)
+        return uint8_to_range(batch.to(self._device()), self.config.value_range)
+
+    def postprocess(self, x: torch.Tensor, output_type: str = "uint8") -> torch.Tensor | list[Any]:
+        """Model-range images -> uint8 [B, C, H, W] (rounded, clipped), or a list of PIL images with 'pil'."""
+        if output_type not in ("uint8", "pil"):
+            raise ValueError(f"output_type must be 'uint8' or 'pil', got {output_type!r}")
+        batch = range_to_uint8(x, self.config.value_range)
+        return to_pil(batch) if output_type == "pil" else batch
+
+    def to_image(self, decoder_output: torch.Tensor) -> torch.Tensor:
+        """The decoder's output as an image in the model range: itself, the mean (sigmoid) of Bernoulli logits, or
+        the centre of each pixel's most probable logistic component."""
+        kind = self.config.decoder_output
+        if kind == "bernoulli_logits":
+            return torch.sigmoid(decoder_output)
+        if kind == "logistic_mixture":
+            return mixture_mode_image(decoder_output, self.config.num_mixtures, self.config.in_channels)
+        return decoder_output
+
+    def output_channels(self) -> int:
+        """Channels of the decoder's output: the image's, or the mixture's parameters."""
+        c = self.config
+        return mixture_channels(c.num_mixtures, c.in_channels) if c.decoder_output == "logistic_mixture" else c.in_channels
+
+    def discrete_likelihood(self) -> str:
+        """The name of the discrete pixel likelihood (for code lengths and bounds), or an error if there is none."""
+        kind = DISCRETE_LIKELIHOODS.get(self.config.decoder_output)
+        if kind is None:
+            raise ValueError(f"decoder_output {self.config.decoder_output!r} is not a discrete likelihood: no code length")
+        return kind
+
+    def pixel_nll(self, decoder_output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """-log p(x | decoder output) in nats per image [B] under the discrete pixel likelihood."""
+        return nll_per_image(self.discrete_likelihood(), decoder_output, x)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """A float tensor [B, C, H, W] of finite values, with a clear error otherwise (sizes: the model's own)."""
+        c = self.config.in_channels
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise TypeError(
+                f"expected a float tensor [B, {c}, H, W] in the model's range {self.config.value_range}, got "
+                f"{getattr(x, 'dtype', type(x).__name__)}; use preprocess() for uint8 or PIL images"
+            )
+        if x.ndim != 4 or x.shape[1] != c:
+            raise ValueError(f"expected images [B, {c}, H, W], got shape {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("input images contain NaN or infinite values")
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device  # type: ignore[attr-defined]

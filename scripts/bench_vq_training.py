@@ -41,9 +41,9 @@ from vqtok.bottleneck import Bottleneck, BottleneckOutput
 from vqtok.config import AutoencoderConfig, DataConfig, VQConfig
 from vqtok.data import build_dataset
 from vqtok.images import uint8_to_range
-from vqtok.losses import lr_factor
 from vqtok.models import Autoencoder
 from vqtok.train.evaluate import evaluate, format_table
+from vqtok.train.schedules import lr_factor
 
 
 class PeerVQ(Bottleneck):

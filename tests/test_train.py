@@ -25,11 +25,12 @@ import vqtok
 from tests.scripts.common import WORLD_INVARIANT_VQ, assert_same_weights, tiny_train_config
 from vqtok.cli import main
 from vqtok.config import DataConfig, GaussianConfig, TrainConfig, VQConfig, load_yaml, save_yaml
-from vqtok.losses import kl_weight, lr_factor, reconstruction_loss
+from vqtok.losses import reconstruction_loss
 from vqtok.metrics import psnr, ssim
 from vqtok.train import CheckpointError, RunFolderError, TooManySkippedSteps, TrainingInterrupted, loop, train
 from vqtok.train.quickstart import QUICKSTART_MARKER, claim_quickstart_folder, remove_earlier_stores
 from vqtok.train.run_folder import RUN_MARKER, scan_checkpoints, truncate_metrics
+from vqtok.train.schedules import kl_weight, lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 

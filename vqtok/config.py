@@ -320,6 +320,7 @@ class DataConfig:
     split: Literal["train", "test"] = "train"
     skip_unreadable: bool = False
     limit: int | None = None
+    binarize: Literal["none", "once", "dynamic"] = "none"
 
     def __post_init__(self) -> None:
         needs_path = self.source in ("folder", "idx", "amat", "torchvision")

@@ -1,5 +1,5 @@
-"""Training objectives: reconstruction likelihoods, the KL weight schedules against posterior collapse, and the
-adversarial terms of the VQGAN recipe."""
+"""Training objectives: reconstruction likelihoods and the adversarial terms of the VQGAN recipe (the KL objective is
+bottleneck/kl.py's; the learning-rate and KL schedules are train/schedules.py's)."""
 
 from __future__ import annotations
 
@@ -168,23 +168,3 @@ def adaptive_gan_weight(reconstruction: torch.Tensor, adversarial: torch.Tensor,
     dtype = torch.promote_types(g_rec.dtype, torch.float32)  # float32 at least (the norms of bf16 gradients)
     ratio = torch.linalg.vector_norm(g_rec, dtype=dtype) / (torch.linalg.vector_norm(g_adv, dtype=dtype) + 1e-4)
     return ratio.clamp(0.0, max_weight).detach()
-
-
-def kl_weight(schedule: str, step: int, *, warmup_steps: int = 0, cycle_steps: int = 0) -> float:
-    """Multiplier of the KL term at optimizer step `step` (0-based): 'constant' 1; 'linear' a ramp from 0 to 1 over
-    warmup_steps; 'cyclical' that ramp restarted every cycle_steps (Fu et al. 2019)."""
-    if schedule == "constant":
-        return 1.0
-    if schedule == "linear":
-        return min(1.0, step / warmup_steps)
-    if schedule == "cyclical":
-        return min(1.0, (step % cycle_steps) / warmup_steps)
-    raise ValueError(f"unknown KL schedule {schedule!r}")
-
-
-def lr_factor(step: int, *, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """Linear warm-up from 0, then cosine decay to `min_ratio` of the peak at `max_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

@@ -1,7 +1,7 @@
 """Bottlenecks: one interface (`Bottleneck`), several implementations."""
 
 from vqtok.bottleneck.base import Bottleneck, BottleneckOutput
-from vqtok.bottleneck.gaussian import DiagonalGaussian, GaussianBottleneck
+from vqtok.bottleneck.gaussian import DiagonalGaussian, GaussianBottleneck, image_noise
 from vqtok.bottleneck.search import nearest_code
 from vqtok.bottleneck.vq import VectorQuantizer
 from vqtok.config import BottleneckConfig, GaussianConfig, VQConfig
@@ -23,5 +23,6 @@ __all__ = [
     "GaussianBottleneck",
     "VectorQuantizer",
     "build_bottleneck",
+    "image_noise",
     "nearest_code",
 ]

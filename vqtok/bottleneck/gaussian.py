@@ -12,6 +12,8 @@ through `kl_units` and `kl_objective` (see kl.KLObjective).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 
@@ -21,6 +23,16 @@ from vqtok.config import GaussianConfig
 
 LOGVAR_RANGE = (-30.0, 20.0)  # as diffusers: keeps exp(logvar) finite in float32 and bf16
 LOG_2PI = math.log(2 * math.pi)
+Noise = Union[torch.Generator, Sequence[torch.Generator], None]  # see DiagonalGaussian.sample
+
+
+def image_noise(seed: int, step: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded by (seed, step, image index): posterior samples that are the same whatever
+    the micro-batch, process or resume point an image is drawn in."""
+    return [torch.Generator().manual_seed(hash((seed, step, int(i), NOISE_KEY)) & ((1 << 63) - 1)) for i in indices]
+
+
+NOISE_KEY = 2  # distinguishes these streams from the loop's other per-image draws (flips, binarization)
 
 
 class DiagonalGaussian:
@@ -38,9 +50,18 @@ class DiagonalGaussian:
         mean, logvar = moments.chunk(2, dim=1)
         return cls(mean, logvar)
 
-    def sample(self, generator: torch.Generator | None = None, temperature: float = 1.0) -> torch.Tensor:
-        """Reparameterized sample mu + t sigma eps, differentiable in mu and sigma (t: the temperature)."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+    def sample(self, generator: Noise = None, temperature: float = 1.0) -> torch.Tensor:
+        """Reparameterized sample mu + t sigma eps, differentiable in mu and sigma (t: the temperature).
+
+        `generator`: one torch.Generator for the batch, or one per image (a list, CPU generators), which makes each
+        image's noise independent of the batch it is in (the training loop's, keyed by image: see `image_noise`)."""
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != self.mean.shape[0]:
+                raise ValueError(f"{len(generator)} generators for a batch of {self.mean.shape[0]}")
+            eps = torch.stack([torch.randn(self.mean.shape[1:], generator=g) for g in generator])
+            eps = eps.to(self.mean.device, self.mean.dtype)
+        else:
+            eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + (self.std * temperature if temperature != 1.0 else self.std) * eps
 
     def mode(self) -> torch.Tensor:
@@ -70,9 +91,11 @@ class GaussianBottleneck(Bottleneck):
         self.in_channels = 2 * config.dim
         self.kl_objective = KLObjective(beta=config.beta, free_bits=config.free_bits)
 
-    def forward(self, h: torch.Tensor) -> BottleneckOutput:
+    def forward(self, h: torch.Tensor, generator: Noise = None) -> BottleneckOutput:
+        """A sample of the posterior in training (drawn with `generator`, see DiagonalGaussian.sample), its mean in
+        evaluation."""
         posterior = self.encode(h)
-        z = posterior.sample() if self.training else posterior.mode()
+        z = posterior.sample(generator) if self.training else posterior.mode()
         kl = posterior.kl()
         kl_units = kl.flatten(1)  # free bits' units: the latent elements
         stats = {

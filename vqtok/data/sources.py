@@ -89,6 +89,17 @@ class WithIndex(Dataset):
         return image, label, index
 
 
+def dynamic_binarize(images: torch.Tensor, seed: int, step: int, indices: list[int]) -> torch.Tensor:
+    """uint8 images [B, C, H, W] binarized afresh: 255 with probability pixel/255, else 0, from a generator per image
+    seeded by (seed, step, index) - the same draw whatever the world size or resume point."""
+    out = torch.empty_like(images)
+    for row, index in enumerate(indices):
+        generator = torch.Generator().manual_seed(hash((seed, step, index)) & ((1 << 63) - 1))
+        u = torch.rand(images[row].shape, generator=generator)
+        out[row] = (u < images[row].cpu().float() / 255.0).to(torch.uint8).mul(255).to(images.device)
+    return out
+
+
 def to_chw(image: Image.Image | np.ndarray, channels: int) -> torch.Tensor:
     """PIL image or uint8 HW/HWC array -> uint8 tensor [channels, H, W] (grey <-> RGB converted)."""
     if isinstance(image, Image.Image):

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from vqtok.bottleneck import Bottleneck, BottleneckOutput, DiagonalGaussian, build_bottleneck
+from vqtok.bottleneck.gaussian import Noise
 from vqtok.bottleneck.kl import KLObjective
 from vqtok.config import AutoencoderConfig
 from vqtok.hub import HubModel
@@ -68,9 +69,11 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
     # ------------------------------------------------------------------------------------------------------------
     # The pipeline
 
-    def forward(self, x: torch.Tensor) -> AutoencoderOutput:
-        """Reconstruct x; the bottleneck samples (Gaussian) or accumulates codebook statistics (VQ) in training."""
-        out = self.bottleneck(self._features(x))
+    def forward(self, x: torch.Tensor, generator: Noise = None) -> AutoencoderOutput:
+        """Reconstruct x; the bottleneck samples (Gaussian, drawn with `generator`: see DiagonalGaussian.sample) or
+        accumulates codebook statistics (VQ) in training."""
+        h = self._features(x)
+        out = self.bottleneck(h) if generator is None else self.bottleneck(h, generator=generator)
         return AutoencoderOutput(reconstruction=self._decode_z(out.z), bottleneck=out)
 
     def encode(self, x: torch.Tensor) -> Any:
@@ -86,13 +89,15 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
         """The negative ELBO's terms in nats per image [B] for a discrete pixel likelihood (Bernoulli on binary
         images, the logistic mixture on 8-bit ones): 'nll' = -log p(x | z) at one z ~ q(z | x) (the code, for VQ)
         and, for Gaussian models, 'kl' = KL(q(z | x) || N(0, I)) with beta 1 and no free bits. `output`, an
-        eval-mode forward of the same x, saves encoding it again."""
+        eval-mode forward of the same x, saves encoding it again. Gaussian models also give 'kl_groups' [B, 1] (the
+        hierarchical VAE's signature)."""
         self.discrete_likelihood()
         terms = {}
         if self.is_gaussian:
             posterior = output.bottleneck.posterior if output is not None else self.bottleneck.encode(self._features(x))
             params = self._decode_z(posterior.sample(generator))
             terms["kl"] = posterior.kl().sum(dim=(1, 2, 3))
+            terms["kl_groups"] = terms["kl"][:, None]  # one group
         elif output is not None:  # the decoder's output at the code already is -log p(x | z)'s parameters
             params = output.reconstruction
         else:

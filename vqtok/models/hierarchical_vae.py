@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqtok.bottleneck import BottleneckOutput, DiagonalGaussian
+from vqtok.bottleneck.gaussian import Noise
 from vqtok.bottleneck.kl import KLObjective
 from vqtok.config import PreprocessConfig, _finite, _freeze_lists, _require, _require_size
 from vqtok.hub import HubModel
@@ -276,7 +277,7 @@ class HierarchicalVAE(PixelModel, HubModel, model_type="hierarchical_vae"):
             for _ in resolutions)
         top_factor = c.scales[0]
         self.top_bias = nn.Parameter(torch.zeros(1, w, c.resolution // top_factor, c.resolution // top_factor))
-        plain = [f for f in c.resolutions if f not in c.scales]  # latent-free resolutions of the top-down path
+        plain = [f for f, n in zip(c.resolutions, _groups_at(c)) if n == 0]  # latent-free resolutions (top-down)
         decoder_cells = c.cells_per_group * (c.num_groups + len(plain))
         decoder_scale = 1 / math.sqrt(decoder_cells)
         self.groups = nn.ModuleList(LatentGroup(c, top=i == 0, cell_scale=decoder_scale) for i in range(c.num_groups))
@@ -307,7 +308,7 @@ class HierarchicalVAE(PixelModel, HubModel, model_type="hierarchical_vae"):
 
     def top_down(self, batch: int, *, acts: dict[int, torch.Tensor] | None = None, sample: bool = True,
                  latents: list[torch.Tensor] | None = None, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, list[GroupPass]]:
+                 generator: Noise = None) -> tuple[torch.Tensor, list[GroupPass]]:
         """The shared top-down path; returns the decoder's output and each group's pass.
 
         With `acts` (inference) each z_l comes from the posterior: a sample (`sample`) or its mean; with `latents`
@@ -340,9 +341,10 @@ class HierarchicalVAE(PixelModel, HubModel, model_type="hierarchical_vae"):
     # ------------------------------------------------------------------------------------------------------------
     # The API
 
-    def forward(self, x: torch.Tensor) -> HierarchicalVAEOutput:
-        """Reconstruct x: posterior samples in training, posterior means in evaluation; the KL of every group."""
-        output, passes = self.top_down(x.shape[0], acts=self.bottom_up(x), sample=self.training)
+    def forward(self, x: torch.Tensor, generator: Noise = None) -> HierarchicalVAEOutput:
+        """Reconstruct x: posterior samples in training (drawn with `generator`, see DiagonalGaussian.sample),
+        posterior means in evaluation; the KL of every group."""
+        output, passes = self.top_down(x.shape[0], acts=self.bottom_up(x), sample=self.training, generator=generator)
         kl_units = torch.stack([p.kl() for p in passes], dim=1)  # [B, groups]
         terms = {"kl": kl_units.sum(dim=1).mean()}
         terms.update({f"kl/group_{i}": v for i, v in enumerate(kl_units.detach().mean(dim=0))})
@@ -380,10 +382,12 @@ class HierarchicalVAE(PixelModel, HubModel, model_type="hierarchical_vae"):
                     output: HierarchicalVAEOutput | None = None) -> dict[str, torch.Tensor]:
         """The negative ELBO's terms in nats per image [B] (beta 1, no free bits), at one sample of every group:
         'nll' = -log p(x | z) and 'kl' = the sum over groups of KL(q(z_l | x, z_<l) || p(z_l | z_<l)), analytic
-        given the samples above. (`output` is accepted for the autoencoder's signature; a fresh sample is drawn.)"""
+        given the samples above, and 'kl_groups' [B, groups]. (`output` is accepted for the autoencoder's signature; a
+        fresh sample is drawn.)"""
         self.discrete_likelihood()
         params, passes = self.top_down(x.shape[0], acts=self.bottom_up(x), sample=True, generator=generator)
-        return {"kl": torch.stack([p.kl() for p in passes]).sum(dim=0), "nll": self.pixel_nll(params, x)}
+        kl_groups = torch.stack([p.kl() for p in passes], dim=1)
+        return {"kl": kl_groups.sum(dim=1), "kl_groups": kl_groups, "nll": self.pixel_nll(params, x)}
 
     def log_weights(self, x: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Importance log-weights log p(x, z_i) - log q(z_i | x) [B, num_samples], z_i ~ q(z | x) through every

@@ -24,7 +24,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs
 
 from vqtok.config import RunConfig
-from vqtok.losses import lr_factor
+from vqtok.train.schedules import lr_factor
 
 StepHook = Callable[[bool], dict[str, torch.Tensor]]  # on_optimizer_step(skipped) -> stats to log
 
@@ -68,6 +68,18 @@ def exported(model, ema: WeightsEMA | None):
     export.load_state_dict(model.state_dict())
     ema.copy_to(export)
     return export
+
+
+class NonFiniteWeights(RuntimeError):
+    """A model about to be exported holds NaN or infinite weights: the run diverged."""
+
+
+def check_finite_weights(model: torch.nn.Module) -> None:
+    """Refuse to export a model with non-finite tensors (naming them): a diverged run must stop, not publish NaNs."""
+    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise NonFiniteWeights(f"{len(bad)} tensor(s) hold NaN or infinite values ({', '.join(bad[:3])}"
+                               f"{', ...' if len(bad) > 3 else ''}): the run diverged; nothing was exported")
 
 
 @contextmanager

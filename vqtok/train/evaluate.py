@@ -1,5 +1,6 @@
-"""Evaluating a tokenizer on images: PSNR, SSIM, code usage and perplexity (VQ), KL (Gaussian), and the PNG grids
-a person looks at (inputs above reconstructions; prior samples for Gaussian models)."""
+"""Evaluating a tokenizer on images: PSNR, SSIM, code usage and perplexity (VQ), likelihood bounds (the negative ELBO
+and the IWAE bound), KL per group and active units (VAEs), and the PNG grids a person looks at (inputs above
+reconstructions; prior samples for VAEs)."""
 
 from __future__ import annotations
 
@@ -14,22 +15,31 @@ from torchvision.utils import make_grid, save_image
 from vqtok.images import uint8_to_range
 from vqtok.losses import DISCRETE_LIKELIHOODS
 from vqtok.metrics import code_usage, psnr_from_mse, squared_error, ssim
-from vqtok.models import Autoencoder
+from vqtok.models import Autoencoder, HierarchicalVAE
 from vqtok.nn.perceptual import LPIPS
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: a latent dimension is active if Cov_x(E_q[z]) > 0.01
+IWAE_BATCH = 1024  # images x importance samples decoded at once by the IWAE bound
 
 
 @torch.inference_mode()
 def evaluate(
-    model: Autoencoder, dataset: Dataset, *, limit: int | None = None, batch_size: int = 64, num_workers: int = 0,
-    perceptual: LPIPS | None = None,
+    model: Autoencoder | HierarchicalVAE, dataset: Dataset, *, limit: int | None = None, batch_size: int = 64,
+    num_workers: int = 0, perceptual: LPIPS | None = None, iwae: int | None = None, iwae_batch: int = IWAE_BATCH,
 ) -> dict[str, float]:
     """Reconstruction metrics of `model` (in eval mode, so nothing is accumulated or communicated) on the first
     `limit` images of `dataset`. PSNR, SSIM and, given `perceptual`, the mean LPIPS distance compare 8-bit images,
     as a person would see them. PSNR comes from the MSE pooled over every value of every image, not from a mean of
     per-image PSNRs (in which a pixel-exact image would count as infinitely many dB); SSIM and LPIPS are means over
-    images. With a discrete likelihood (the logistic mixture, or Bernoulli on binary images) also -log p(x | z) in
-    bits per dimension and, for Gaussian models, the negative ELBO with beta 1 and the unclamped KL - whatever the
-    training objective."""
+    images; reconstructions use the posterior means.
+
+    With a discrete likelihood (the logistic mixture, or Bernoulli on binary images) also -log p(x | z) in bits per
+    dimension and, for VAEs (Gaussian and hierarchical), likelihood bounds with beta 1 and no free bits, whatever the
+    training objective: the negative ELBO (one posterior sample per image, the KL analytic) and, with `iwae` = k, the
+    IWAE bound -log (1/k) sum_i p(x, z_i) / q(z_i | x), computed in log space, `iwae_batch` images x samples at a
+    time, in nats per image and bits per dimension. VAEs also report the KL of every group and the active units
+    (Burda et al.: latent dimensions whose posterior mean varies over the images by more than 0.01), so that
+    posterior collapse is visible."""
     was_training = model.training
     model.eval()
     if limit is not None:
@@ -37,20 +47,38 @@ def evaluate(
     device = next(model.parameters()).device
     perceptual = perceptual.to(device) if perceptual is not None else None
     value_range = model.config.value_range
-    totals: dict[str, float] = {"squared_error": 0.0, "ssim": 0.0, "kl": 0.0, "nll": 0.0, "lpips": 0.0}
+    totals: dict[str, float] = {"squared_error": 0.0, "ssim": 0.0, "kl": 0.0, "nll": 0.0, "lpips": 0.0, "iwae": 0.0}
     counts = torch.zeros(model.vocab_size or 1, dtype=torch.long, device=device)
     discrete = model.config.decoder_output in DISCRETE_LIKELIHOODS
-    generator = torch.Generator(device).manual_seed(0)  # the posterior samples of the code length
+    variational = model.kl_objective is not None
+    if iwae is not None and not (variational and discrete):
+        raise ValueError("the IWAE bound needs a VAE (Gaussian or hierarchical) with a discrete likelihood (bernoulli_logits "
+                         "on binary images, or logistic_mixture)")
+    generator = torch.Generator(device).manual_seed(0)  # the posterior samples of the code length and the bounds
+    kl_groups, posterior_means = 0.0, LatentVariance()
     n = dims = values = 0
     for images, _ in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
         images = images.to(device)
         x = uint8_to_range(images, value_range)
         if model.config.decoder_output == "bernoulli_logits" and not ((images == 0) | (images == 255)).all():
+            if iwae is not None:
+                raise ValueError("the IWAE bound of a Bernoulli likelihood needs binary images (0 or 255); binarize "
+                                 "them (e.g. vqtok eval --binarize SEED)")
             discrete = False  # a Bernoulli likelihood of grey values is no code length
         out = model(x)
-        if discrete:  # the KL term is the forward's own (unclamped), summed below
-            totals["nll"] += model.code_length(x, generator, output=out)["nll"].sum().item()
+        if discrete:
+            terms = model.code_length(x, generator, output=out)
+            totals["nll"] += terms["nll"].sum().item()
             dims = images[0].numel()
+            if variational:
+                totals["kl"] += terms["kl"].sum().item()
+                kl_groups = kl_groups + terms["kl_groups"].double().sum(dim=0)
+        if iwae is not None:
+            totals["iwae"] += iwae_bound(model, x, iwae, generator, batch=iwae_batch).sum().item()
+        if variational:
+            posterior_means.add([q.mode() for q in _posteriors(out)])
+            if not discrete:
+                totals["kl"] += out.bottleneck.terms["kl"].item() * images.shape[0]
         recon = model.postprocess(model.to_image(out.reconstruction)).float()
         totals["squared_error"] += squared_error(recon, images)
         totals["ssim"] += ssim(recon, images.float(), 255.0).sum().item()
@@ -59,8 +87,6 @@ def evaluate(
             totals["lpips"] += perceptual(*pair).sum().item()
         if out.bottleneck.codes is not None:
             counts += torch.bincount(out.bottleneck.codes.flatten(), minlength=counts.numel())
-        if "kl" in out.bottleneck.terms:
-            totals["kl"] += out.bottleneck.terms["kl"].item() * images.shape[0]
         n += images.shape[0]
         values += images.numel()
     model.train(was_training)
@@ -70,16 +96,74 @@ def evaluate(
     metrics = {"psnr": psnr, "ssim": totals["ssim"] / n, "images": float(n)}
     if perceptual is not None:
         metrics["lpips"] = totals["lpips"] / n
+    bits = lambda nats: nats / (dims * math.log(2))  # noqa: E731  (nats per image -> bits per dimension)
     if discrete:  # bits per dimension on the 8-bit (or binary) grid: a code length
-        metrics["nll_bits_per_dim"] = totals["nll"] / (n * dims * math.log(2))
-        if model.is_gaussian:  # the negative ELBO, beta 1, unclamped KL, one posterior sample per image
-            metrics["neg_elbo_bits_per_dim"] = (totals["nll"] + totals["kl"]) / (n * dims * math.log(2))
-            metrics["neg_elbo_nats_per_image"] = (totals["nll"] + totals["kl"]) / n
+        metrics["nll_bits_per_dim"] = bits(totals["nll"] / n)
+        if variational:
+            metrics["neg_elbo_nats"] = (totals["nll"] + totals["kl"]) / n
+            metrics["neg_elbo_bits_per_dim"] = bits(metrics["neg_elbo_nats"])
+        if iwae is not None:
+            metrics["iwae_nats"] = totals["iwae"] / n
+            metrics["iwae_bits_per_dim"] = bits(metrics["iwae_nats"])
+            metrics["iwae_samples"] = float(iwae)
     if model.vocab_size:
         metrics.update({f"code_{k}": v for k, v in code_usage(counts).items()})
-    else:
+    if variational:
         metrics["kl_nats_per_image"] = totals["kl"] / n
+        if discrete and isinstance(model, HierarchicalVAE):
+            metrics.update({f"kl_nats/group_{i}": v / n for i, v in enumerate(kl_groups.tolist())})
+        active = posterior_means.active_units(ACTIVE_UNIT_THRESHOLD)
+        metrics["active_units"] = float(sum(active))
+        metrics["latent_units"] = float(posterior_means.units)
+        if isinstance(model, HierarchicalVAE):
+            metrics.update({f"active_units/group_{i}": float(a) for i, a in enumerate(active)})
     return metrics
+
+
+def iwae_bound(model: Autoencoder | HierarchicalVAE, x: torch.Tensor, k: int, generator: torch.Generator | None = None,
+               *, batch: int = IWAE_BATCH) -> torch.Tensor:
+    """The IWAE bound's negative, -log (1/k) sum_i p(x, z_i) / q(z_i | x), in nats per image [B] (Burda et al. 2016),
+    from k importance samples drawn in chunks of about `batch` images x samples, combined with logsumexp in
+    float64."""
+    per_call = max(1, batch // x.shape[0])
+    log_weights = []
+    for start in range(0, k, per_call):
+        log_weights.append(model.log_weights(x, min(per_call, k - start), generator).double())
+    log_w = torch.cat(log_weights, dim=1)
+    return -(torch.logsumexp(log_w, dim=1) - math.log(k))
+
+
+class LatentVariance:
+    """Running per-dimension variance over images of posterior means, one tensor per latent group (float64)."""
+
+    def __init__(self) -> None:
+        self.count, self.sums, self.squares = 0, None, None
+
+    def add(self, means: list[torch.Tensor]) -> None:
+        flat = [m.double().flatten(1) for m in means]
+        if self.sums is None:
+            self.sums, self.squares = [f.sum(0) for f in flat], [f.pow(2).sum(0) for f in flat]
+        else:
+            self.sums = [s + f.sum(0) for s, f in zip(self.sums, flat)]
+            self.squares = [q + f.pow(2).sum(0) for q, f in zip(self.squares, flat)]
+        self.count += flat[0].shape[0]
+
+    @property
+    def units(self) -> int:
+        return sum(s.numel() for s in self.sums)
+
+    def active_units(self, threshold: float) -> list[int]:
+        """Per group, the number of dimensions whose variance over images (unbiased) exceeds `threshold`."""
+        if self.count < 2:
+            return [0 for _ in self.sums]
+        variances = [(q - s.pow(2) / self.count) / (self.count - 1) for s, q in zip(self.sums, self.squares)]
+        return [int((v > threshold).sum()) for v in variances]
+
+
+def _posteriors(out: Any) -> list[Any]:
+    """The posterior of every latent group of a forward's output (one for a Gaussian autoencoder)."""
+    posterior = out.bottleneck.posterior
+    return list(posterior) if isinstance(posterior, (list, tuple)) else [posterior]
 
 
 @torch.inference_mode()
@@ -93,15 +177,6 @@ def save_reconstruction_grid(model: Autoencoder, images: torch.Tensor, path: str
     model.train(was_training)
     tiles = _enlarge(torch.cat([images.to(device), recon]).float() / 255.0)
     return _save(make_grid(tiles, nrow=images.shape[0], padding=2), path)
-
-
-@torch.inference_mode()
-def save_prior_samples(model: Autoencoder, n: int, path: str | Path, *, seed: int = 0) -> Path:
-    """PNG: decodings of latents drawn from the Gaussian prior N(0, I) at the model's latent grid."""
-    device = next(model.parameters()).device
-    h, w = model.config.latent_grid
-    z = torch.randn(n, model.bottleneck.dim, h, w, generator=torch.Generator().manual_seed(seed)).to(device)
-    return save_image_grid(model.postprocess(model.decode(z)), path)
 
 
 def _enlarge(images: torch.Tensor, min_side: int = 64) -> torch.Tensor:

@@ -25,26 +25,29 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from vqtok.bottleneck import image_noise
 from vqtok.config import ConfigError, TrainConfig, to_dict
 from vqtok.data import build_dataset
-from vqtok.data.sources import WithIndex
+from vqtok.data.sources import WithIndex, dynamic_binarize
 from vqtok.images import uint8_to_range
-from vqtok.losses import kl_weight, reconstruction_loss
-from vqtok.models import Autoencoder
+from vqtok.losses import reconstruction_loss
+from vqtok.models import Autoencoder, HierarchicalVAE, HierarchicalVAEConfig
 from vqtok.train.adversarial import ImageLosses
 from vqtok.train.batches import StepBatchSampler
 from vqtok.train.engine import (
     WeightsEMA,
     accelerate_run,
     append_metrics,
+    check_finite_weights,
     exported,
     finish_step,
     log_metrics,
     make_accelerator,
     make_optimizer,
 )
-from vqtok.train.evaluate import evaluate, format_table, save_prior_samples, save_reconstruction_grid
+from vqtok.train.evaluate import evaluate, format_table, save_image_grid, save_reconstruction_grid
 from vqtok.train.run_folder import RunFolder
+from vqtok.train.schedules import kl_weight
 
 
 def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
@@ -89,7 +92,7 @@ def _train(config: TrainConfig, *, resume: bool, stop_at: int | None, overwrite:
 
     counters, transient = run.restore(ema)
     if transient:
-        raw.bottleneck.load_transient_state(transient)
+        raw.bottleneck.load_transient_state(transient)  # (a VQ codebook's)
 
     sampler = StepBatchSampler(len(dataset), batch_size=config.batch_size, grad_accum=config.grad_accum,
                                rank=accelerator.process_index, world=accelerator.num_processes, seed=config.seed,
@@ -128,7 +131,8 @@ def _train(config: TrainConfig, *, resume: bool, stop_at: int | None, overwrite:
                 _evaluate(accelerator, raw, image_losses, eval_dataset, fixed_images, config, out, step)
             stopping = stop.requested()
             if step % config.checkpoint_every == 0 or step == end or stopping:
-                transient = raw.bottleneck.transient_state() if hasattr(raw.bottleneck, "transient_state") else {}
+                transient = raw.bottleneck.transient_state() if hasattr(raw, "bottleneck") and hasattr(
+                    raw.bottleneck, "transient_state") else {}
                 saved = run.save(counters, ema, transient=transient)
             if stopping:
                 raise run.stopped(stopping, saved, step)
@@ -138,11 +142,13 @@ def _train(config: TrainConfig, *, resume: bool, stop_at: int | None, overwrite:
     return _export(accelerator, raw, ema, image_losses, eval_dataset, config, out)
 
 
-def initial_model(config: TrainConfig) -> Autoencoder:
-    """A new tokenizer, or the saved one `init_from` names (to fine-tune), whose config must be `config.model`."""
+def initial_model(config: TrainConfig) -> Autoencoder | HierarchicalVAE:
+    """A new tokenizer (an autoencoder or a hierarchical VAE, as `config.model` says), or the saved one `init_from`
+    names (to fine-tune), whose config must be `config.model`."""
+    model_class = HierarchicalVAE if isinstance(config.model, HierarchicalVAEConfig) else Autoencoder
     if config.init_from is None:
-        return Autoencoder(config.model)
-    model = Autoencoder.from_pretrained(config.init_from)
+        return model_class(config.model)
+    model = model_class.from_pretrained(config.init_from)
     if model.config != config.model:
         saved, wanted = to_dict(model.config), to_dict(config.model)
         differ = sorted(k for k in saved if saved[k] != wanted[k])
@@ -152,24 +158,30 @@ def initial_model(config: TrainConfig) -> Autoencoder:
 
 
 def _accumulate_step(config, accelerator, model, image_losses: ImageLosses, batches, step: int) -> dict[str, Any]:
-    """Forward and backward over the micro-batches of one optimizer step; returns the averaged loss terms."""
-    value_range = config.model.value_range
+    """Forward and backward over the micro-batches of one optimizer step; returns the averaged loss terms.
+
+    The KL regulariser is that of the step's whole batch: where it depends on the batch's average KL per unit (free
+    bits, KL balancing), that average is first computed over every micro-batch and process (`_step_kl_mean`)."""
+    raw = accelerator.unwrap_model(model)
     factor = kl_weight(config.kl_schedule, step, warmup_steps=config.kl_warmup_steps, cycle_steps=config.kl_cycle_steps)
+    micro_batches = [_micro_batch(config, accelerator, next(batches), step) for _ in range(config.grad_accum)]
+    objective = raw.kl_objective
+    noise = (lambda indices: {}) if objective is None else (  # noqa: E731
+        lambda indices: {"generator": image_noise(config.seed, step, indices)})
+    step_kl_mean = None
+    if objective is not None and objective.needs_step_mean(factor) and config.grad_accum * accelerator.num_processes > 1:
+        step_kl_mean = _step_kl_mean(accelerator, raw, [(x, noise(indices)) for x, indices in micro_batches])
     logs: dict[str, Any] = {}
-    for micro in range(config.grad_accum):
-        images, _, indices = next(batches)
-        x = uint8_to_range(images.to(accelerator.device, non_blocking=True), value_range)
-        if config.hflip:  # a coin per (seed, step, image): the same flips whatever the world size
-            flip = torch.tensor([_coin(config.seed, step, int(i)) for i in indices], device=x.device)
-            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    for micro, (x, indices) in enumerate(micro_batches):
         last = micro == config.grad_accum - 1
         gan = image_losses.active(step)
         with nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
-                out = model(x)
+                out = model(x, **noise(indices))
             recon = reconstruction_loss(config.loss, out.reconstruction, x)
-            objective, image_terms = image_losses.generator_loss(x, out.reconstruction, recon, step)
-            loss = (objective + factor * out.bottleneck.loss) / config.grad_accum
+            objective_value, image_terms = image_losses.generator_loss(x, out.reconstruction, recon, step)
+            regulariser = raw.regularisation(out, kl_weight=factor, step_kl_mean=step_kl_mean)
+            loss = (objective_value + regulariser) / config.grad_accum
             accelerator.backward(loss)
         if gan:
             with nullcontext() if last else image_losses.no_sync():
@@ -180,9 +192,42 @@ def _accumulate_step(config, accelerator, model, image_losses: ImageLosses, batc
                  **{k: v for k, v in out.bottleneck.stats.items() if k != "perplexity"}}
         for k, v in terms.items():
             logs[k] = logs.get(k, 0.0) + v.float() / config.grad_accum  # tensors: read only at log steps
-    if config.model.bottleneck.kind == "gaussian":
+    if config.variational:
         logs["kl_weight"] = factor
     return logs
+
+
+def _micro_batch(config: TrainConfig, accelerator, batch, step: int) -> tuple[torch.Tensor, list[int]]:
+    """One micro-batch in the model's range on the device, and its images' indices: flipped (a coin per (seed, step,
+    image), the same flips whatever the world size) and, for dynamically binarized data, binarized afresh (seeded
+    the same way). VAEs draw their posterior samples per image too (`image_noise`), so one process equals several
+    and accumulated micro-batches equal one batch."""
+    images, _, indices = batch
+    images = images.to(accelerator.device, non_blocking=True)
+    if config.data.binarize == "dynamic":
+        images = dynamic_binarize(images, config.seed, step, [int(i) for i in indices])
+    x = uint8_to_range(images, config.model.value_range)
+    if config.hflip:
+        flip = torch.tensor([_coin(config.seed, step, int(i)) for i in indices], device=x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x, [int(i) for i in indices]
+
+
+@torch.no_grad()
+def _step_kl_mean(accelerator, raw, micro_batches: list[tuple[torch.Tensor, dict[str, Any]]]) -> torch.Tensor:
+    """The average KL per unit over the optimizer step's whole batch (every micro-batch, every process), from a
+    forward pass without gradients that draws the same posterior samples (the same per-image noise, and with the
+    random state restored afterwards the same dropout) as the training pass that follows."""
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    total = None
+    with torch.random.fork_rng(devices=devices):
+        for x, noise in micro_batches:
+            with accelerator.autocast():
+                kl_units = raw(x, **noise).bottleneck.kl_units
+            total = kl_units.float().sum(dim=0) if total is None else total + kl_units.float().sum(dim=0)
+    count = torch.tensor(float(sum(len(x) for x, _ in micro_batches)), device=total.device)
+    total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
+    return total / count
 
 
 def _coin(seed: int, step: int, index: int) -> bool:
@@ -196,7 +241,7 @@ def _evaluate(accelerator, raw: Autoencoder, image_losses: ImageLosses, dataset,
     metrics = evaluate(raw, dataset, limit=config.eval_images, num_workers=0, perceptual=image_losses.perceptual)
     save_reconstruction_grid(raw, fixed_images, out / "samples" / f"step_{step:06d}.png")
     if raw.is_gaussian:
-        save_prior_samples(raw, 16, out / "samples" / f"prior_step_{step:06d}.png")
+        save_image_grid(raw.postprocess(raw.sample(16, seed=0)), out / "samples" / f"prior_step_{step:06d}.png")
     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     append_metrics(out, {"step": step, "split": "eval", **metrics})
     return metrics
@@ -208,6 +253,7 @@ def _export(accelerator, raw: Autoencoder, ema: WeightsEMA | None, image_losses:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         export = exported(raw, ema)
+        check_finite_weights(export)
         metrics = evaluate(export, eval_dataset, limit=config.eval_images, perceptual=image_losses.perceptual)
         export.save_pretrained(folder, model_card_kwargs={"metrics": {k: round(v, 4) for k, v in metrics.items()}})
         image_losses.save(out / "discriminator")

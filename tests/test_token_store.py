@@ -1,6 +1,7 @@
 """The token store: layout, resume after SIGKILL byte for byte, two processes = one, tamper and mismatch errors,
 inputs that changed or do not fit one grid, a manifest that contradicts itself or its arrays, out-of-vocabulary codes,
-swapped shards, the Hub commit recorded, and decoding stored codes = the tokenizer's own reconstruction."""
+swapped shards, the Hub commit recorded, decoding stored codes = the tokenizer's own reconstruction, and a
+hierarchical VAE's store (one latent array per group)."""
 
 import hashlib
 import json
@@ -31,6 +32,7 @@ from vqtok.config import (
     save_yaml,
 )
 from vqtok.data import TokenDataset, TokenStoreError, build_dataset, encode_dataset
+from vqtok.models import HierarchicalVAEConfig
 from vqtok.train.prior import open_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -498,3 +500,232 @@ def test_a_store_encoded_from_a_hub_branch_records_the_commit(tokenizer_dir, tmp
     assert result.returncode == 0, result.stderr[-3000:]
     tokenizer = json.loads((out / "manifest.json").read_text())["tokenizer"]
     assert (tokenizer["source"], tokenizer["revision"]) == ("org/tiny-tok", commit)
+
+
+# ---- the layout of single-grid stores is what it was; a hierarchical VAE's store -------------------------------------
+
+SINGLE_GRID_KEYS = ["format", "format_version", "complete", "vqtok_version", "num_items", "kind", "vocab_size", "dtype",
+                    "item_shape", "grid", "image_shape", "augmentations", "has_labels", "preprocess", "tokenizer",
+                    "args", "inputs", "shards"]
+
+
+def shard_names(store: Path) -> list[str]:
+    return sorted(p.name for p in (store / "shards").iterdir())
+
+
+@pytest.mark.parametrize("bottleneck", ["vq", "gaussian"])
+def test_single_grid_stores_keep_their_layout(reference_store, tmp_path, bottleneck):
+    # The manifest of format version 2 as it was before hierarchical stores: these keys in this order, as indented
+    # JSON, one codes file per shard, the same record fields (a byte comparison with the code of the time gave equal
+    # files for VQ and Gaussian stores, with and without flips)
+    names = ["codes", "labels"]
+    if bottleneck == "vq":
+        store = reference_store
+    else:
+        tok_dir = make_tokenizer(tmp_path / "vae", GaussianConfig(dim=3))
+        store = encode_dataset(str(tok_dir), DataConfig(limit=40), tmp_path / "store", shard_size=16, batch_size=8,
+                               num_workers=0, progress=False)
+    text = (store / "manifest.json").read_text()
+    manifest = json.loads(text)
+    assert list(manifest) == SINGLE_GRID_KEYS and text == json.dumps(manifest, indent=2) + "\n"
+    assert manifest["format_version"] == 2
+    count = len(manifest["shards"])
+    assert shard_names(store) == sorted([f"{s:05d}.json" for s in range(count)]
+                                        + [f"{n}-{s:05d}.npy" for n in names for s in range(count)])
+    record_keys = ["index", "start", "count", "inputs_sha256", "code_range", "files", "record_sha256"]
+    for s, record in enumerate(manifest["shards"]):
+        assert list(record) == [k for k in record_keys if bottleneck == "vq" or k != "code_range"]
+        assert [(f["kind"], f["path"]) for f in record["files"]] == [(n, f"shards/{n}-{s:05d}.npy") for n in names]
+        assert all(list(f) == ["kind", "path", "bytes", "sha256"] for f in record["files"])
+    ds = TokenDataset(store)
+    assert ds.group_shapes is None and ds.grid == tuple(manifest["grid"]) and torch.is_tensor(ds[0][0])
+
+
+HVAE = HierarchicalVAEConfig(in_channels=1, resolution=8, scales=(4, 2), groups_per_scale=(1, 1), latent_channels=2,
+                             width=8, encoder_cells=1, cells_per_group=1, preprocess=PreprocessConfig(resize=8))
+GROUPS = [[2, 2, 2], [2, 4, 4]]
+
+
+def make_hierarchical(path: Path, seed: int = 0) -> Path:
+    """A tiny hierarchical VAE whose posteriors depend on the image (untrained, its zero-initialised posterior layers
+    would give every group's mean 0 for every image)."""
+    torch.manual_seed(seed)
+    model = vqtok.HierarchicalVAE(HVAE)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    model.save_pretrained(path)
+    return path
+
+
+def encode_hierarchical(tok_dir: Path, out: Path, **overrides) -> Path:
+    args = {"shard_size": 16, "batch_size": 8, "augmentations": ("none", "hflip"), "num_workers": 0, "progress": False}
+    return encode_dataset(str(tok_dir), DataConfig(limit=40), out, **{**args, **overrides})
+
+
+@pytest.fixture(scope="module")
+def hvae_dir(tmp_path_factory):
+    return make_hierarchical(tmp_path_factory.mktemp("tok") / "hvae")
+
+
+@pytest.fixture(scope="module")
+def hvae_store(hvae_dir, tmp_path_factory):
+    return encode_hierarchical(hvae_dir, tmp_path_factory.mktemp("stores") / "hvae")
+
+
+def test_hierarchical_store_holds_every_groups_posterior_mean(hvae_store, hvae_dir):
+    manifest = json.loads((hvae_store / "manifest.json").read_text())
+    assert manifest["groups"] == GROUPS and "item_shape" not in manifest and "grid" not in manifest
+    assert (manifest["kind"], manifest["dtype"], manifest["vocab_size"]) == ("continuous", "float16", None)
+    assert shard_names(hvae_store) == sorted([f"{s:05d}.json" for s in range(3)] + [
+        f"{n}-{s:05d}.npy" for n in ("latents-g0", "latents-g1", "labels") for s in range(3)])
+    assert [f["kind"] for f in manifest["shards"][2]["files"]] == ["latents-g0", "latents-g1", "labels"]
+    tok = vqtok.load(hvae_dir)
+    ds = TokenDataset(hvae_store, tokenizer=tok, verify=True)
+    assert len(ds) == 80 and ds.group_shapes == ((2, 2, 2), (2, 4, 4)) and ds.grid is None
+    images = build_dataset(DataConfig(limit=40), channels=1, preprocess=HVAE.preprocess, size=None)
+    x = tok.preprocess(torch.stack([images[i][0] for i in range(16, 24)]))  # the store's batch 2 (shard 1)
+    for aug, view in enumerate((x, x.flip(-1))):
+        stored, labels = ds.gather(np.arange(16, 24) * 2 + aug)
+        expected = [q.mode().half() for q in tok.encode(view)]
+        assert isinstance(stored, tuple) and len(stored) == 2
+        for group, want in zip(stored, expected):
+            assert group.dtype == torch.float16 and group.abs().max() > 0.1
+            assert torch.equal(group, want)  # the same batch as the store's, the same arithmetic
+        assert labels.tolist() == [images[i][1] for i in range(16, 24)]
+    item, label = ds[2 * 17 + 1]
+    assert isinstance(item, tuple) and [list(t.shape) for t in item] == GROUPS and label == images[17][1]
+    assert torch.equal(item[1], ds.gather([2 * 17 + 1])[0][1][0])
+    torch.testing.assert_close(tok.decode([z[:1].float() for z in stored]), tok.reconstruct(x.flip(-1)[:1]),
+                               atol=2e-2, rtol=0)
+
+
+def test_hierarchical_store_resumes_byte_for_byte_and_refuses_other_arguments(hvae_store, hvae_dir, tmp_path):
+    store = store_copy(hvae_store, tmp_path)
+    before = tree(store)
+    (store / "shards" / "latents-g1-00001.npy").unlink()  # one group's file of one shard...
+    (store / "shards" / "00002.json").unlink()  # ...and another shard's record
+    encode_hierarchical(hvae_dir, store)
+    assert tree(store) == before
+    with pytest.raises(TokenStoreError, match=r"different arguments \(shard_size\)"):
+        encode_hierarchical(hvae_dir, store, shard_size=8)
+    other = make_hierarchical(tmp_path / "other", seed=1)
+    with pytest.raises(TokenStoreError, match=r"different arguments \(tokenizer\)"):
+        encode_hierarchical(other, store)
+    with pytest.raises(TokenStoreError, match="encoded by a tokenizer with weights"):
+        TokenDataset(store, tokenizer=vqtok.load(other))
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_hierarchical_store(hvae_dir, tmp_path):
+    # Against one process under the same thread count: float latents may differ in their last bit between thread
+    # counts (the integer codes of the VQ test do not)
+    one, two = tmp_path / "one", tmp_path / "two"
+    flags = ["--data", "digits", "--limit", "40", "--shard-size", "16", "--batch-size", "8", "--hflip",
+             "--num-workers", "0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for cmd in ([sys.executable, "-m", "vqtok", "encode", "--tokenizer", str(hvae_dir), "--out", str(one), *flags],
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 str(ROOT / "tests" / "scripts" / "encode_two_ranks.py"), str(hvae_dir), str(two), *flags]):
+        result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert [json.loads(Path(f"{two}.world{r}.json").read_text())["world"] for r in range(2)] == [2, 2]
+    assert tree(two) == tree(one)
+
+
+def test_hierarchical_store_corrupted_group_shard_is_found(hvae_store, tmp_path):
+    store = store_copy(hvae_store, tmp_path)
+    path = store / "shards" / "latents-g1-00001.npy"
+    data = path.read_bytes()
+    path.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit of one latent of the second group
+    TokenDataset(store)  # sizes and headers fit
+    with pytest.raises(TokenStoreError, match=r"latents-g1-00001\.npy: sha256 does not match the manifest"):
+        TokenDataset(store, verify=True)
+    latents = np.load(path)
+    latents[3, 1, 0, 2, 2] = np.nan
+    np.save(path, latents)
+
+    def fix_up(m):  # only the values can tell: the checksum and the record's hash are made to fit
+        m["shards"][1]["files"][1].update(sha256=file_sha256(path))
+        reseal(m["shards"][1])
+
+    edit_manifest(store, fix_up)
+    ds = TokenDataset(store)
+    ds.gather(np.arange(32))  # shard 0 is read; shard 1's values are checked before their first read
+    message = r"latents-g1-00001\.npy: holds NaN or infinite latents \(a corrupted shard\)"
+    with pytest.raises(TokenStoreError, match=message):
+        ds[40]
+    with pytest.raises(TokenStoreError, match=message):
+        TokenDataset(store, verify=True)
+
+
+def test_hierarchical_store_wrong_group_shape_is_refused_on_open(hvae_store, tmp_path):
+    store = store_copy(hvae_store, tmp_path)
+    path = store / "shards" / "latents-g0-00000.npy"
+    size = path.stat().st_size
+    np.save(path, np.load(path).reshape(16, 2, 2, 1, 4))  # the same bytes and header length, another shape
+    assert path.stat().st_size == size
+    with pytest.raises(TokenStoreError, match=r"latents-g0-00000\.npy: float16 \[16, 2, 2, 1, 4\], the manifest "
+                                              r"declares float16 \[16, 2, 2, 2, 2\] \(count, augmentations, "
+                                              r"groups\[0\]\)"):
+        TokenDataset(store)
+
+
+def as_one_grid(m: dict) -> None:
+    del m["groups"]
+    m.update(grid=[2, 2], item_shape=[2, 2, 2, 2])
+
+
+def name_group_file_codes(m: dict) -> None:
+    m["shards"][0]["files"][1]["path"] = "shards/codes-00000.npy"
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda m: m.update(groups=[[2, 2, 2], [2, 2, 2]]),
+     (r"groups \[\[2, 2, 2\], \[2, 2, 2\]\], but the recorded tokenizer's latent_shapes are "
+      r"\[\[2, 2, 2\], \[2, 4, 4\]\]")),
+    (lambda m: m.update(groups=[[2, 2]]), r"groups \[\[2, 2\]\] is not a list of every latent group's \[C, h, w\]"),
+    (lambda m: m.update(grid=[2, 2]), r"declares both groups and grid"),
+    (lambda m: m.update(kind="discrete"), r"a discrete store with latent groups"),
+    (lambda m: m.pop("groups"), r"malformed manifest \(missing: grid, item_shape\)"),
+    (as_one_grid, r"one grid \(item_shape \[2, 2, 2, 2\]\), but the recorded tokenizer has latent groups"),
+    (name_group_file_codes,
+     (r"shard 0's record does not list its files \['shards/latents-g0-00000\.npy', 'shards/latents-g1-00000\.npy', "
+      r"'shards/labels-00000\.npy'\]")),
+])
+def test_hierarchical_manifest_that_contradicts_itself_is_refused(hvae_store, tmp_path, edit, match):
+    store = store_copy(hvae_store, tmp_path)
+    edit_manifest(store, edit)
+    with pytest.raises(TokenStoreError, match=r"manifest\.json: " + match):
+        TokenDataset(store)
+
+
+def test_non_finite_latents_are_not_written(tmp_path):
+    torch.manual_seed(0)
+    model = vqtok.HierarchicalVAE(HVAE)
+    with torch.no_grad():
+        model.top_bias.fill_(float("nan"))
+    with pytest.raises(TokenStoreError, match=r"digits image 0: its latents of group 0 hold NaN or infinite "
+                                              r"values in float16"):
+        encode_dataset(model, build_dataset(DataConfig(limit=4), channels=1, preprocess=HVAE.preprocess, size=None),
+                       tmp_path / "store", num_workers=0, progress=False)
+    assert not (tmp_path / "store" / "shards" / "00000.json").exists()
+
+
+def test_hierarchical_store_loads_its_tokenizer_decodes_and_is_refused_by_a_prior(hvae_store, hvae_dir, tmp_path,
+                                                                                   capsys):
+    tok = TokenDataset(hvae_store).load_tokenizer()
+    assert isinstance(tok, vqtok.HierarchicalVAE)
+    assert vqtok.cli.main(["decode", str(hvae_store), "--out", str(tmp_path / "grid.png"), "--n", "4"]) == 0
+    assert Image.open(tmp_path / "grid.png").size[0] >= 2 * 8
+    assert vqtok.cli.main(["decode", str(hvae_store), "--tokenizer", str(hvae_dir), "--out",
+                           str(tmp_path / "g2.png")]) == 0
+    assert Image.open(tmp_path / "g2.png").tobytes() != Image.open(tmp_path / "grid.png").tobytes()  # 40 images, not 4
+    np.save(tmp_path / "latents.npy", np.zeros((4, 2, 2, 2), dtype=np.float32))
+    capsys.readouterr()
+    assert vqtok.cli.main(["decode", str(tmp_path / "latents.npy"), "--tokenizer", str(hvae_dir), "--out",
+                           str(tmp_path / "g3.png")]) == 1
+    assert "latents.npy: a .npy file holds one grid, but" in capsys.readouterr().err
+    with pytest.raises(TokenStoreError, match=r"holds continuous latents \(a Gaussian tokenizer or hierarchical VAE\); "
+                                              r"a prior needs codes"):
+        open_data(prior_config(hvae_store, tmp_path / "run"), None)

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     decode = commands.add_parser("decode", help="decode stored codes back to images (a PNG grid)")
     decode.add_argument("codes", help="a token store folder, or a .npy file of codes [n, h, w] (latents [n, dim, h, w] "
-                        "for a Gaussian tokenizer; needs --tokenizer)")
+                        "for a Gaussian tokenizer; needs --tokenizer; not for a hierarchical VAE: decode its store)")
     decode.add_argument("--out", required=True, help="PNG file to write")
     decode.add_argument("--tokenizer", default=None, help="for a .npy file: the tokenizer folder or Hub id")
     decode.add_argument("--n", type=grid_count, default=64,
@@ -327,12 +327,15 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_tokenizer(name: str):
+def _load_tokenizer(name: str, *, hierarchical: bool = False):
+    """The autoencoder at `name` (`hierarchical`: or a hierarchical VAE); any other model is refused."""
     import vqtok
 
     model = vqtok.load(name)
-    if not isinstance(model, vqtok.Autoencoder):
-        raise ValueError(f"{name} holds a {model.model_type}, not a tokenizer (autoencoder)")
+    kinds = (vqtok.Autoencoder, vqtok.HierarchicalVAE) if hierarchical else (vqtok.Autoencoder,)
+    if not isinstance(model, kinds):
+        wanted = "autoencoder or hierarchical VAE" if hierarchical else "autoencoder"
+        raise ValueError(f"{name} holds a {model.model_type}, not a tokenizer ({wanted})")
     return model
 
 
@@ -348,8 +351,7 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _decode(args: argparse.Namespace) -> int:
-    import torch
-
+    import vqtok
     from vqtok.data.token_store import TokenDataset
 
     path = Path(args.codes)
@@ -358,16 +360,19 @@ def _decode(args: argparse.Namespace) -> int:
         store = TokenDataset(path)
         if len(store) == 0:
             raise ValueError(f"{path}: the token store holds no images")
-        tokenizer = _load_tokenizer(args.tokenizer) if args.tokenizer else store.load_tokenizer()
+        tokenizer = _load_tokenizer(args.tokenizer, hierarchical=True) if args.tokenizer else store.load_tokenizer()
         store.check_tokenizer(tokenizer)
         step = len(store.augmentations)
-        codes = torch.stack([store[i][0] for i in range(0, min(args.n * step, len(store)), step)])
+        codes, _ = store.gather(range(0, min(args.n * step, len(store)), step))  # the un-augmented views
     else:
         if not path.is_file():
             raise FileNotFoundError(f"no token store folder or .npy file {path}")
         if not args.tokenizer:
             raise ValueError("decoding a .npy file of codes needs --tokenizer")
-        tokenizer = _load_tokenizer(args.tokenizer)
+        tokenizer = _load_tokenizer(args.tokenizer, hierarchical=True)
+        if isinstance(tokenizer, vqtok.HierarchicalVAE):
+            raise ValueError(f"{path}: a .npy file holds one grid, but {args.tokenizer} is a hierarchical VAE "
+                             "(latents in groups): decode its token store folder instead")
         codes = _read_codes(path, tokenizer, args.n)
     images = _decode_images(tokenizer, codes)
     _save_grid(images, out)
@@ -409,16 +414,23 @@ def _read_codes(path: Path, tokenizer: Any, n: int) -> Any:
 
 
 def _decode_images(tokenizer: Any, codes: Any) -> Any:
-    """uint8 images [n, C, H, W] of codes (or a Gaussian tokenizer's latents), decoded DECODE_BATCH at a time."""
+    """uint8 images [n, C, H, W] of codes (or a Gaussian tokenizer's latents, or a tuple of a hierarchical VAE's
+    latents of every group), decoded DECODE_BATCH at a time."""
     import torch
 
-    device = tokenizer.post_quant_conv.weight.device
+    device = next(tokenizer.parameters()).device
+
+    def placed(chunk: torch.Tensor) -> torch.Tensor:
+        return chunk.to(device, torch.float32) if tokenizer.is_gaussian else chunk.to(device)
+
+    def decoded(chunk: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        latents = [placed(group) for group in chunk] if isinstance(chunk, tuple) else placed(chunk)
+        return tokenizer.postprocess(tokenizer.decode(latents))
+
+    # a tuple holds one tensor per group: each chunk is every group's rows, decoded from a list
+    chunks = zip(*(c.split(DECODE_BATCH) for c in codes)) if isinstance(codes, tuple) else codes.split(DECODE_BATCH)
     with torch.inference_mode():
-        return torch.cat([
-            tokenizer.postprocess(tokenizer.decode(chunk.to(device, torch.float32) if tokenizer.is_gaussian
-                                                   else chunk.to(device)))
-            for chunk in codes.split(DECODE_BATCH)
-        ])
+        return torch.cat([decoded(chunk) for chunk in chunks])
 
 
 def _push(args: argparse.Namespace) -> int:

@@ -7,7 +7,12 @@ Layout of a store folder:
                                   dtype), and every shard's record
     shards/codes-00000.npy        [n, A, h, w] codes in the smallest integer dtype holding the vocabulary
                                   (uint8/uint16/int32), or [n, A, C, h, w] float16 latents (posterior mode) for
-                                  Gaussian tokenizers; A is the augmentation axis ('none', 'hflip')
+                                  Gaussian tokenizers; A is the augmentation axis ('none', 'hflip'). The manifest
+                                  gives the items' shape [A, h, w] or [A, C, h, w] (`item_shape`) and `grid` [h, w]
+    shards/latents-g0-00000.npy   in place of codes-*, for a hierarchical VAE: one file per latent group g (top
+    shards/latents-g1-00000.npy   first), [n, A, C_g, h_g, w_g] float16 posterior means (each group's given the means
+    ...                           of the groups above, as `encode` gives them); the manifest gives `groups`, every
+                                  group's [C_g, h_g, w_g], in place of item_shape and grid
     shards/labels-00000.npy       [n] int64 labels (-1 where the source has none)
     shards/00000.json             the shard's record (index, start, count, the hash of its inputs, its codes' range,
                                   each file's bytes and sha256, and a hash of the record itself); written last, so its
@@ -21,10 +26,11 @@ store are an error.
 
 Opening a store checks, without reading the codes: the manifest's structure (shard records 0..S-1 in order, each
 starting where the previous ended, each bound to its own file names by the record's hash), the declared kind, dtype,
-vocabulary, grid and augmentations against one another and against every shard's .npy header, and the code range
-recorded per shard against the vocabulary. Each shard's codes are compared with its recorded range once, before
-their first read (or all at once: `check_codes`, `verify=True`), so no code outside the vocabulary leaves the store.
-`verify=True` also checks every file's sha256.
+vocabulary, grid (or groups) and augmentations against one another, the recorded tokenizer and every shard's .npy
+headers, and the code range recorded per shard against the vocabulary. Each shard's codes are compared with its
+recorded range (latents: checked finite) once, before their first read (or all at once: `check_codes`,
+`verify=True`), so no code outside the vocabulary, and no NaN, leaves the store. `verify=True` also checks every
+file's sha256.
 """
 
 from __future__ import annotations
@@ -54,8 +60,10 @@ from vqtok.data.sources import (
 from vqtok.files import staged, write_text_atomically
 from vqtok.hub import load, weights_sha256
 from vqtok.images import uint8_to_range
-from vqtok.models import Autoencoder
+from vqtok.models import Autoencoder, HierarchicalVAE
 from vqtok.version import __version__
+
+Tokenizer = Autoencoder | HierarchicalVAE
 
 FORMAT = "vqtok-token-store"
 FORMAT_VERSION = 2  # 2: input identity, per-shard code range and record hash
@@ -72,6 +80,16 @@ def code_dtype(vocab_size: int) -> np.dtype:
         if vocab_size <= np.iinfo(dtype).max + 1:
             return np.dtype(dtype)
     return np.dtype(np.int32)
+
+
+def _array_names(num_groups: int | None) -> list[str]:
+    """The names of a shard's arrays (each stored as shards/NAME-SSSSS.npy, before the labels): 'codes' for a store
+    of one grid (num_groups None), 'latents-g0', 'latents-g1', ... for a hierarchical VAE's groups, top first."""
+    return ["codes"] if num_groups is None else [f"latents-g{g}" for g in range(num_groups)]
+
+
+def _num_groups(tokenizer: Tokenizer) -> int | None:
+    return len(tokenizer.latent_shapes) if isinstance(tokenizer, HierarchicalVAE) else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,7 +111,7 @@ class EncodeArgs:
                 "shard_size": self.shard_size, "batch_size": self.batch_size}
 
 
-def tokenizer_identity(tokenizer: Autoencoder, source: str | None, revision: str | None) -> dict[str, Any]:
+def tokenizer_identity(tokenizer: Tokenizer, source: str | None, revision: str | None) -> dict[str, Any]:
     """How a store names its tokenizer: the Hub id at the commit it was loaded from (a branch such as 'main' moves,
     a commit does not: `loaded_from`, what a prior records too) or a resolved folder; the weight hash; the config.
     `source` None is an in-memory tokenizer."""
@@ -169,7 +187,7 @@ def _collate(items: list[tuple[Any, Any, int]]) -> tuple[list[int], torch.Tensor
 
 
 def encode_dataset(
-    tokenizer: Autoencoder | str,
+    tokenizer: Tokenizer | str,
     data: DataConfig | Dataset,
     out_dir: str | Path,
     *,
@@ -183,9 +201,10 @@ def encode_dataset(
 ) -> Path:
     """Encode a dataset into a token store at `out_dir` (resumable; several processes under torchrun/accelerate).
 
-    `tokenizer` is a loaded model or a folder / Hub id (`org/name@revision` works; the commit it resolves to is
-    recorded). `data` is a DataConfig or an `ImageDataset`-like dataset of (uint8 [C, H, W], label); every image
-    must have the size of the first after preprocessing (one store, one code grid). Returns the store folder.
+    `tokenizer` is a loaded model (an autoencoder, or a hierarchical VAE: one latent array per group) or a folder /
+    Hub id (`org/name@revision` works; the commit it resolves to is recorded). `data` is a DataConfig or an
+    `ImageDataset`-like dataset of (uint8 [C, H, W], label); every image must have the size of the first after
+    preprocessing (one store, one code grid). Returns the store folder.
     """
     from accelerate import PartialState
 
@@ -197,8 +216,9 @@ def encode_dataset(
         if "@" in source and not os.path.exists(source):
             source, revision = source.rsplit("@", 1)
         tokenizer = load(source, revision=revision)
-    if not isinstance(tokenizer, Autoencoder):
-        raise TypeError(f"a token store needs an image tokenizer (Autoencoder), got {type(tokenizer).__name__}")
+    if not isinstance(tokenizer, (Autoencoder, HierarchicalVAE)):
+        raise TypeError("a token store needs an image tokenizer (Autoencoder or HierarchicalVAE), got "
+                        f"{type(tokenizer).__name__}")
     for aug in augmentations:
         if aug not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation {aug!r}; choose from {AUGMENTATIONS}")
@@ -234,16 +254,22 @@ def encode_dataset(
                         persistent_workers=False)
     batches = iter(loader)
     bar = tqdm(total=sum(ranges[s][1] for s in todo), unit="img", desc=f"encode[{rank}]", disable=not progress)
+    names = _array_names(_num_groups(tokenizer))
     for s in todo:
         start, count = ranges[s]
-        codes, labels = [], []
+        arrays: list[list[np.ndarray]] = [[] for _ in names]
+        labels = []
         for _ in range(-(-count // batch_size)):
             indices, images, label = next(batches)
             _check_images(dataset, indices, images, image_shape)
-            codes.append(_encode_batch(tokenizer, images.to(device, non_blocking=True), augmentations))
+            encoded = _encode_batch(tokenizer, images.to(device, non_blocking=True), augmentations)
+            _check_finite(dataset, indices, encoded)
+            for parts, array in zip(arrays, encoded):
+                parts.append(array)
             labels.append(label.numpy().astype(np.int64))
             bar.update(len(label))
-        _write_shard(out, s, start, shard_inputs[s], np.concatenate(codes), np.concatenate(labels))
+        _write_shard(out, s, start, shard_inputs[s], dict(zip(names, map(np.concatenate, arrays))),
+                     np.concatenate(labels))
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
@@ -266,6 +292,17 @@ def _check_images(dataset: Dataset, indices: list[int], images: torch.Tensor | l
             )
 
 
+def _check_finite(dataset: Dataset, indices: list[int], arrays: list[np.ndarray]) -> None:
+    """Latents are finite in float16 (a diverged tokenizer, or a mean beyond float16's 65504, is named here rather
+    than written into a store its reader refuses)."""
+    for g, array in enumerate(arrays):
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            row = int(np.flatnonzero(~np.isfinite(array.reshape(len(array), -1)).all(axis=1))[0])
+            where = "" if len(arrays) == 1 else f" of group {g}"
+            raise TokenStoreError(f"{_describe(dataset, indices[row])}: its latents{where} hold NaN or infinite values "
+                                  "in float16; this tokenizer cannot be stored")
+
+
 def _describe(dataset: Dataset, index: int) -> str:
     return dataset.source.describe(index) if isinstance(dataset, ImageDataset) else f"item {index} of the dataset"
 
@@ -275,19 +312,22 @@ def _shape_text(shape: Sequence[int]) -> str:
 
 
 @torch.inference_mode()
-def _encode_batch(tokenizer: Autoencoder, images: torch.Tensor, augmentations: tuple[str, ...]) -> np.ndarray:
-    """uint8 [B, C, H, W] -> codes [B, A, h, w] (or float16 latents [B, A, C, h, w])."""
+def _encode_batch(tokenizer: Tokenizer, images: torch.Tensor, augmentations: tuple[str, ...]) -> list[np.ndarray]:
+    """uint8 [B, C, H, W] -> [codes [B, A, h, w]] (or [float16 latents [B, A, C, h, w]], or a hierarchical VAE's
+    float16 latents of every group, top first)."""
     x = uint8_to_range(images, tokenizer.config.value_range)
     views = [x if aug == "none" else x.flip(-1) for aug in augmentations]
-    outputs = []
+    outputs = []  # per view, per array
     for view in views:
         rep = tokenizer.encode(view)
-        if tokenizer.is_gaussian:
-            outputs.append(rep.mode().to(torch.float16))
+        if isinstance(tokenizer, HierarchicalVAE):
+            outputs.append([q.mode().to(torch.float16) for q in rep])
+        elif tokenizer.is_gaussian:
+            outputs.append([rep.mode().to(torch.float16)])
         else:
-            outputs.append(rep)
-    stacked = torch.stack(outputs, dim=1).cpu().numpy()
-    return stacked if tokenizer.is_gaussian else stacked.astype(code_dtype(tokenizer.vocab_size))
+            outputs.append([rep])
+    stacked = [torch.stack(per_view, dim=1).cpu().numpy() for per_view in zip(*outputs)]
+    return stacked if tokenizer.is_gaussian else [stacked[0].astype(code_dtype(tokenizer.vocab_size))]
 
 
 def _start_store(out: Path, args: EncodeArgs, inputs: dict[str, Any]) -> None:
@@ -338,18 +378,20 @@ def _shard_complete(out: Path, s: int, inputs_sha256: str | None) -> bool:
     return all((out / f["path"]).is_file() and (out / f["path"]).stat().st_size == f["bytes"] for f in record["files"])
 
 
-def _write_shard(out: Path, s: int, start: int, inputs_sha256: str | None, codes: np.ndarray,
+def _write_shard(out: Path, s: int, start: int, inputs_sha256: str | None, arrays: dict[str, np.ndarray],
                  labels: np.ndarray) -> None:
-    """The shard's two files, then its record: index, start, count, inputs' hash, the codes' [min, max] (integer
-    codes), each file's bytes and sha256, and the record's own hash (binding all of these together)."""
+    """The shard's files (its arrays by name, see `_array_names`, then the labels), then its record: index, start,
+    count, inputs' hash, the codes' [min, max] (integer codes), each file's bytes and sha256, and the record's own
+    hash (binding all of these together)."""
     files = []
-    for kind, array in (("codes", codes), ("labels", labels)):
+    for kind, array in (*arrays.items(), ("labels", labels)):
         rel = f"shards/{kind}-{s:05d}.npy"
         with staged(out / rel) as tmp, open(tmp, "wb") as f:
             np.save(f, array, allow_pickle=False)
         files.append({"kind": kind, "path": rel, "bytes": (out / rel).stat().st_size, "sha256": _sha256(out / rel)})
     record: dict[str, Any] = {"index": s, "start": start, "count": int(len(labels)), "inputs_sha256": inputs_sha256}
-    if codes.dtype.kind in "ui":
+    codes = arrays.get("codes")
+    if codes is not None and codes.dtype.kind in "ui":
         record["code_range"] = [int(codes.min()), int(codes.max())]
     record["files"] = files
     record["record_sha256"] = _record_sha256(record)
@@ -357,7 +399,7 @@ def _write_shard(out: Path, s: int, start: int, inputs_sha256: str | None, codes
 
 
 def _finish_store(out: Path, args: EncodeArgs, inputs: dict[str, Any], image_shape: tuple[int, ...],
-                  num_shards: int, tokenizer: Autoencoder) -> None:
+                  num_shards: int, tokenizer: Tokenizer) -> None:
     """Gather the shard records into the manifest, check it as a reader will, and only then mark it complete."""
     records = []
     for s in range(num_shards):
@@ -365,8 +407,10 @@ def _finish_store(out: Path, args: EncodeArgs, inputs: dict[str, Any], image_sha
         if not path.is_file():
             raise TokenStoreError(f"{out}: shard {s} was not written (a rank failed?); re-run to complete the store")
         records.append(_read_json(path))
-    first = np.load(out / records[0]["files"][0]["path"], mmap_mode="r", allow_pickle=False)
+    first = [np.load(out / f["path"], mmap_mode="r", allow_pickle=False) for f in records[0]["files"][:-1]]
     gaussian = tokenizer.is_gaussian
+    layout = ({"groups": [list(array.shape[2:]) for array in first]} if isinstance(tokenizer, HierarchicalVAE)
+              else {"item_shape": list(first[0].shape[1:]), "grid": list(first[0].shape[-2:])})
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -375,9 +419,8 @@ def _finish_store(out: Path, args: EncodeArgs, inputs: dict[str, Any], image_sha
         "num_items": inputs["count"],
         "kind": "continuous" if gaussian else "discrete",
         "vocab_size": None if gaussian else tokenizer.vocab_size,
-        "dtype": str(first.dtype),
-        "item_shape": list(first.shape[1:]),
-        "grid": list(first.shape[-2:]),
+        "dtype": str(first[0].dtype),
+        **layout,
         "image_shape": list(image_shape),
         "augmentations": list(args.augmentations),
         "has_labels": False,
@@ -402,12 +445,14 @@ class TokenDataset(Dataset):
 
     `TokenDataset(path)` checks, without reading the codes, that the store is complete and consistent (see the module
     docstring) and that every shard has its recorded size and shape; each shard's codes are checked against the
-    vocabulary before their first read. `verify=True` also checks every file's sha256 and every shard's codes now.
-    `tokenizer=` refuses a tokenizer whose weights differ from the store's. Item i is image i // A under augmentation
-    i % A: (LongTensor [h, w] codes, or float16 latents [C, h, w]; int label).
+    vocabulary (latents: checked finite) before their first read. `verify=True` also checks every file's sha256 and
+    every shard's codes now. `tokenizer=` refuses a tokenizer whose weights differ from the store's. Item i is image
+    i // A under augmentation i % A: (LongTensor [h, w] codes, or float16 latents [C, h, w], or for a hierarchical
+    VAE's store a tuple of every group's float16 latents [C_g, h_g, w_g], top first; int label). `grid` is the code
+    grid (None for a hierarchical store), `group_shapes` every group's [C_g, h_g, w_g] (None for a single grid).
     """
 
-    def __init__(self, path: str | Path, *, tokenizer: Autoencoder | None = None, verify: bool = False):
+    def __init__(self, path: str | Path, *, tokenizer: Tokenizer | None = None, verify: bool = False):
         self.path = Path(path)
         self.manifest = _read_manifest(self.path)
         if not self.manifest.get("complete"):
@@ -415,12 +460,14 @@ class TokenDataset(Dataset):
         self.kind = self.manifest["kind"]
         self.augmentations = self.manifest["augmentations"]
         self.vocab_size = self.manifest["vocab_size"]
-        self.grid = tuple(self.manifest["grid"])
+        groups = self.manifest.get("groups")
+        self.grid = None if groups is not None else tuple(self.manifest["grid"])
+        self.group_shapes = None if groups is None else tuple(tuple(shape) for shape in groups)
         shards = [_open_shard(self.path, self.manifest, record) for record in self.manifest["shards"]]
-        self._codes = [codes for codes, _ in shards]
+        self._arrays = [arrays for arrays, _ in shards]  # per shard: its arrays (codes, or each group's latents)
         self._labels = [labels for _, labels in shards]
-        self._ends = np.cumsum([len(c) for c in self._codes])
-        self._range_checked: set[int] = set()
+        self._ends = np.cumsum([len(labels) for labels in self._labels])
+        self._checked: set[int] = set()
         if verify:
             self.verify()
         if tokenizer is not None:
@@ -429,29 +476,34 @@ class TokenDataset(Dataset):
     def __len__(self) -> int:
         return self.num_images * len(self.augmentations)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], int]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a store of {len(self)} items")
         codes, labels = self.gather([index])
-        return codes[0], int(labels[0])
+        return (tuple(group[0] for group in codes) if isinstance(codes, tuple) else codes[0]), int(labels[0])
 
-    def gather(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Items `indices` at once: (codes [n, h, w] LongTensor, or float16 latents [n, C, h, w]; labels [n])."""
+    def gather(self, indices: Sequence[int] | np.ndarray | torch.Tensor
+               ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
+        """Items `indices` at once: (codes [n, h, w] LongTensor, or float16 latents [n, C, h, w], or a hierarchical
+        store's tuple of every group's float16 latents [n, C_g, h_g, w_g]; labels [n])."""
         index = np.asarray(indices, dtype=np.int64).reshape(-1)
         if index.size and (index.min() < 0 or index.max() >= len(self)):
             raise IndexError(f"indices out of range for a store of {len(self)} items")
         image, aug = np.divmod(index, len(self.augmentations))
         shard = np.searchsorted(self._ends, image, side="right")
         local = image - np.concatenate([[0], self._ends[:-1]])[shard]
-        codes = np.empty((len(index), *self._codes[0].shape[2:]), dtype=self._codes[0].dtype)
+        arrays = [np.empty((len(index), *a.shape[2:]), dtype=a.dtype) for a in self._arrays[0]]
         labels = np.empty(len(index), dtype=np.int64)
         for s in np.unique(shard):
-            self._check_code_range(int(s))
+            self._check_values(int(s))
             rows = shard == s
-            codes[rows] = self._codes[s][local[rows], aug[rows]]
+            for out, stored in zip(arrays, self._arrays[s]):
+                out[rows] = stored[local[rows], aug[rows]]
             labels[rows] = self._labels[s][local[rows]]
-        codes_t = torch.from_numpy(codes)
-        return (codes_t if self.kind == "continuous" else codes_t.long()), torch.from_numpy(labels)
+        tensors = tuple(torch.from_numpy(a) for a in arrays)
+        if self.group_shapes is not None:
+            return tensors, torch.from_numpy(labels)
+        return (tensors[0] if self.kind == "continuous" else tensors[0].long()), torch.from_numpy(labels)
 
     @property
     def num_images(self) -> int:
@@ -467,7 +519,7 @@ class TokenDataset(Dataset):
         weights_sha256, config."""
         return self.manifest["tokenizer"]
 
-    def load_tokenizer(self) -> Autoencoder:
+    def load_tokenizer(self) -> Tokenizer:
         """Load the recorded tokenizer and check that its weights are the ones that made the store."""
         identity = self.tokenizer_identity
         if identity["source"] is None:
@@ -476,7 +528,7 @@ class TokenDataset(Dataset):
         self.check_tokenizer(tokenizer)
         return tokenizer
 
-    def check_tokenizer(self, tokenizer: Autoencoder) -> None:
+    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
         expected = self.tokenizer_identity["weights_sha256"]
         actual = weights_sha256(tokenizer)
         if actual != expected:
@@ -493,16 +545,23 @@ class TokenDataset(Dataset):
         self.check_codes()
 
     def check_codes(self) -> None:
-        """Check that every shard's codes lie in the vocabulary and span the range its record gives: one pass over
-        the codes, done once per shard (`gather` does it for each shard before its first read)."""
-        for s in range(len(self._codes)):
-            self._check_code_range(s)
+        """Check that every shard's codes lie in the vocabulary and span the range its record gives (latents: that
+        they are finite): one pass over the codes, done once per shard (`gather` does it for each shard before its
+        first read)."""
+        for s in range(len(self._arrays)):
+            self._check_values(s)
 
-    def _check_code_range(self, s: int) -> None:
-        if self.kind != "discrete" or s in self._range_checked:
+    def _check_values(self, s: int) -> None:
+        if s in self._checked:
             return
         record = self.manifest["shards"][s]
-        codes, file = self._codes[s], self.path / record["files"][0]["path"]
+        if self.kind == "continuous":
+            for latents, f in zip(self._arrays[s], record["files"]):
+                if not np.isfinite(latents).all():
+                    raise TokenStoreError(f"{self.path / f['path']}: holds NaN or infinite latents (a corrupted shard)")
+            self._checked.add(s)
+            return
+        (codes,), file = self._arrays[s], self.path / record["files"][0]["path"]
         low, high = int(codes.min()), int(codes.max())
         if low < 0 or high >= self.vocab_size:
             raise TokenStoreError(f"{file}: holds code {low if low < 0 else high}, outside the vocabulary "
@@ -510,7 +569,7 @@ class TokenDataset(Dataset):
         if [low, high] != record["code_range"]:
             raise TokenStoreError(f"{file}: codes span [{low}, {high}], its record says {record['code_range']} (a "
                                   "corrupted or replaced shard)")
-        self._range_checked.add(s)
+        self._checked.add(s)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -535,8 +594,8 @@ def _read_manifest(path: Path) -> dict[str, Any]:
 def _validate_manifest(manifest: dict[str, Any], where: Path) -> None:
     """The declared fields agree with one another, and the shard records cover items 0..num_items-1 once, in order
     (no file is read)."""
-    required = ("kind", "augmentations", "vocab_size", "grid", "dtype", "item_shape", "num_items", "args",
-                "tokenizer", "shards")
+    layout = ("groups",) if "groups" in manifest else ("grid", "item_shape")
+    required = ("kind", "augmentations", "vocab_size", "dtype", *layout, "num_items", "args", "tokenizer", "shards")
     missing = [k for k in required if k not in manifest]
     if missing:
         raise TokenStoreError(f"{where}: malformed manifest (missing: {', '.join(missing)})")
@@ -546,21 +605,16 @@ def _validate_manifest(manifest: dict[str, Any], where: Path) -> None:
 
 def _check_declared_fields(m: dict[str, Any], where: Path) -> None:
     kind, augmentations, vocab, dtype = m["kind"], m["augmentations"], m["vocab_size"], m["dtype"]
-    shape = m["item_shape"]
     if kind not in ("discrete", "continuous"):
         raise TokenStoreError(f"{where}: kind is {kind!r}; expected 'discrete' or 'continuous'")
     if not (isinstance(augmentations, list) and augmentations and augmentations[0] == "none"
             and len(set(augmentations)) == len(augmentations) and set(augmentations) <= set(AUGMENTATIONS)):
         raise TokenStoreError(f"{where}: augmentations {augmentations!r} must start with 'none' and list each of "
                               f"{AUGMENTATIONS} at most once")
-    axes = ["A", "h", "w"] if kind == "discrete" else ["A", "C", "h", "w"]
-    if not (isinstance(shape, list) and len(shape) == len(axes) and all(_is_int(d) and d >= 1 for d in shape)):
-        raise TokenStoreError(f"{where}: item_shape {shape!r} is not a {kind} store's [{', '.join(axes)}]")
-    if shape[0] != len(augmentations):
-        raise TokenStoreError(f"{where}: items hold {shape[0]} view(s) (item_shape {shape}) but augmentations lists "
-                              f"{len(augmentations)}: {augmentations}")
-    if m["grid"] != shape[-2:]:
-        raise TokenStoreError(f"{where}: grid {m['grid']} is not the items' last two sizes (item_shape {shape})")
+    if "groups" in m:
+        _check_groups(m, where)
+    else:
+        _check_item_shape(m, where)
     if kind == "continuous":
         if vocab is not None or dtype != "float16":
             raise TokenStoreError(f"{where}: a continuous store holds float16 latents and no vocabulary, not dtype "
@@ -571,10 +625,58 @@ def _check_declared_fields(m: dict[str, Any], where: Path) -> None:
     if dtype != str(code_dtype(vocab)):
         raise TokenStoreError(f"{where}: dtype {dtype}, but codes of a {vocab}-code vocabulary are stored as "
                               f"{code_dtype(vocab)}")
-    tokenizer = m["tokenizer"]
-    recorded = tokenizer.get("config", {}).get("vocab_size") if isinstance(tokenizer, dict) else None
+    recorded = _recorded_config(m, "vocab_size")
     if recorded != vocab:
         raise TokenStoreError(f"{where}: vocab_size {vocab}, but the recorded tokenizer has {recorded} codes")
+
+
+def _check_item_shape(m: dict[str, Any], where: Path) -> None:
+    """A store of one grid: item_shape [A, h, w] (codes) or [A, C, h, w] (latents), grid [h, w], from a tokenizer of
+    one grid."""
+    kind, augmentations, shape = m["kind"], m["augmentations"], m["item_shape"]
+    axes = ["A", "h", "w"] if kind == "discrete" else ["A", "C", "h", "w"]
+    if not (isinstance(shape, list) and len(shape) == len(axes) and all(_is_int(d) and d >= 1 for d in shape)):
+        raise TokenStoreError(f"{where}: item_shape {shape!r} is not a {kind} store's [{', '.join(axes)}]")
+    if shape[0] != len(augmentations):
+        raise TokenStoreError(f"{where}: items hold {shape[0]} view(s) (item_shape {shape}) but augmentations lists "
+                              f"{len(augmentations)}: {augmentations}")
+    if m["grid"] != shape[-2:]:
+        raise TokenStoreError(f"{where}: grid {m['grid']} is not the items' last two sizes (item_shape {shape})")
+    if _recorded_config(m, "latent_shapes") is not None:
+        raise TokenStoreError(f"{where}: one grid (item_shape {shape}), but the recorded tokenizer has latent groups "
+                              "(a hierarchical VAE's store lists its groups)")
+
+
+def _check_groups(m: dict[str, Any], where: Path) -> None:
+    """A hierarchical VAE's store: continuous latents, `groups` every group's [C, h, w] (top first), the recorded
+    tokenizer's latent_shapes, and no item_shape or grid."""
+    groups, both = m["groups"], [k for k in ("item_shape", "grid") if k in m]
+    if m["kind"] != "continuous":
+        raise TokenStoreError(f"{where}: a {m['kind']} store with latent groups; groups hold continuous latents")
+    if both:
+        raise TokenStoreError(f"{where}: declares both groups and {', '.join(both)}; a hierarchical store's items "
+                              "are its groups")
+    if not (isinstance(groups, list) and groups and all(
+            isinstance(g, list) and len(g) == 3 and all(_is_int(d) and d >= 1 for d in g) for g in groups)):
+        raise TokenStoreError(f"{where}: groups {groups!r} is not a list of every latent group's [C, h, w]")
+    recorded = _recorded_config(m, "latent_shapes")
+    if recorded != groups:
+        raise TokenStoreError(f"{where}: groups {groups}, but the recorded tokenizer's latent_shapes are {recorded}")
+
+
+def _recorded_config(m: dict[str, Any], key: str) -> Any:
+    """A field of the recorded tokenizer's config (None where it has none)."""
+    tokenizer = m["tokenizer"]
+    config = tokenizer.get("config") if isinstance(tokenizer, dict) else None
+    return config.get(key) if isinstance(config, dict) else None
+
+
+def _item_shapes(m: dict[str, Any]) -> list[tuple[list[int], str]]:
+    """The shape of one item of each of a shard's arrays (`_array_names`' order) and how the manifest declares it."""
+    if "groups" not in m:
+        return [(m["item_shape"], "item_shape")]
+    views = len(m["augmentations"])
+    return [([views, *shape], f"augmentations, groups[{g}]") for g, shape in enumerate(m["groups"])]
 
 
 def _check_shard_records(m: dict[str, Any], where: Path) -> None:
@@ -594,7 +696,8 @@ def _check_shard_records(m: dict[str, Any], where: Path) -> None:
         if not (_is_int(count) and 1 <= count <= size and (count == size or last)):
             raise TokenStoreError(f"{where}: shard {i} holds {count!r} items; every shard holds shard_size {size}, "
                                   "the last one at most that")
-        expected = [("codes", f"shards/codes-{i:05d}.npy"), ("labels", f"shards/labels-{i:05d}.npy")]
+        names = [*_array_names(len(m["groups"]) if "groups" in m else None), "labels"]
+        expected = [(name, f"shards/{name}-{i:05d}.npy") for name in names]
         files = record.get("files")
         if not (isinstance(files, list) and all(isinstance(f, dict) for f in files)
                 and [(f.get("kind"), f.get("path")) for f in files] == expected
@@ -613,29 +716,31 @@ def _check_shard_records(m: dict[str, Any], where: Path) -> None:
         raise TokenStoreError(f"{where}: the shards hold {start} items, num_items is {m['num_items']!r}")
 
 
-def _open_shard(path: Path, m: dict[str, Any], record: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Memory-map a shard's codes and labels after checking their sizes, dtypes and shapes against the manifest,
-    and its recorded code range against the vocabulary (the codes themselves are not read)."""
+def _open_shard(path: Path, m: dict[str, Any], record: dict[str, Any]) -> tuple[list[np.ndarray], np.ndarray]:
+    """Memory-map a shard's arrays (codes, or each group's latents) and labels after checking their sizes, dtypes and
+    shapes against the manifest, and its recorded code range against the vocabulary (the codes themselves are not
+    read)."""
     for f in record["files"]:
         file = path / f["path"]
         actual = file.stat().st_size if file.is_file() else None
         if actual != f["bytes"]:
             raise TokenStoreError(f"{file}: {'missing' if actual is None else f'{actual} bytes'}, the manifest "
                                   f"records {f['bytes']} (truncated or replaced shard)")
-    codes_file, labels_file = (path / f["path"] for f in record["files"])
-    codes, labels = _load_npy(codes_file), _load_npy(labels_file)
-    count, expected = record["count"], (record["count"], *m["item_shape"])
-    if codes.dtype != np.dtype(m["dtype"]) or codes.shape != expected:
-        raise TokenStoreError(f"{codes_file}: {codes.dtype} {list(codes.shape)}, the manifest declares {m['dtype']} "
-                              f"{list(expected)} (count, item_shape)")
+    *array_files, labels_file = (path / f["path"] for f in record["files"])
+    arrays, labels, count = [_load_npy(file) for file in array_files], _load_npy(labels_file), record["count"]
+    for file, array, (shape, declared) in zip(array_files, arrays, _item_shapes(m)):
+        expected = (count, *shape)
+        if array.dtype != np.dtype(m["dtype"]) or array.shape != expected:
+            raise TokenStoreError(f"{file}: {array.dtype} {list(array.shape)}, the manifest declares {m['dtype']} "
+                                  f"{list(expected)} (count, {declared})")
     if labels.dtype != np.int64 or labels.shape != (count,):
         raise TokenStoreError(f"{labels_file}: {labels.dtype} {list(labels.shape)}, expected int64 [{count}]")
     if m["kind"] == "discrete":
         low, high = record["code_range"]
         if not 0 <= low <= high < m["vocab_size"]:
-            raise TokenStoreError(f"{codes_file}: its record gives codes in [{low}, {high}], outside the vocabulary "
-                                  f"0..{m['vocab_size'] - 1} of the manifest")
-    return codes, labels
+            raise TokenStoreError(f"{array_files[0]}: its record gives codes in [{low}, {high}], outside the "
+                                  f"vocabulary 0..{m['vocab_size'] - 1} of the manifest")
+    return arrays, labels
 
 
 def _load_npy(file: Path) -> np.ndarray:

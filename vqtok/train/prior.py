@@ -135,7 +135,8 @@ def open_data(config: PriorTrainConfig, tokenizer: Autoencoder | None) -> PriorD
     every code lies in the vocabulary, and split off the held-out items."""
     train = TokenDataset(config.tokens, verify=config.verify_tokens)
     if train.kind != "discrete":
-        raise TokenStoreError(f"{config.tokens}: holds continuous latents (a Gaussian tokenizer); a prior needs codes")
+        raise TokenStoreError(f"{config.tokens}: holds continuous latents (a Gaussian tokenizer or "
+                              "hierarchical VAE); a prior needs codes")
     if tokenizer is None:
         tokenizer = train.load_tokenizer()
     else:

@@ -485,3 +485,18 @@ def test_balancing_applies_only_during_warm_up():
     after = objective.loss(kl, kl_weight=1.0)
     assert_close(after, torch.tensor(2.0 * sum(STEP_MEAN), dtype=torch.float64), rtol=1e-14, atol=0)
     assert objective.needs_step_mean(0.5) and not objective.needs_step_mean(1.0)
+
+
+@pytest.mark.parametrize("k", [0, -1])
+def test_importance_weights_need_at_least_one_sample(k):
+    x = (torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        HierarchicalVAE(tiny()).log_weights(x, k)
+    from tests.conftest import tiny_config
+    from vqtok import Autoencoder, GaussianConfig
+    from vqtok.config import PreprocessConfig
+
+    gaussian = Autoencoder(tiny_config(GaussianConfig(dim=2), in_channels=1, resolution=8, input_range="0,1",
+                                       decoder_output="bernoulli_logits", preprocess=PreprocessConfig()))
+    with pytest.raises(ValueError, match="num_samples must be >= 1"):
+        gaussian.log_weights(x, k)

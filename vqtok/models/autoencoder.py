@@ -135,6 +135,8 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
         if not self.is_gaussian:
             raise ValueError("importance weights need a Gaussian (VAE) tokenizer")
         self.discrete_likelihood()
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         posterior = self.bottleneck.encode(self._features(x))
         b = x.shape[0]
         mean, logvar = (t.repeat_interleave(num_samples, dim=0) for t in (posterior.mean, posterior.logvar))

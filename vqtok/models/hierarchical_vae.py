@@ -393,6 +393,8 @@ class HierarchicalVAE(PixelModel, HubModel, model_type="hierarchical_vae"):
         """Importance log-weights log p(x, z_i) - log q(z_i | x) [B, num_samples], z_i ~ q(z | x) through every
         group (the IWAE bound's terms), in float32 (float64 stays float64)."""
         self.discrete_likelihood()
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         acts = {f: a.repeat_interleave(num_samples, dim=0) for f, a in self.bottom_up(x).items()}
         params, passes = self.top_down(x.shape[0] * num_samples, acts=acts, sample=True, generator=generator)
         log_px = -self.pixel_nll(params, x.repeat_interleave(num_samples, dim=0))

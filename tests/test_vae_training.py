@@ -154,3 +154,12 @@ def test_short_binarized_mnist_run_iwae_beats_elbo_and_a_single_level_vae(tmp_pa
     hvae, single = results["hierarchical"], results["single"]
     assert hvae["iwae_nats"] < hvae["neg_elbo_nats"] - 0.3
     assert hvae["iwae_nats"] < single["iwae_nats"] - 2.0, (hvae, single)
+
+
+def test_the_vqgan_terms_are_refused_for_a_hierarchical_vae():
+    from vqtok.config import AdversarialConfig, ConfigError, DiscriminatorConfig
+
+    model = replace(tiny_hvae_train_config("unused").model, decoder_output="image")
+    adversarial = AdversarialConfig(discriminator=DiscriminatorConfig(in_channels=1, channels=8, layers=1))
+    with pytest.raises(ConfigError, match="adversarial .* train an autoencoder"):
+        tiny_hvae_train_config("unused", model=model, loss="gaussian", adversarial=adversarial)

@@ -496,6 +496,9 @@ class TrainConfig(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         image_terms = [name for name in ("adversarial", "perceptual") if getattr(self, name) is not None]
+        _require(not image_terms or getattr(self.model, "kind", None) != "hierarchical_vae",
+                 f"{' and '.join(image_terms)} (the VQGAN recipe) train an autoencoder; a hierarchical VAE is trained "
+                 "by its likelihood: remove them")
         _require(not image_terms or self.model.decoder_output == "image",
                  f"{' and '.join(image_terms)} compare images, but model.decoder_output is "
                  f"{self.model.decoder_output!r} (a likelihood's parameters): use decoder_output 'image'")

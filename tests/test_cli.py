@@ -17,7 +17,8 @@ import vqtok
 import vqtok.cli
 from tests.conftest import png_header, tiny_config
 from vqtok.cli import main
-from vqtok.config import GaussianConfig, PreprocessConfig, PriorConfig, VQConfig
+from vqtok.config import DataConfig, GaussianConfig, PreprocessConfig, PriorConfig, VQConfig
+from vqtok.data.sources import keyed_seed
 from vqtok.models import TransformerPrior
 from vqtok.models.prior import tokenizer_ref
 from vqtok.train.evaluate import save_image_grid
@@ -38,7 +39,10 @@ def folders(tmp_path_factory) -> dict[str, Path]:
     prior.attach_tokenizer(tok)
     prior.save_pretrained(root / "prior")
     vqtok.Autoencoder(tiny_config(GaussianConfig(dim=3), in_channels=1)).save_pretrained(root / "vae")
-    return {"root": root, "tok": root / "tok", "prior": root / "prior", "vae": root / "vae"}
+    vqtok.HierarchicalVAE(vqtok.HierarchicalVAEConfig(
+        in_channels=1, resolution=8, scales=(4, 2), groups_per_scale=(1, 1), latent_channels=2, width=8,
+        encoder_cells=1, cells_per_group=1)).save_pretrained(root / "hvae")
+    return {"root": root, "tok": root / "tok", "prior": root / "prior", "vae": root / "vae", "hvae": root / "hvae"}
 
 
 def fails(capsys, argv: list[str], verb: str, *fragments: str, only_line: bool = True) -> str:
@@ -85,6 +89,11 @@ def refused_while_parsing(capsys, argv: list[str], verb: str, *fragments: str) -
     (["eval", "tok", "--data", "digits", "--limit", "0"], ("--limit", "positive")),
     (["encode", "--tokenizer", "t", "--data", "digits", "--out", "s", "--shard-size", "0"], ("--shard-size",)),
     (["encode", "--tokenizer", "t", "--data", "digits", "--out", "s", "--num-workers", "-1"], ("--num-workers",)),
+    (["eval", "tok", "--data", "digits", "--iwae", "0"], ("--iwae", "positive integer, got 0")),
+    (["eval", "tok", "--data", "digits", "--iwae", "5", "--iwae-batch", "0"], ("--iwae-batch", "positive")),
+    (["eval", "tok", "--data", "digits", "--offset", "-1"], ("--offset", ">= 0, got -1")),
+    (["encode", "--tokenizer", "t", "--data", "digits", "--out", "s", "--binarize", "x"], ("--binarize", "integer")),
+    (["sample", "--model", "m", "--out", "g.png", "--n", "0"], ("--n", "positive")),
 ])
 def test_bad_numbers_are_refused_while_parsing(capsys, argv, fragments):
     refused_while_parsing(capsys, argv, argv[0], *fragments)
@@ -365,3 +374,113 @@ def test_a_mistyped_local_path_is_reported_at_once(capsys, tmp_path, monkeypatch
               "runs/ is a local folder", "runs/mytokenizer@main")
         fails(capsys, ["info", "./mytokenizer"], "info", "no local folder ./mytokenizer")
         fails(capsys, ["eval", "mytokenizer", "--data", "digits"], "eval", "no local folder mytokenizer")
+
+
+# ---- sampling a VAE's own prior -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["hvae", "vae"])
+def test_sample_model_draws_from_a_vaes_own_prior_batch_by_batch(capsys, folders, tmp_path, monkeypatch, name):
+    """5 images 2 at a time: batch j drawn by model.sample with the seed keyed by (--seed, j); the PNGs are those
+    images, the grid (at most MAX_GRID_IMAGES, here 3: within the second batch) their first ones; the same seed gives
+    the same images."""
+    monkeypatch.setattr(vqtok.cli, "MAX_GRID_IMAGES", 3)
+    model = vqtok.load(folders[name]).eval()
+
+    def run(seed: int, out: Path, images: Path) -> None:
+        assert main(["sample", "--model", str(folders[name]), "--n", "5", "--batch-size", "2", "--seed", str(seed),
+                     "--temperature", "0.7", "--device", "cpu", "--out", str(out), "--images-dir", str(images)]) == 0
+        assert f"sampled 5 images; wrote {out} (the first 3), {images}/ (5 PNG files)" in capsys.readouterr().out
+
+    run(3, tmp_path / "a.png", tmp_path / "a")
+    with torch.inference_mode():
+        expected = torch.cat([model.postprocess(model.sample(count, temperature=0.7, seed=keyed_seed(3, j)))
+                              for j, count in enumerate([2, 2, 1])])
+    assert sorted(os.listdir(tmp_path / "a")) == [f"{i:05d}.png" for i in range(5)]
+    for i in range(5):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / f"{i:05d}.png")), expected[i, 0].numpy())
+    save_image_grid(expected[:3], tmp_path / "expected.png")
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "expected.png")))
+    run(3, tmp_path / "b.png", tmp_path / "b")
+    assert (tmp_path / "b.png").read_bytes() == (tmp_path / "a.png").read_bytes()
+    run(4, tmp_path / "c.png", tmp_path / "c")
+    assert not np.array_equal(np.asarray(Image.open(tmp_path / "c.png")), np.asarray(Image.open(tmp_path / "a.png")))
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--class", "3"], "--class"),
+    (["--top-k", "5", "--top-p", "0.9"], "--top-k, --top-p"),
+    (["--cfg-scale", "1"], "--cfg-scale"),
+    (["--tokenizer", "t"], "--tokenizer"),
+    (["--codes", "c.npy"], "--codes"),
+])
+def test_sample_model_refuses_the_options_of_a_transformer_prior(capsys, folders, tmp_path, flags, named):
+    with mock.patch.object(vqtok.HierarchicalVAE, "sample", side_effect=AssertionError("sampled")):
+        fails(capsys, ["sample", "--model", folders["hvae"], "--out", tmp_path / "g.png", *flags], "sample",
+              f"{named}: for sampling codes from a transformer prior (--prior), not a VAE's own prior (--model)")
+    assert os.listdir(tmp_path) == []
+
+
+def test_sample_needs_one_model_with_a_prior_of_its_own(capsys, folders, tmp_path):
+    out = tmp_path / "g.png"
+    assert main(["sample", "--out", str(out)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == ("vqtok sample: error: one of the arguments --prior --model is "
+                                                        "required")
+    refused_while_parsing(capsys, ["sample", "--prior", folders["prior"], "--model", folders["hvae"], "--out", out],
+                          "sample", "argument --model: not allowed with argument --prior")
+    fails(capsys, ["sample", "--model", folders["tok"], "--out", out], "sample",
+          "is a VQ tokenizer, which has no prior of its own: sample codes with a transformer prior (--prior)")
+    fails(capsys, ["sample", "--model", folders["prior"], "--out", out], "sample",
+          "holds a transformer_prior, not a tokenizer")
+    line = fails(capsys, ["sample", "--model", folders["hvae"], "--n", "2000", "--out", out], "sample",
+                 "--n 2000: the grid (--out) shows at most 1024 images; to sample more, write them with --images-dir")
+    assert "--codes" not in line
+    assert os.listdir(tmp_path) == []
+
+
+# ---- eval and encode: which images, binarized how; the importance-weighted bound ------------------------------------
+
+
+def test_eval_passes_the_window_the_binarization_and_the_bound_on(capsys, folders, monkeypatch):
+    import importlib
+
+    calls = []
+
+    def fake_evaluate(model, dataset, **kwargs):
+        calls.append((model, dataset, kwargs))
+        return {"images": float(len(dataset))}
+
+    monkeypatch.setattr(importlib.import_module("vqtok.train.evaluate"), "evaluate", fake_evaluate)
+    base = ["eval", str(folders["hvae"]), "--data", "digits", "--batch-size", "8"]
+    assert main([*base, "--offset", "290", "--binarize", "5", "--iwae", "50"]) == 0
+    model, dataset, kwargs = calls.pop()
+    assert isinstance(model, vqtok.HierarchicalVAE)
+    assert kwargs == {"batch_size": 8, "perceptual": None, "iwae": 50, "iwae_batch": vqtok.cli.IWAE_BATCH}
+    assert len(dataset) == 7 and dataset.source.first == 290 and dataset.binarize_seed == 5  # 297 test digits
+    assert main([*base, "--split", "train", "--limit", "3", "--iwae", "2", "--iwae-batch", "64"]) == 0
+    model, dataset, kwargs = calls.pop()
+    assert (kwargs["iwae"], kwargs["iwae_batch"]) == (2, 64) and len(dataset) == 3 and dataset.binarize_seed is None
+    assert main(base) == 0
+    assert "iwae" not in calls.pop()[2]  # no bound asked for: evaluate's own default
+    capsys.readouterr()
+    fails(capsys, [*base, "--iwae-batch", "64"], "eval", "--iwae-batch", "needs --iwae K")
+    fails(capsys, [*base, "--offset", "297"], "eval", "data.offset 297 is beyond the end", "holds 297 images")
+    assert calls == []
+
+
+def test_eval_reports_a_hierarchical_vae_on_binarized_images(capsys, folders, tmp_path):
+    out = tmp_path / "m.json"
+    assert main(["eval", str(folders["hvae"]), "--data", "digits", "--limit", "8", "--binarize", "1",
+                 "--out", str(out)]) == 0
+    metrics = json.loads(out.read_text())
+    assert metrics["images"] == 8 and 0 < metrics["neg_elbo_bits_per_dim"]  # binary images: a code length
+
+
+def test_encode_records_the_window_and_the_binarization(folders, tmp_path):
+    out = tmp_path / "store"
+    assert main(["encode", "--tokenizer", str(folders["tok"]), "--data", "digits", "--offset", "10", "--limit", "3",
+                 "--binarize", "9", "--num-workers", "0", "--out", str(out)]) == 0
+    data = json.loads((out / "manifest.json").read_text())["args"]["data"]
+    assert data == {**data, "offset": 10, "limit": 3, "binarize": "once", "binarize_seed": 9}
+    assert vqtok.cli.parse_data_spec("digits", "test", 3, offset=10, binarize_seed=9) == DataConfig(
+        source="digits", split="test", limit=3, offset=10, binarize="once", binarize_seed=9)

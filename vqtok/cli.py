@@ -16,6 +16,9 @@ from vqtok.version import __version__
 MAX_GRID_IMAGES = 1024  # a PNG grid shows at most this many images (sample: the first ones; decode: --n)
 SAMPLE_BATCH = 64  # vqtok sample's default batch: codes sampled, decoded and written this many at a time
 DECODE_BATCH = 256  # codes decoded at once
+IWAE_BATCH = 4096  # vqtok eval --iwae's default: importance samples x images evaluated at once
+PRIOR_ONLY = {"label": "--class", "top_k": "--top-k", "top_p": "--top-p", "cfg_scale": "--cfg-scale",
+              "tokenizer": "--tokenizer", "codes": "--codes"}  # vqtok sample's options for a transformer prior
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,17 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
                              help="check every token store file's sha256 before training (verify_tokens: true)")
     train_prior.set_defaults(run=_train_prior)
 
-    sample = commands.add_parser("sample", help="sample codes from a prior and decode them into images")
-    sample.add_argument("--prior", required=True, help="the prior: local folder or Hub repo id[@revision]")
+    sample = commands.add_parser(
+        "sample", help="sample codes from a prior and decode them into images, or sample a VAE's own prior")
+    model = sample.add_mutually_exclusive_group(required=True)
+    model.add_argument("--prior", help="a transformer prior: local folder or Hub repo id[@revision]")
+    model.add_argument("--model", help="a VAE (Gaussian autoencoder or hierarchical VAE), sampled from its own prior: "
+                                       "local folder or Hub repo id[@revision]")
     sample.add_argument("--n", type=positive_int, default=64,
-                        help=f"number of images (default 64); more than {MAX_GRID_IMAGES} need --images-dir or --codes")
+                        help=f"number of images (default 64); more than {MAX_GRID_IMAGES} need --images-dir (or "
+                        "--codes)")
     sample.add_argument("--class", dest="label", type=nonnegative_int, default=None,
                         help="class of every sample (conditional priors; default: unconditional)")
-    sample.add_argument("--temperature", type=nonnegative_float, default=1.0, help="0: greedy (default 1)")
+    sample.add_argument("--temperature", type=nonnegative_float, default=1.0,
+                        help="0: greedy for a prior; for a VAE, the factor on its prior's standard deviations, 0 "
+                        "its mean (default 1)")
     sample.add_argument("--top-k", type=positive_int, default=None)
     sample.add_argument("--top-p", type=probability, default=None)
-    sample.add_argument("--cfg-scale", type=finite_float, default=1.0,
-                        help="classifier-free guidance scale (needs --class)")
+    sample.add_argument("--cfg-scale", type=finite_float, default=None,
+                        help="classifier-free guidance scale (needs --class; default 1: none)")
     sample.add_argument("--seed", type=random_seed, default=0)
     sample.add_argument("--batch-size", type=positive_int, default=SAMPLE_BATCH,
                         help=f"samples generated and decoded at once (default {SAMPLE_BATCH}); the seed's samples "
@@ -69,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", required=True, help="digits | folder:PATH | idx:IMAGES[,LABELS] | amat:PATH | torchvision:NAME:ROOT")
     evaluate.add_argument("--split", choices=["train", "test"], default="test")
     evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N images only")
+    _window_options(evaluate)
+    evaluate.add_argument("--iwae", type=positive_int, default=None, metavar="K",
+                          help="also report the importance-weighted bound with K samples per image (VAEs with a "
+                          "discrete likelihood)")
+    evaluate.add_argument("--iwae-batch", type=positive_int, default=None, metavar="N",
+                          help=f"with --iwae: importance samples x images evaluated at once (default {IWAE_BATCH})")
     evaluate.add_argument("--batch-size", type=positive_int, default=64)
     evaluate.add_argument("--out", default=None, help="also write the metrics as JSON here")
     evaluate.add_argument("--lpips", default=None, metavar="WEIGHTS",
@@ -85,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--hflip", action="store_true", help="also store the codes of horizontally flipped images")
     encode.add_argument("--num-workers", type=nonnegative_int, default=4)
     encode.add_argument("--limit", type=positive_int, default=None, help="encode the first N images only")
+    _window_options(encode)
     encode.set_defaults(run=_encode)
 
     decode = commands.add_parser("decode", help="decode stored codes back to images (a PNG grid)")
@@ -199,23 +216,37 @@ def _run_options(parser: argparse.ArgumentParser, config_kind: str, example: str
                         help="stop after STEP with a checkpoint (resume later with --resume)")
 
 
-def parse_data_spec(spec: str, split: str = "train", limit: int | None = None):
-    """'digits' | 'folder:PATH' | 'idx:IMAGES[,LABELS]' | 'amat:PATH' | 'torchvision:NAME:ROOT' -> DataConfig."""
+def _window_options(parser: argparse.ArgumentParser) -> None:
+    """--offset and --binarize, for the commands that read a dataset (with --limit: which images, and how)."""
+    parser.add_argument("--offset", type=nonnegative_int, default=0,
+                        help="skip the first N images of the source (--limit then counts from there)")
+    parser.add_argument("--binarize", type=nonnegative_int, default=None, metavar="SEED",
+                        help="binarize each image once, each pixel 255 with probability pixel/255, from a generator "
+                        "keyed by SEED and the image's index in the source (data.binarize 'once')")
+
+
+def parse_data_spec(spec: str, split: str = "train", limit: int | None = None, *, offset: int = 0,
+                    binarize_seed: int | None = None):
+    """'digits' | 'folder:PATH' | 'idx:IMAGES[,LABELS]' | 'amat:PATH' | 'torchvision:NAME:ROOT' -> DataConfig of
+    the `split`, the images offset .. offset + limit - 1, binarized once with `binarize_seed` unless it is None."""
     from vqtok.config import ConfigError, DataConfig
 
+    window: dict[str, Any] = {"split": split, "limit": limit, "offset": offset}
+    if binarize_seed is not None:
+        window.update(binarize="once", binarize_seed=binarize_seed)
     kind, _, rest = spec.partition(":")
     if kind == "digits" and not rest:
-        return DataConfig(source="digits", split=split, limit=limit)
+        return DataConfig(source="digits", **window)
     if kind == "folder" and rest:
-        return DataConfig(source="folder", path=rest, split=split, limit=limit)
+        return DataConfig(source="folder", path=rest, **window)
     if kind == "idx" and rest:
         images, _, labels = rest.partition(",")
-        return DataConfig(source="idx", path=images, labels=labels or None, split=split, limit=limit)
+        return DataConfig(source="idx", path=images, labels=labels or None, **window)
     if kind == "amat" and rest:
-        return DataConfig(source="amat", path=rest, split=split, limit=limit)
+        return DataConfig(source="amat", path=rest, **window)
     if kind == "torchvision" and ":" in rest:
         name, _, root = rest.partition(":")
-        return DataConfig(source="torchvision", name=name, path=root, split=split, limit=limit)
+        return DataConfig(source="torchvision", name=name, path=root, **window)
     raise ConfigError(f"--data {spec!r}: expected digits, folder:PATH, idx:IMAGES[,LABELS], amat:PATH or torchvision:NAME:ROOT")
 
 
@@ -251,30 +282,24 @@ def _train_prior(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    """Sample `--n` code grids from a prior, `--batch-size` at a time, decoding and writing each batch before the
-    next: any n works in bounded memory, and the grid shows the first MAX_GRID_IMAGES."""
-    import vqtok
-
+    """Sample `--n` images, `--batch-size` at a time, writing each batch before the next: any n works in bounded
+    memory, and the grid shows the first MAX_GRID_IMAGES. From a transformer prior (--prior), codes decoded by its
+    tokenizer; from a VAE's own prior (--model), which takes none of the prior's options."""
+    given = [flag for name, flag in PRIOR_ONLY.items() if getattr(args, name) is not None]
+    if args.model is not None and given:
+        raise ValueError(f"{', '.join(given)}: for sampling codes from a transformer prior (--prior), not a VAE's own "
+                         "prior (--model)")
     device = _device(args.device)
     if args.n > MAX_GRID_IMAGES and not (args.codes or args.images_dir):
         raise ValueError(f"--n {args.n}: the grid (--out) shows at most {MAX_GRID_IMAGES} images; to sample more, "
-                         "write them with --images-dir or --codes")
+                         f"write them with --images-dir{' or --codes' if args.prior else ''}")
     out = _output_file(args.out, "--out", image=True)
     codes_path = _output_file(args.codes, "--codes") if args.codes else None
     images_dir = _output_folder(args.images_dir, "--images-dir") if args.images_dir else None
-    prior = vqtok.load(args.prior, map_location=device)
-    if not isinstance(prior, vqtok.TransformerPrior):
-        raise ValueError(f"{args.prior} holds a {prior.model_type}, not a transformer prior")
-    if args.tokenizer:
-        prior.attach_tokenizer(_load_tokenizer(args.tokenizer))  # refused unless it is the recorded tokenizer
-    tokenizer = prior.tokenizer.to(device)
-    shape = (args.n, *prior.config.grid)
-    if codes_path:
-        _check_free_space(codes_path, math.prod(shape) * 8, "--codes")
-    batches = prior.generate_batches(args.n, labels=args.label, temperature=args.temperature, top_k=args.top_k,
-                                     top_p=args.top_p, cfg_scale=args.cfg_scale, seed=args.seed,
-                                     batch_size=args.batch_size)
-    _write_samples(batches, tokenizer, shape, out, codes_path, images_dir)
+    if args.prior is not None:
+        _sample_prior(args, device, out, codes_path, images_dir)
+    else:
+        _write_images(_vae_samples(args, device), out, images_dir)
     written = [f"{out}" + (f" (the first {MAX_GRID_IMAGES})" if args.n > MAX_GRID_IMAGES else "")]
     if codes_path:
         written.append(str(codes_path))
@@ -284,27 +309,81 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample_prior(args: argparse.Namespace, device: Any, out: Path, codes_path: Path | None,
+                  images_dir: Path | None) -> None:
+    import vqtok
+
+    prior = vqtok.load(args.prior, map_location=device)
+    if not isinstance(prior, vqtok.TransformerPrior):
+        raise ValueError(f"{args.prior} holds a {prior.model_type}, not a transformer prior")
+    if args.tokenizer:
+        prior.attach_tokenizer(_load_tokenizer(args.tokenizer))  # refused unless it is the recorded tokenizer
+    tokenizer = prior.tokenizer.to(device)
+    shape = (args.n, *prior.config.grid)
+    if codes_path:
+        _check_free_space(codes_path, math.prod(shape) * 8, "--codes")
+    cfg_scale = 1.0 if args.cfg_scale is None else args.cfg_scale
+    batches = prior.generate_batches(args.n, labels=args.label, temperature=args.temperature, top_k=args.top_k,
+                                     top_p=args.top_p, cfg_scale=cfg_scale, seed=args.seed,
+                                     batch_size=args.batch_size)
+    _write_samples(batches, tokenizer, shape, out, codes_path, images_dir)
+
+
+def _vae_samples(args: argparse.Namespace, device: Any) -> Iterator[Any]:
+    """uint8 images from a VAE's own prior (`model.sample`), `--batch-size` at a time; batch j is drawn with the
+    seed keyed by (--seed, j), so a seed's images depend on the batch size, as a prior's do. The model is loaded
+    and checked before the first batch is asked for."""
+    import torch
+
+    from vqtok.data.sources import keyed_seed
+
+    model = _load_image_model(args.model, map_location=device)
+    if not model.is_gaussian:
+        raise ValueError(f"{args.model} is a VQ tokenizer, which has no prior of its own: sample codes with a "
+                         "transformer prior (--prior)")
+    model.eval()
+
+    def batches() -> Iterator[Any]:
+        for j, start in enumerate(range(0, args.n, args.batch_size)):
+            count = min(args.batch_size, args.n - start)
+            with torch.inference_mode():
+                yield model.postprocess(model.sample(count, temperature=args.temperature, seed=keyed_seed(args.seed, j)))
+
+    return batches()
+
+
 def _write_samples(batches: Iterator[Any], tokenizer: Any, shape: tuple[int, ...], out: Path, codes_path: Path | None,
                    images_dir: Path | None) -> None:
     """Decode and write each batch of codes as it comes: its codes appended to the .npy file (renamed into place
-    once complete), its images as PNG files, the first MAX_GRID_IMAGES kept for the grid, written last."""
+    once complete), its images written by `_write_images`."""
     import numpy as np
+
+    with ExitStack() as stack:
+        codes_file = stack.enter_context(_npy_rows(codes_path, shape, np.int64)) if codes_path else None
+
+        def decoded() -> Iterator[Any]:
+            for codes in batches:
+                if codes_file is not None:
+                    codes_file.write(codes.cpu().numpy())
+                yield _decode_images(tokenizer, codes)
+
+        _write_images(decoded(), out, images_dir)
+
+
+def _write_images(batches: Iterator[Any], out: Path, images_dir: Path | None) -> None:
+    """Write each batch of uint8 images as it comes: as PNG files into `images_dir`, the first MAX_GRID_IMAGES kept
+    for the grid `out`, written last."""
     import torch
 
     shown: list[torch.Tensor] = []
-    with ExitStack() as stack:
-        codes_file = stack.enter_context(_npy_rows(codes_path, shape, np.int64)) if codes_path else None
-        done = 0
-        for codes in batches:
-            images = _decode_images(tokenizer, codes)
-            if done < MAX_GRID_IMAGES:
-                shown.append(images[: MAX_GRID_IMAGES - done].cpu())
-            if codes_file is not None:
-                codes_file.write(codes.cpu().numpy())
-            if images_dir is not None:
-                _write_pngs(images, images_dir, first=done)
-            done += len(codes)
-        _save_grid(torch.cat(shown), out)
+    done = 0
+    for images in batches:
+        if done < MAX_GRID_IMAGES:
+            shown.append(images[: MAX_GRID_IMAGES - done].cpu())
+        if images_dir is not None:
+            _write_pngs(images, images_dir, first=done)
+        done += len(images)
+    _save_grid(torch.cat(shown), out)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -313,13 +392,16 @@ def _eval(args: argparse.Namespace) -> int:
     from vqtok.nn.perceptual import LPIPS
     from vqtok.train.evaluate import evaluate, format_table
 
+    if args.iwae_batch is not None and args.iwae is None:
+        raise ValueError("--iwae-batch sizes the importance-weighted bound's batches: it needs --iwae K")
     out = _output_file(args.out, "--out") if args.out else None
-    model = _load_tokenizer(args.tokenizer)
+    model = _load_image_model(args.tokenizer)
     perceptual = LPIPS.from_file(args.lpips) if args.lpips else None
     c = model.config
-    dataset = build_dataset(parse_data_spec(args.data, args.split, args.limit), channels=c.in_channels,
-                            preprocess=c.preprocess, size=None)
-    metrics = evaluate(model, dataset, batch_size=args.batch_size, perceptual=perceptual)
+    data = parse_data_spec(args.data, args.split, args.limit, offset=args.offset, binarize_seed=args.binarize)
+    dataset = build_dataset(data, channels=c.in_channels, preprocess=c.preprocess, size=None)
+    bound = {} if args.iwae is None else {"iwae": args.iwae, "iwae_batch": args.iwae_batch or IWAE_BATCH}
+    metrics = evaluate(model, dataset, batch_size=args.batch_size, perceptual=perceptual, **bound)
     print(format_table(metrics))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -339,10 +421,20 @@ def _load_tokenizer(name: str, *, hierarchical: bool = False):
     return model
 
 
+def _load_image_model(name: str, **load_kwargs: Any):
+    """A model of images: an autoencoder (VQ or Gaussian) or a hierarchical VAE."""
+    import vqtok
+
+    model = vqtok.load(name, **load_kwargs)
+    if not isinstance(model, (vqtok.Autoencoder, vqtok.HierarchicalVAE)):
+        raise ValueError(f"{name} holds a {model.model_type}, not a tokenizer (an autoencoder or a hierarchical VAE)")
+    return model
+
+
 def _encode(args: argparse.Namespace) -> int:
     from vqtok.data.token_store import encode_dataset
 
-    data = parse_data_spec(args.data, args.split, args.limit)
+    data = parse_data_spec(args.data, args.split, args.limit, offset=args.offset, binarize_seed=args.binarize)
     augmentations = ("none", "hflip") if args.hflip else ("none",)
     out = encode_dataset(args.tokenizer, data, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
                          augmentations=augmentations, num_workers=args.num_workers)

@@ -310,7 +310,18 @@ class DataConfig:
     'folder' (an image folder; class sub-folders give labels), 'idx' (MNIST-style IDX files, plain or .gz: `path`
     the images, `labels` the labels), 'amat' (binarized MNIST's .amat text files, plain or .gz, no labels),
     'torchvision' (`name`, e.g. MNIST or CIFAR10, from the local root `path`, never downloaded). `split` selects train or test where the source has both. `skip_unreadable` skips and counts
-    images that cannot be decoded instead of failing on the first one. `limit` keeps the first N images.
+    images that cannot be decoded instead of failing on the first one (`offset` and `limit` then count the readable
+    ones). `offset` skips the first N images of the source and `limit` keeps the next N, so that a validation set can
+    be carved from a training set (train: limit 50000; validation: offset 50000, limit 10000); item i is then image
+    offset + i of the source, and error messages name it so.
+
+    `binarize` turns grey images into binary ones (0 or 255), each pixel a Bernoulli draw with probability
+    pixel / 255, the usual protocol for likelihoods on MNIST with a Bernoulli decoder: 'once' draws each image once,
+    from a generator keyed by `binarize_seed` and the image's index in the source (not in the dataset, so an image
+    is binarized alike whatever the offset), the same at every read - a fixed set, for evaluation or encoding;
+    'dynamic' leaves the images grey and the training loop draws them afresh each time they are drawn, keyed by
+    `binarize_seed`, the step and the index (`vqtok.data.sources.dynamic_binarize`) - a training set only, since an
+    evaluation set must be fixed. 'none' (the default) keeps the images as they are.
     """
 
     source: Literal["digits", "folder", "idx", "amat", "torchvision"] = "digits"
@@ -320,7 +331,9 @@ class DataConfig:
     split: Literal["train", "test"] = "train"
     skip_unreadable: bool = False
     limit: int | None = None
+    offset: int = 0
     binarize: Literal["none", "once", "dynamic"] = "none"
+    binarize_seed: int = 0
 
     def __post_init__(self) -> None:
         needs_path = self.source in ("folder", "idx", "amat", "torchvision")
@@ -330,6 +343,10 @@ class DataConfig:
         _require((self.source == "torchvision") == (self.name is not None),
                  "name (e.g. MNIST, CIFAR10) is required for, and only for, source 'torchvision'")
         _require(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
+        _require(self.offset >= 0, f"offset must be >= 0, got {self.offset}")
+        _require(0 <= self.binarize_seed < 2**32, f"binarize_seed must be in [0, 2^32), got {self.binarize_seed}")
+        _require(self.binarize != "none" or self.binarize_seed == 0,
+                 f"binarize_seed ({self.binarize_seed}) is used only with binarize 'once' or 'dynamic'")
 
 
 @dataclass(frozen=True)
@@ -522,6 +539,12 @@ class TrainConfig(RunConfig):
             _require(self.mixed_precision != "fp16",
                      "mixed_precision 'fp16' with an adversarial term is not supported (the tokenizer's and the "
                      "discriminator's optimizers would share one loss scaler); use 'bf16'")
+        _require(self.eval_data is None or self.eval_data.binarize != "dynamic",
+                 "eval_data.binarize 'dynamic' would evaluate on images drawn afresh at every evaluation; an "
+                 "evaluation set must be fixed: use binarize 'once'")
+        _require(self.eval_data is not None or self.data.binarize != "dynamic",
+                 "data.binarize 'dynamic' without eval_data would evaluate on the training images left grey; set "
+                 "eval_data (with binarize 'once')")
         _require(self.eval_images >= 1, f"eval_images must be >= 1, got {self.eval_images}")
         _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
         gaussian = self.variational

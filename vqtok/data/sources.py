@@ -1,8 +1,12 @@
 """Image sources: the built-in digits, image folders, MNIST-style IDX files and local torchvision datasets.
 
 Every source is an `ImageDataset`: item i is (uint8 image [C, H, W], label) after the model's recorded
-preprocessing (resize, centre crop), with label -1 where the source has none. Decoding and preprocessing happen in
-`__getitem__`, so DataLoader workers do them in parallel.
+preprocessing (resize, centre crop) and, where asked, binarization, with label -1 where the source has none. Decoding
+and preprocessing happen in `__getitem__`, so DataLoader workers do them in parallel.
+
+A source can be a window of a whole one (`DataConfig.offset` and `limit`): it then holds only those images, and its
+image i is image `first + i` of the whole source, which is what error messages name and what a binarization is
+keyed by.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +35,15 @@ class UnreadableImageError(ValueError):
     """An image file that cannot be decoded; the message names its path."""
 
 
+BINARIZE_STREAM = 0x62696E  # "bin": keys a binarization's generators apart from other per-image draws (flips)
+
+
 class Source:
     """Random access to the raw images of a source: `load(i)`, `describe(i)` (for error messages), `labels`."""
 
     labels: list[int]
     skipped: int = 0  # unreadable images left out (skip_unreadable)
+    first: int = 0  # image 0 here is image `first` of the whole source (a window: DataConfig.offset)
 
     def load(self, index: int) -> Image.Image | np.ndarray:
         raise NotImplementedError
@@ -42,15 +51,30 @@ class Source:
     def describe(self, index: int) -> str:
         raise NotImplementedError
 
+    def window(self, start: int, stop: int) -> None:
+        """Keep images start .. stop - 1 only: image i becomes what image start + i was."""
+        self.labels = self.labels[start:stop]
+        self.first += start
+        self._keep(slice(start, stop))
+
+    def _keep(self, images: slice) -> None:
+        """Keep the `images` slice of whatever holds the images (the labels are already kept)."""
+        raise NotImplementedError
+
 
 class ImageDataset(Dataset):
-    """(uint8 [C, H, W], label) pairs from a `Source`, each checked against the size the model trains at."""
+    """(uint8 [C, H, W], label) pairs from a `Source`, each checked against the size the model trains at.
 
-    def __init__(self, source: Source, *, channels: int, preprocess: PreprocessConfig, size: int | None):
+    `binarize_seed` (not None) binarizes each image once, after preprocessing: a Bernoulli(pixel / 255) draw per
+    pixel from a generator keyed by the seed and the image's index in the whole source, the same at every read."""
+
+    def __init__(self, source: Source, *, channels: int, preprocess: PreprocessConfig, size: int | None,
+                 binarize_seed: int | None = None):
         self.source = source
         self.channels = channels
         self.preprocess = preprocess
         self.size = size
+        self.binarize_seed = binarize_seed
 
     @property
     def labels(self) -> list[int]:
@@ -71,6 +95,9 @@ class ImageDataset(Dataset):
                 f"{self.source.describe(index)} is {image.shape[-2]}x{image.shape[-1]} after preprocessing, the "
                 f"model trains on {self.size}x{self.size}: set model.preprocess.resize and crop"
             )
+        if self.binarize_seed is not None:
+            seed = keyed_seed(BINARIZE_STREAM, self.binarize_seed, self.source.first + index)
+            image = binarize(image[None], [seed])[0]
         return image, self.source.labels[index]
 
 
@@ -89,17 +116,6 @@ class WithIndex(Dataset):
         return image, label, index
 
 
-def dynamic_binarize(images: torch.Tensor, seed: int, step: int, indices: list[int]) -> torch.Tensor:
-    """uint8 images [B, C, H, W] binarized afresh: 255 with probability pixel/255, else 0, from a generator per image
-    seeded by (seed, step, index) - the same draw whatever the world size or resume point."""
-    out = torch.empty_like(images)
-    for row, index in enumerate(indices):
-        generator = torch.Generator().manual_seed(hash((seed, step, index)) & ((1 << 63) - 1))
-        u = torch.rand(images[row].shape, generator=generator)
-        out[row] = (u < images[row].cpu().float() / 255.0).to(torch.uint8).mul(255).to(images.device)
-    return out
-
-
 def to_chw(image: Image.Image | np.ndarray, channels: int) -> torch.Tensor:
     """PIL image or uint8 HW/HWC array -> uint8 tensor [channels, H, W] (grey <-> RGB converted)."""
     if isinstance(image, Image.Image):
@@ -112,15 +128,56 @@ def to_chw(image: Image.Image | np.ndarray, channels: int) -> torch.Tensor:
 
 
 def build_dataset(config: DataConfig, *, channels: int, preprocess: PreprocessConfig, size: int | None) -> ImageDataset:
-    """The dataset a `DataConfig` describes, ready for a model with `channels` inputs trained at `size`."""
+    """The dataset a `DataConfig` describes, ready for a model with `channels` inputs trained at `size`: the window
+    `offset`, `limit` of the source, binarized once where `binarize` is 'once' ('dynamic' is the training loop's:
+    `dynamic_binarize`)."""
     builders = {"digits": ArraySource.digits, "folder": FolderSource, "idx": ArraySource.idx,
                 "amat": ArraySource.amat, "torchvision": TorchvisionSource}
     source = builders[config.source](config)
-    if config.limit is not None:
-        source.labels = source.labels[: config.limit]
+    where = f"data source '{config.source}' ({config.path or 'built in'})"
     if not source.labels:
-        raise ValueError(f"data source '{config.source}' ({config.path or 'built in'}) holds no images")
-    return ImageDataset(source, channels=channels, preprocess=preprocess, size=size)
+        raise ValueError(f"{where} holds no images")
+    if config.offset >= len(source.labels):
+        raise ValueError(f"data.offset {config.offset} is beyond the end of {where}, which holds "
+                         f"{len(source.labels)} images")
+    if config.offset or config.limit is not None:
+        stop = None if config.limit is None else config.offset + config.limit
+        source.window(config.offset, stop)
+    return ImageDataset(source, channels=channels, preprocess=preprocess, size=size,
+                        binarize_seed=config.binarize_seed if config.binarize == "once" else None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Binarization
+
+
+def keyed_seed(*key: int) -> int:
+    """A generator seed from a tuple of integers: Python's hash of the tuple, which for integers is the same in
+    every process and run (no hash randomisation), cut to 63 bits - the recipe of the training loop's flips."""
+    return hash(key) & ((1 << 63) - 1)
+
+
+def binarize(images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:
+    """uint8 images [B, C, H, W] -> binary uint8 images (0 or 255), each pixel 255 with probability pixel / 255.
+
+    Image b's pixels are independent draws from a CPU generator seeded with `seeds[b]` (so an image's draw depends
+    on its seed only, not on the batch it is in or on the device); the result is on the images' device."""
+    if images.dtype != torch.uint8 or images.ndim != 4:
+        raise ValueError(f"binarize takes uint8 images [B, C, H, W], got {images.dtype} {list(images.shape)}")
+    if len(seeds) != images.shape[0]:
+        raise ValueError(f"binarize: {len(seeds)} seeds for {images.shape[0]} images")
+    uniform = torch.empty(images.shape)
+    for row, seed in zip(uniform, seeds):
+        row.uniform_(generator=torch.Generator().manual_seed(seed))
+    ones = uniform.to(images.device) < images.float() / 255  # pixel 0: never; pixel 255: always (uniform < 1)
+    return ones.to(torch.uint8) * 255
+
+
+def dynamic_binarize(images: torch.Tensor, seed: int, step: int, indices: Sequence[int]) -> torch.Tensor:
+    """A training batch's binarization (DataConfig.binarize 'dynamic'): image b, the dataset's image `indices[b]`,
+    drawn afresh at every step from a generator keyed by (seed, step, index) - the data's `binarize_seed`, the
+    optimizer step - so that a run and its resumption draw alike, whatever the batch composition or world size."""
+    return binarize(images, [keyed_seed(BINARIZE_STREAM, seed, step, int(index)) for index in indices])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,7 +193,10 @@ class ArraySource(Source):
         return self.images[index]
 
     def describe(self, index: int) -> str:
-        return f"{self.name} image {index}"
+        return f"{self.name} image {self.first + index}"
+
+    def _keep(self, images: slice) -> None:
+        self.images = self.images[images]
 
     @classmethod
     def digits(cls, config: DataConfig) -> "ArraySource":
@@ -203,6 +263,9 @@ class FolderSource(Source):
 
     def describe(self, index: int) -> str:
         return str(self.files[index])
+
+    def _keep(self, images: slice) -> None:
+        self.files = self.files[images]
 
 
 def _image_files(root: Path) -> list[tuple[str, ...]]:
@@ -324,4 +387,10 @@ class TorchvisionSource(Source):
         return self.dataset[index][0]
 
     def describe(self, index: int) -> str:
-        return f"{self.name} image {index}"
+        return f"{self.name} image {self.first + index}"
+
+    def _keep(self, images: slice) -> None:
+        """The torchvision dataset's own arrays are cut (a view where they are arrays), so that its item i, and
+        `data` as the token store hashes it, are the window's."""
+        self.dataset.data = self.dataset.data[images]
+        self.dataset.targets = self.dataset.targets[images]

@@ -228,6 +228,9 @@ def encode_dataset(
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
     c = tokenizer.config
     if isinstance(data, DataConfig):
+        if data.binarize == "dynamic":
+            raise TokenStoreError("data.binarize 'dynamic' draws images afresh in training; a store encodes a fixed "
+                                  "set: use binarize 'once'")
         data_record = to_dict(data)
         dataset = build_dataset(data, channels=c.in_channels, preprocess=c.preprocess, size=None)
     else:

@@ -205,7 +205,7 @@ def _micro_batch(config: TrainConfig, accelerator, batch, step: int) -> tuple[to
     images, _, indices = batch
     images = images.to(accelerator.device, non_blocking=True)
     if config.data.binarize == "dynamic":
-        images = dynamic_binarize(images, config.seed, step, [int(i) for i in indices])
+        images = dynamic_binarize(images, config.data.binarize_seed, step, [int(i) for i in indices])
     x = uint8_to_range(images, config.model.value_range)
     if config.hflip:
         flip = torch.tensor([_coin(config.seed, step, int(i)) for i in indices], device=x.device)

@@ -130,9 +130,10 @@ BINARY_MNIST = MNIST / "train-images-idx3-ubyte.gz"
 @pytest.mark.slow
 def test_short_binarized_mnist_run_iwae_beats_elbo_and_a_single_level_vae(tmp_path):
     """300 steps (batch 64, dynamically binarized MNIST) of a 2-scale, 3-group model and of the same architecture
-    with one group, then the bounds on 500 test images binarized once. Measured: the hierarchical model's IWAE-5
-    is about 1 nat below its ELBO, and about N nats below the single-level model's (asserted margins: 0.3 and 2
-    nats: a fifth of the first, half of the second, above the seed-to-seed spread of the bounds seen here)."""
+    with one group, then the bounds on 500 test images binarized once. Measured (torch 2.14.1, CPU): hierarchical
+    ELBO 121.4, IWAE-5 115.0 nats; single-level IWAE-5 126.5. The asserted margins, 2 and 4 nats, are a third of the
+    measured gaps (6.4 and 11.5): room for other torch versions' rounding, which changes a 300-step run's bounds by
+    far less than a nat, while a model whose hierarchy did nothing would fail the second."""
     if not BINARY_MNIST.is_file():
         pytest.skip(f"MNIST not found under {MNIST}")
     results = {}
@@ -152,8 +153,8 @@ def test_short_binarized_mnist_run_iwae_beats_elbo_and_a_single_level_vae(tmp_pa
         test = build_dataset(config.eval_data, channels=1, preprocess=model.preprocess, size=28)
         results[name] = evaluate(vqtok.load(folder), test, iwae=5)
     hvae, single = results["hierarchical"], results["single"]
-    assert hvae["iwae_nats"] < hvae["neg_elbo_nats"] - 0.3
-    assert hvae["iwae_nats"] < single["iwae_nats"] - 2.0, (hvae, single)
+    assert hvae["iwae_nats"] < hvae["neg_elbo_nats"] - 2.0, hvae
+    assert hvae["iwae_nats"] < single["iwae_nats"] - 4.0, (hvae, single)
 
 
 def test_the_vqgan_terms_are_refused_for_a_hierarchical_vae():

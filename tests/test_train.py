@@ -7,8 +7,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from unittest import mock
@@ -22,7 +20,7 @@ from safetensors.torch import load_file
 from torch.distributions import Bernoulli, Normal
 
 import vqtok
-from tests.scripts.common import WORLD_INVARIANT_VQ, assert_same_weights, tiny_train_config
+from tests.scripts.common import WORLD_INVARIANT_VQ, assert_same_weights, run_two_ranks, tiny_train_config
 from vqtok.cli import main
 from vqtok.config import DataConfig, GaussianConfig, TrainConfig, VQConfig, load_yaml, save_yaml
 from vqtok.losses import reconstruction_loss
@@ -350,12 +348,7 @@ def test_a_full_disk_while_saving_says_so_and_leaves_no_partial_checkpoint(tmp_p
 
 
 def test_two_processes_match_one_on_the_same_batches(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "scripts" / "train_two_ranks.py"), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert [json.loads((tmp_path / f"world{r}.json").read_text())["world"] for r in range(2)] == [2, 2]
+    run_two_ranks(tmp_path)
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
     single = train(tiny_train_config(str(tmp_path / "single"), vq=WORLD_INVARIANT_VQ, max_steps=4, hflip=True))
     # the same learning-rate schedule (once per optimizer step, not once per process) ...

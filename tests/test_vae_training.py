@@ -2,9 +2,6 @@
 the KL warm-up, two processes against one, a run that diverges, and a short real run on binarized MNIST."""
 
 import json
-import os
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from unittest import mock
@@ -15,7 +12,7 @@ from safetensors.torch import load_file
 
 import vqtok
 from tests.conftest import MNIST, tiny_config
-from tests.scripts.common import tiny_hvae_train_config, tiny_train_config
+from tests.scripts.common import run_two_ranks, tiny_hvae_train_config, tiny_train_config
 from vqtok.config import DataConfig, GaussianConfig, PreprocessConfig, TrainConfig
 from vqtok.models.hierarchical_vae import HierarchicalVAEConfig
 from vqtok.train import loop, train
@@ -94,12 +91,7 @@ def test_hierarchical_resume_in_the_kl_warm_up_is_exact(tmp_path):
 
 @pytest.mark.slow
 def test_hierarchical_two_processes_match_one(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "scripts" / "train_two_ranks.py"), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HVAE": "1"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert [json.loads((tmp_path / f"world{r}.json").read_text())["world"] for r in range(2)] == [2, 2]
+    run_two_ranks(tmp_path, HVAE="1")
     single = train(tiny_hvae_train_config(str(tmp_path / "single"), max_steps=4, hflip=True))
     weights = load_file(single / "model.safetensors")
     for rank in range(2):

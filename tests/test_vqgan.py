@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import vqtok
 from tests.conftest import tiny_config
-from tests.scripts.common import WORLD_INVARIANT_VQ, tiny_train_config
+from tests.scripts.common import WORLD_INVARIANT_VQ, run_two_ranks, tiny_train_config
 from vqtok import Autoencoder
 from vqtok.cli import main
 from vqtok.config import AdversarialConfig, ConfigError, DataConfig, DiscriminatorConfig, PerceptualConfig, VQConfig
@@ -330,12 +330,7 @@ def test_vqgan_config_errors(tmp_path, lpips_file):
 def test_gan_run_on_two_processes(tmp_path):
     """Two ranks with DDP over both the tokenizer and the discriminator (the adaptive weight's autograd.grad inside
     DDP's pass): both ranks end with the same weights of both, and really were two."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "scripts" / "train_two_ranks.py"), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "GAN": "1"}
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert [json.loads((tmp_path / f"world{r}.json").read_text())["world"] for r in range(2)] == [2, 2]
+    run_two_ranks(tmp_path, GAN="1")
     ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in range(2)]
     for name in ranks[0]:
         torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=name)

@@ -189,17 +189,7 @@ class AutoencoderConfig:
 
     def __post_init__(self) -> None:
         _freeze_lists(self)
-        _require(
-            self.decoder_output != "bernoulli_logits" or self.input_range == "0,1",
-            "decoder_output 'bernoulli_logits' models pixels in [0, 1]: set input_range to '0,1'",
-        )
-        mixture = self.decoder_output == "logistic_mixture"
-        _require(not mixture or self.input_range == "-1,1",
-                 "decoder_output 'logistic_mixture' models 8-bit values on [-1, 1]: set input_range to '-1,1'")
-        _require(mixture == (self.num_mixtures is not None),
-                 "num_mixtures is set for, and only for, decoder_output 'logistic_mixture' (e.g. 10; 1 is a single "
-                 f"discretized logistic); got decoder_output {self.decoder_output!r}, num_mixtures {self.num_mixtures}")
-        _require(self.num_mixtures is None or self.num_mixtures >= 1, f"num_mixtures must be >= 1, got {self.num_mixtures}")
+        check_pixel_likelihood(self)
         _require(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
         _require(self.base_channels >= 1, f"base_channels must be >= 1, got {self.base_channels}")
         _require(len(self.channel_mult) >= 1, "channel_mult must name at least one level")
@@ -704,6 +694,20 @@ def _freeze_lists(config: Any) -> None:
         value = getattr(config, f.name)
         if isinstance(value, list):
             object.__setattr__(config, f.name, tuple(value))
+
+
+def check_pixel_likelihood(config: Any) -> None:
+    """The decoder output, input range and mixture size of an image model's config agree (autoencoders and
+    hierarchical VAEs): Bernoulli logits model [0, 1], the logistic mixture 8-bit values on [-1, 1]."""
+    _require(config.decoder_output != "bernoulli_logits" or config.input_range == "0,1",
+             "decoder_output 'bernoulli_logits' models pixels in [0, 1]: set input_range to '0,1'")
+    mixture = config.decoder_output == "logistic_mixture"
+    _require(not mixture or config.input_range == "-1,1",
+             "decoder_output 'logistic_mixture' models 8-bit values on [-1, 1]: set input_range to '-1,1'")
+    _require(mixture == (config.num_mixtures is not None),
+             "num_mixtures is set for, and only for, decoder_output 'logistic_mixture' (e.g. 10; 1 is a single "
+             f"discretized logistic); got decoder_output {config.decoder_output!r}, num_mixtures {config.num_mixtures}")
+    _require(config.num_mixtures is None or config.num_mixtures >= 1, f"num_mixtures must be >= 1, got {config.num_mixtures}")
 
 
 def _require_size(elements: int, what: str) -> None:

@@ -111,3 +111,21 @@ def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, tor
             assert torch.isfinite(other).all(), name
             other, tensor = other[~mask], tensor[~mask]
         torch.testing.assert_close(other, tensor, rtol=rtol, atol=atol, msg=name)
+
+
+def run_two_ranks(out, **env: str) -> None:
+    """tests/scripts/train_two_ranks.py under `torchrun --nproc_per_node 2` (gloo, one thread each) writing to `out`,
+    with `env` switching its model (GAN=1, HVAE=1); asserts that it succeeded and really ran two ranks."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "tests" / "scripts" / "train_two_ranks.py"), str(out)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), **env}
+    result = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600, cwd=root)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [json.loads((Path(out) / f"world{r}.json").read_text())["world"] for r in range(2)] == [2, 2]

@@ -40,7 +40,7 @@ from torch import nn
 from vqtok.bottleneck import BottleneckOutput, DiagonalGaussian
 from vqtok.bottleneck.gaussian import Noise
 from vqtok.bottleneck.kl import KLObjective
-from vqtok.config import PreprocessConfig, _finite, _freeze_lists, _require, _require_size
+from vqtok.config import PreprocessConfig, _finite, _freeze_lists, _require, _require_size, check_pixel_likelihood
 from vqtok.hub import HubModel
 from vqtok.models.pixels import PixelModel
 
@@ -102,15 +102,7 @@ class HierarchicalVAEConfig:
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(self.encoder_cells >= 0, f"encoder_cells must be >= 0, got {self.encoder_cells}")
         _require(0 < self.bottleneck_ratio <= 1, f"bottleneck_ratio must be in (0, 1], got {self.bottleneck_ratio}")
-        _require(self.decoder_output != "bernoulli_logits" or self.input_range == "0,1",
-                 "decoder_output 'bernoulli_logits' models pixels in [0, 1]: set input_range to '0,1'")
-        mixture = self.decoder_output == "logistic_mixture"
-        _require(not mixture or self.input_range == "-1,1",
-                 "decoder_output 'logistic_mixture' models 8-bit values on [-1, 1]: set input_range to '-1,1'")
-        _require(mixture == (self.num_mixtures is not None),
-                 "num_mixtures is set for, and only for, decoder_output 'logistic_mixture' (e.g. 10); got "
-                 f"decoder_output {self.decoder_output!r}, num_mixtures {self.num_mixtures}")
-        _require(self.num_mixtures is None or self.num_mixtures >= 1, f"num_mixtures must be >= 1, got {self.num_mixtures}")
+        check_pixel_likelihood(self)
         _require(self.beta >= 0 and _finite(self.beta), f"beta must be finite and >= 0, got {self.beta}")
         _require(self.free_bits >= 0 and _finite(self.free_bits), f"free_bits must be finite and >= 0, got {self.free_bits}")
         _require(self.spectral_reg >= 0 and _finite(self.spectral_reg),

@@ -48,13 +48,14 @@ def tiny_train_config(output_dir: str, *, vq: VQConfig | None = None, **override
 
 def tiny_hvae_train_config(output_dir: str, **overrides):
     """A few-second training run of a tiny two-scale, two-group hierarchical VAE on the digits (resized to 8x8 and
-    binarized afresh at every draw), Bernoulli likelihood."""
+    binarized afresh at every draw; evaluated on test digits binarized once), Bernoulli likelihood."""
     from vqtok.config import DataConfig, PreprocessConfig, TrainConfig
     from vqtok.models.hierarchical_vae import HierarchicalVAEConfig
 
     model = HierarchicalVAEConfig(in_channels=1, resolution=8, scales=(4, 2), groups_per_scale=(1, 1), latent_channels=2,
                                   width=8, encoder_cells=1, cells_per_group=1, preprocess=PreprocessConfig(resize=8))
-    settings = dict(model=model, data=DataConfig(source="digits", limit=256, binarize="dynamic"), output_dir=output_dir,
+    settings = dict(model=model, data=DataConfig(source="digits", limit=256, binarize="dynamic"),
+                    eval_data=DataConfig(source="digits", split="test", limit=32, binarize="once"), output_dir=output_dir,
                     max_steps=6, batch_size=16, lr=1e-3, warmup_steps=2, eval_every=3, eval_images=32,
                     checkpoint_every=3, log_every=1, num_workers=0, loss="bernoulli")
     settings.update(overrides)

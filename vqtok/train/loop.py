@@ -166,8 +166,7 @@ def _accumulate_step(config, accelerator, model, image_losses: ImageLosses, batc
     factor = kl_weight(config.kl_schedule, step, warmup_steps=config.kl_warmup_steps, cycle_steps=config.kl_cycle_steps)
     micro_batches = [_micro_batch(config, accelerator, next(batches), step) for _ in range(config.grad_accum)]
     objective = raw.kl_objective
-    noise = (lambda indices: {}) if objective is None else (  # noqa: E731
-        lambda indices: {"generator": image_noise(config.seed, step, indices)})
+    noise = lambda indices: _posterior_noise(raw, config.seed, step, indices)  # noqa: E731
     step_kl_mean = None
     if objective is not None and objective.needs_step_mean(factor) and config.grad_accum * accelerator.num_processes > 1:
         step_kl_mean = _step_kl_mean(accelerator, raw, [(x, noise(indices)) for x, indices in micro_batches])
@@ -211,6 +210,12 @@ def _micro_batch(config: TrainConfig, accelerator, batch, step: int) -> tuple[to
         flip = torch.tensor([_coin(config.seed, step, int(i)) for i in indices], device=x.device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x, [int(i) for i in indices]
+
+
+def _posterior_noise(raw, seed: int, step: int, indices: list[int]) -> dict[str, Any]:
+    """The forward's keyword for a VAE's posterior samples: one generator per image, keyed by (seed, step, index)
+    (`image_noise`); nothing for a VQ tokenizer."""
+    return {} if raw.kl_objective is None else {"generator": image_noise(seed, step, indices)}
 
 
 @torch.no_grad()

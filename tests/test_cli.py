@@ -18,9 +18,9 @@ import vqtok.cli
 from tests.conftest import png_header, tiny_config
 from vqtok.cli import main
 from vqtok.config import DataConfig, GaussianConfig, PreprocessConfig, PriorConfig, VQConfig
-from vqtok.data.sources import keyed_seed
 from vqtok.models import TransformerPrior
 from vqtok.models.prior import tokenizer_ref
+from vqtok.seeds import keyed_seed
 from vqtok.train.evaluate import save_image_grid
 
 TINY_PRIOR = dict(n_layer=2, n_head=2, n_embd=32)
@@ -455,7 +455,7 @@ def test_eval_passes_the_window_the_binarization_and_the_bound_on(capsys, folder
     assert main([*base, "--offset", "290", "--binarize", "5", "--iwae", "50"]) == 0
     model, dataset, kwargs = calls.pop()
     assert isinstance(model, vqtok.HierarchicalVAE)
-    assert kwargs == {"batch_size": 8, "perceptual": None, "iwae": 50, "iwae_batch": vqtok.cli.IWAE_BATCH}
+    assert kwargs == {"batch_size": 8, "perceptual": None, "iwae": 50}  # evaluate's own iwae_batch
     assert len(dataset) == 7 and dataset.source.first == 290 and dataset.binarize_seed == 5  # 297 test digits
     assert main([*base, "--split", "train", "--limit", "3", "--iwae", "2", "--iwae-batch", "64"]) == 0
     model, dataset, kwargs = calls.pop()

@@ -20,9 +20,10 @@ import vqtok
 from tests.test_token_store import make_tokenizer, write_array_source, write_idx
 from vqtok.config import ConfigError, DataConfig, PreprocessConfig, TrainConfig, VQConfig, from_dict
 from vqtok.data import TokenDataset, TokenStoreError, build_dataset, encode_dataset
-from vqtok.data.sources import BINARIZE_STREAM, binarize, dynamic_binarize, keyed_seed
+from vqtok.data.sources import BINARIZE_STREAM, binarize, dynamic_binarize
 from vqtok.data.token_store import input_identity
 from vqtok.images import uint8_to_range
+from vqtok.seeds import keyed_seed
 
 
 def dataset(config: DataConfig, size: int | None = None):
@@ -190,7 +191,7 @@ def test_dynamic_binarization_is_keyed_by_seed_step_and_index():
 def test_keyed_seeds_are_the_same_in_every_process():
     """No hash randomisation for integer tuples: another process with another PYTHONHASHSEED keys alike (DataLoader
     workers, resumed runs)."""
-    code = "from vqtok.data.sources import keyed_seed; print(keyed_seed(3, 2**40, 7), keyed_seed(0, 0))"
+    code = "from vqtok.seeds import keyed_seed; print(keyed_seed(3, 2**40, 7), keyed_seed(0, 0))"
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == [str(keyed_seed(3, 2**40, 7)), str(keyed_seed(0, 0))]

@@ -384,7 +384,8 @@ def test_bad_input_is_a_clear_error(call, error, match):
     ({"scales": (2, 4)}, r"scales must be distinct and listed coarsest first .*got \[2, 4\]"),
     ({"scales": (4, 4)}, r"scales must be distinct"),
     ({"groups_per_scale": (1,)}, r"groups_per_scale needs one entry per scale \(2\), got \[1\]"),
-    ({"groups_per_scale": (0, 0)}, r"groups_per_scale must be >= 0 with at least one group in all, got \[0, 0\]"),
+    ({"groups_per_scale": (0, 0)}, r"groups_per_scale must be >= 0, with at least one group at the coarsest scale .* got \[0, 0\]"),
+    ({"groups_per_scale": (0, 1)}, r"groups_per_scale must be >= 0, with at least one group at the coarsest scale .* got \[0, 1\]"),
     ({"groups_per_scale": (2, -1)}, r"groups_per_scale must be >= 0"),
     ({"resolution": 10}, r"resolution \(10\) must be a positive multiple of the coarsest scale's factor 4"),
     ({"latent_channels": 0}, "latent_channels must be >= 1"),
@@ -448,7 +449,7 @@ def test_free_bits_on_the_step_mean_hand_computed():
 
 @pytest.mark.parametrize("kl_weight", [0.3, 1.0])
 def test_micro_batches_with_the_step_mean_give_the_whole_batch_loss_and_gradient(kl_weight):
-    objective = KLObjective(beta=0.7, free_bits=1.0, balance=True, unit_sizes=(1, 2, 4))
+    objective = KLObjective(beta=0.7, free_bits=1.0, balance=True, balance_alpha=(1, 2, 4))
     theta = torch.tensor(KL_UNITS, dtype=torch.float64).sqrt().requires_grad_(True)
     kl = theta**2
     whole = objective.loss(kl, kl_weight=kl_weight)
@@ -477,7 +478,7 @@ def test_balance_coefficients_hand_computed():
 
 def test_balancing_applies_only_during_warm_up():
     kl = torch.tensor(KL_UNITS, dtype=torch.float64, requires_grad=True)
-    objective = KLObjective(beta=2.0, balance=True, unit_sizes=(1, 2, 4))
+    objective = KLObjective(beta=2.0, balance=True, balance_alpha=(1, 2, 4))
     gamma = balance_coefficients(torch.tensor(STEP_MEAN, dtype=torch.float64), (1, 2, 4))
     during = objective.loss(kl, kl_weight=0.5)
     assert_close(during, 0.5 * 2.0 * (gamma * torch.tensor(STEP_MEAN, dtype=torch.float64)).sum(), rtol=1e-14, atol=0)
@@ -517,3 +518,9 @@ def test_spectral_regularisation_is_the_sum_of_largest_singular_values():
     off = HierarchicalVAE(tiny()).double()
     off.load_state_dict(model.state_dict())
     assert off.regularisation(off(x)).item() == 0.0
+
+
+def test_kl_balancing_alpha_is_a_groups_size_over_its_scales_groups():
+    """NVAE's alpha: with one group of 2x2x2 at the top and two of 4x4x2 below, alpha = (8 / 1, 32 / 2, 32 / 2)."""
+    model = HierarchicalVAE(tiny(groups_per_scale=(1, 2)))
+    assert model.kl_objective.balance_alpha == (8.0, 16.0, 16.0)

@@ -576,6 +576,7 @@ def hvae_store(hvae_dir, tmp_path_factory):
 def test_hierarchical_store_holds_every_groups_posterior_mean(hvae_store, hvae_dir):
     manifest = json.loads((hvae_store / "manifest.json").read_text())
     assert manifest["groups"] == GROUPS and "item_shape" not in manifest and "grid" not in manifest
+    assert manifest["format_version"] == 3  # an older vqtok refuses it as a newer format
     assert (manifest["kind"], manifest["dtype"], manifest["vocab_size"]) == ("continuous", "float16", None)
     assert shard_names(hvae_store) == sorted([f"{s:05d}.json" for s in range(3)] + [
         f"{n}-{s:05d}.npy" for n in ("latents-g0", "latents-g1", "labels") for s in range(3)])
@@ -687,8 +688,11 @@ def name_group_file_codes(m: dict) -> None:
     (lambda m: m.update(groups=[[2, 2]]), r"groups \[\[2, 2\]\] is not a list of every latent group's \[C, h, w\]"),
     (lambda m: m.update(grid=[2, 2]), r"declares both groups and grid"),
     (lambda m: m.update(kind="discrete"), r"a discrete store with latent groups"),
-    (lambda m: m.pop("groups"), r"malformed manifest \(missing: grid, item_shape\)"),
-    (as_one_grid, r"one grid \(item_shape \[2, 2, 2, 2\]\), but the recorded tokenizer has latent groups"),
+    (lambda m: m.pop("groups"), r"format version 3 without latent groups"),
+    (lambda m: (m.pop("groups"), m.update(format_version=2)), r"malformed manifest \(missing: grid, item_shape\)"),
+    (lambda m: (as_one_grid(m), m.update(format_version=2)),
+     r"one grid \(item_shape \[2, 2, 2, 2\]\), but the recorded tokenizer has latent groups"),
+    (lambda m: m.update(format_version=2), r"format version 2 with latent groups"),
     (name_group_file_codes,
      (r"shard 0's record does not list its files \['shards/latents-g0-00000\.npy', 'shards/latents-g1-00000\.npy', "
       r"'shards/labels-00000\.npy'\]")),

@@ -68,7 +68,7 @@ def test_hierarchical_accumulation_matches_one_batch_with_free_bits_and_balancin
     """In the KL warm-up (balancing on) with free bits per group: posterior samples are drawn per image, and both
     the floor and the balancing coefficients come from the step's whole batch, so 2 x 8 = 16."""
     settings = dict(max_steps=3, kl_schedule="linear", kl_warmup_steps=10)
-    model = replace(tiny_hvae_train_config("unused").model, free_bits=0.01)
+    model = replace(tiny_hvae_train_config("unused").model, free_bits=0.01, kl_balance=True)
     whole = train(tiny_hvae_train_config(str(tmp_path / "whole"), model=model, **settings))
     micro = train(tiny_hvae_train_config(str(tmp_path / "micro"), model=model, grad_accum=2, **settings))
     assert max_difference(load_file(whole / "model.safetensors"), load_file(micro / "model.safetensors")) < 1e-5
@@ -77,7 +77,9 @@ def test_hierarchical_accumulation_matches_one_batch_with_free_bits_and_balancin
 
 
 def test_hierarchical_resume_in_the_kl_warm_up_is_exact(tmp_path):
-    settings = dict(max_steps=4, kl_schedule="linear", kl_warmup_steps=8, eval_every=4, checkpoint_every=4)
+    model = replace(tiny_hvae_train_config("unused").model, kl_balance=True)
+    settings = dict(model=model, max_steps=4, kl_schedule="linear", kl_warmup_steps=8, eval_every=4,
+                    checkpoint_every=4)
     full = train(tiny_hvae_train_config(str(tmp_path / "full"), **settings))
     config = tiny_hvae_train_config(str(tmp_path / "split"), **settings)
     assert train(config, stop_at=2) is None
@@ -156,3 +158,12 @@ def test_the_vqgan_terms_are_refused_for_a_hierarchical_vae():
     adversarial = AdversarialConfig(discriminator=DiscriminatorConfig(in_channels=1, channels=8, layers=1))
     with pytest.raises(ConfigError, match="adversarial .* train an autoencoder"):
         tiny_hvae_train_config("unused", model=model, loss="gaussian", adversarial=adversarial)
+
+
+def test_kl_balancing_without_a_kl_warm_up_is_refused():
+    """Balancing acts only while the KL weight is below 1: with a constant schedule it would silently do nothing."""
+    from vqtok.config import ConfigError
+
+    model = replace(tiny_hvae_train_config("unused").model, kl_balance=True)
+    with pytest.raises(ConfigError, match="kl_balance .* kl_schedule is 'constant'"):
+        tiny_hvae_train_config("unused", model=model)

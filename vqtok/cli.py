@@ -16,7 +16,6 @@ from vqtok.version import __version__
 MAX_GRID_IMAGES = 1024  # a PNG grid shows at most this many images (sample: the first ones; decode: --n)
 SAMPLE_BATCH = 64  # vqtok sample's default batch: codes sampled, decoded and written this many at a time
 DECODE_BATCH = 256  # codes decoded at once
-IWAE_BATCH = 4096  # vqtok eval --iwae's default: importance samples x images evaluated at once
 PRIOR_ONLY = {"label": "--class", "top_k": "--top-k", "top_p": "--top-p", "cfg_scale": "--cfg-scale",
               "tokenizer": "--tokenizer", "codes": "--codes"}  # vqtok sample's options for a transformer prior
 
@@ -84,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also report the importance-weighted bound with K samples per image (VAEs with a "
                           "discrete likelihood)")
     evaluate.add_argument("--iwae-batch", type=positive_int, default=None, metavar="N",
-                          help=f"with --iwae: importance samples x images evaluated at once (default {IWAE_BATCH})")
+                          help="with --iwae: importance samples x images evaluated at once (default 1024: "
+                          "vqtok.train.evaluate.IWAE_BATCH)")
     evaluate.add_argument("--batch-size", type=positive_int, default=64)
     evaluate.add_argument("--out", default=None, help="also write the metrics as JSON here")
     evaluate.add_argument("--lpips", default=None, metavar="WEIGHTS",
@@ -317,7 +317,7 @@ def _sample_prior(args: argparse.Namespace, device: Any, out: Path, codes_path: 
     if not isinstance(prior, vqtok.TransformerPrior):
         raise ValueError(f"{args.prior} holds a {prior.model_type}, not a transformer prior")
     if args.tokenizer:
-        prior.attach_tokenizer(_load_tokenizer(args.tokenizer))  # refused unless it is the recorded tokenizer
+        prior.attach_tokenizer(_load_image_model(args.tokenizer, autoencoder_only=True))  # refused unless it is the recorded tokenizer
     tokenizer = prior.tokenizer.to(device)
     shape = (args.n, *prior.config.grid)
     if codes_path:
@@ -335,7 +335,7 @@ def _vae_samples(args: argparse.Namespace, device: Any) -> Iterator[Any]:
     and checked before the first batch is asked for."""
     import torch
 
-    from vqtok.data.sources import keyed_seed
+    from vqtok.seeds import keyed_seed
 
     model = _load_image_model(args.model, map_location=device)
     if not model.is_gaussian:
@@ -400,7 +400,9 @@ def _eval(args: argparse.Namespace) -> int:
     c = model.config
     data = parse_data_spec(args.data, args.split, args.limit, offset=args.offset, binarize_seed=args.binarize)
     dataset = build_dataset(data, channels=c.in_channels, preprocess=c.preprocess, size=None)
-    bound = {} if args.iwae is None else {"iwae": args.iwae, "iwae_batch": args.iwae_batch or IWAE_BATCH}
+    bound = {} if args.iwae is None else {"iwae": args.iwae}
+    if args.iwae_batch is not None:
+        bound["iwae_batch"] = args.iwae_batch
     metrics = evaluate(model, dataset, batch_size=args.batch_size, perceptual=perceptual, **bound)
     print(format_table(metrics))
     if out:
@@ -409,25 +411,15 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_tokenizer(name: str, *, hierarchical: bool = False):
-    """The autoencoder at `name` (`hierarchical`: or a hierarchical VAE); any other model is refused."""
-    import vqtok
-
-    model = vqtok.load(name)
-    kinds = (vqtok.Autoencoder, vqtok.HierarchicalVAE) if hierarchical else (vqtok.Autoencoder,)
-    if not isinstance(model, kinds):
-        wanted = "autoencoder or hierarchical VAE" if hierarchical else "autoencoder"
-        raise ValueError(f"{name} holds a {model.model_type}, not a tokenizer ({wanted})")
-    return model
-
-
-def _load_image_model(name: str, **load_kwargs: Any):
-    """A model of images: an autoencoder (VQ or Gaussian) or a hierarchical VAE."""
+def _load_image_model(name: str, *, autoencoder_only: bool = False, **load_kwargs: Any):
+    """A model of images: an autoencoder (VQ or Gaussian) or a hierarchical VAE (`autoencoder_only`: the former)."""
     import vqtok
 
     model = vqtok.load(name, **load_kwargs)
-    if not isinstance(model, (vqtok.Autoencoder, vqtok.HierarchicalVAE)):
-        raise ValueError(f"{name} holds a {model.model_type}, not a tokenizer (an autoencoder or a hierarchical VAE)")
+    kinds = (vqtok.Autoencoder,) if autoencoder_only else (vqtok.Autoencoder, vqtok.HierarchicalVAE)
+    if not isinstance(model, kinds):
+        wanted = "an autoencoder" if autoencoder_only else "an autoencoder or a hierarchical VAE"
+        raise ValueError(f"{name} holds a {model.model_type}, not a tokenizer ({wanted})")
     return model
 
 
@@ -452,7 +444,7 @@ def _decode(args: argparse.Namespace) -> int:
         store = TokenDataset(path)
         if len(store) == 0:
             raise ValueError(f"{path}: the token store holds no images")
-        tokenizer = _load_tokenizer(args.tokenizer, hierarchical=True) if args.tokenizer else store.load_tokenizer()
+        tokenizer = _load_image_model(args.tokenizer) if args.tokenizer else store.load_tokenizer()
         store.check_tokenizer(tokenizer)
         step = len(store.augmentations)
         codes, _ = store.gather(range(0, min(args.n * step, len(store)), step))  # the un-augmented views
@@ -461,7 +453,7 @@ def _decode(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"no token store folder or .npy file {path}")
         if not args.tokenizer:
             raise ValueError("decoding a .npy file of codes needs --tokenizer")
-        tokenizer = _load_tokenizer(args.tokenizer, hierarchical=True)
+        tokenizer = _load_image_model(args.tokenizer)
         if isinstance(tokenizer, vqtok.HierarchicalVAE):
             raise ValueError(f"{path}: a .npy file holds one grid, but {args.tokenizer} is a hierarchical VAE "
                              "(latents in groups): decode its token store folder instead")

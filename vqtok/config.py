@@ -544,6 +544,9 @@ class TrainConfig(RunConfig):
             f"bottleneck is '{getattr(getattr(self.model, 'bottleneck', None), 'kind', None)}'",
         )
         _require(self.kl_schedule != "linear" or self.kl_warmup_steps >= 1, "kl_schedule 'linear' needs kl_warmup_steps >= 1")
+        _require(not getattr(self.model, "kl_balance", False) or self.kl_schedule != "constant",
+                 "model.kl_balance balances the groups' KL during the KL warm-up, but kl_schedule is 'constant' (no "
+                 "warm-up): set kl_schedule 'linear' (with kl_warmup_steps) or model.kl_balance false")
         _require(
             self.kl_schedule != "cyclical" or 1 <= self.kl_warmup_steps <= self.kl_cycle_steps,
             "kl_schedule 'cyclical' needs 1 <= kl_warmup_steps <= kl_cycle_steps",

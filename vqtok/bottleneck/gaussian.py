@@ -20,19 +20,20 @@ import torch
 from vqtok.bottleneck.base import Bottleneck, BottleneckOutput
 from vqtok.bottleneck.kl import KLObjective, gaussian_kl
 from vqtok.config import GaussianConfig
+from vqtok.seeds import keyed_seed
 
 LOGVAR_RANGE = (-30.0, 20.0)  # as diffusers: keeps exp(logvar) finite in float32 and bf16
 LOG_2PI = math.log(2 * math.pi)
 Noise = Union[torch.Generator, Sequence[torch.Generator], None]  # see DiagonalGaussian.sample
 
 
+NOISE_KEY = 2  # distinguishes these streams from the loop's other per-image draws (flips, binarization)
+
+
 def image_noise(seed: int, step: int, indices: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per image, seeded by (seed, step, image index): posterior samples that are the same whatever
     the micro-batch, process or resume point an image is drawn in."""
-    return [torch.Generator().manual_seed(hash((seed, step, int(i), NOISE_KEY)) & ((1 << 63) - 1)) for i in indices]
-
-
-NOISE_KEY = 2  # distinguishes these streams from the loop's other per-image draws (flips, binarization)
+    return [torch.Generator().manual_seed(keyed_seed(seed, step, int(i), NOISE_KEY)) for i in indices]
 
 
 class DiagonalGaussian:
@@ -58,10 +59,12 @@ class DiagonalGaussian:
         if isinstance(generator, (list, tuple)):
             if len(generator) != self.mean.shape[0]:
                 raise ValueError(f"{len(generator)} generators for a batch of {self.mean.shape[0]}")
-            eps = torch.stack([torch.randn(self.mean.shape[1:], generator=g) for g in generator])
-            eps = eps.to(self.mean.device, self.mean.dtype)
-        else:
-            eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+            eps = torch.stack([torch.randn(self.mean.shape[1:], generator=g, dtype=self.mean.dtype) for g in generator])
+            eps = eps.to(self.mean.device)
+        else:  # drawn where the generator lives (a CPU generator gives the same samples on every device)
+            device = generator.device if generator is not None else self.mean.device
+            eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+            eps = eps.to(self.mean.device)
         return self.mean + (self.std * temperature if temperature != 1.0 else self.std) * eps
 
     def mode(self) -> torch.Tensor:

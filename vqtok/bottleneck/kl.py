@@ -11,8 +11,8 @@ floor: sum_u max(lambda, KL_u), KL_u averaged over the optimizer step's whole ba
 nats. The floor needs that average before any backward: the training loop computes it (over every micro-batch and
 process) and passes it as `step_mean`; without it the batch at hand is the step's batch (a plain loop). NVAE's KL
 balancing (Vahdat & Kautz 2020) weights the units during KL warm-up by gamma_u proportional to their own average KL
-(plus 0.01) over their relative size, normalised to mean 1, so that no group is switched off while the KL weight
-is small.
+(plus 0.01) over alpha_u, normalised to mean 1, so that no group is switched off while the KL weight is small; NVAE's
+alpha is a group's size over the number of groups at its scale.
 """
 
 from __future__ import annotations
@@ -41,13 +41,14 @@ def gaussian_kl(mean_q: torch.Tensor, logvar_q: torch.Tensor, mean_p: torch.Tens
 class KLObjective:
     """beta x the free-bits KL over units, optionally KL-balanced during warm-up (see the module docstring).
 
-    `unit_sizes` (latent elements per unit) are the relative sizes of KL balancing; None gives every unit size 1.
+    `balance_alpha` are KL balancing's alpha_u (relative; NVAE: a group's size over the groups at its scale); None
+    gives every unit the same.
     """
 
     beta: float = 1.0
     free_bits: float = 0.0
     balance: bool = False
-    unit_sizes: tuple[int, ...] | None = None
+    balance_alpha: tuple[float, ...] | None = None
 
     def needs_step_mean(self, kl_weight: float) -> bool:
         """Whether the loss depends on the step's average KL per unit (not only on each image's KL)."""
@@ -69,18 +70,18 @@ class KLObjective:
             per_unit = torch.where(step_mean > self.free_bits, batch_mean,
                                    torch.full_like(batch_mean, self.free_bits))
         if self.balancing(kl_weight):
-            per_unit = per_unit * balance_coefficients(step_mean, self.unit_sizes)
+            per_unit = per_unit * balance_coefficients(step_mean, self.balance_alpha)
         return kl_weight * self.beta * per_unit.sum()
 
 
-def balance_coefficients(step_mean: torch.Tensor, unit_sizes: tuple[int, ...] | None) -> torch.Tensor:
-    """NVAE's KL balancing coefficients gamma_u = (|KL_u| + 0.01) / alpha_u, normalised to mean 1 (detached), with
-    alpha_u = size_u / the smallest unit's size: a large group's KL is larger for its size alone."""
+def balance_coefficients(step_mean: torch.Tensor, alpha: tuple[float, ...] | None) -> torch.Tensor:
+    """NVAE's KL balancing coefficients gamma_u = (|KL_u| + 0.01) / alpha_u, normalised to mean 1 (detached), alpha
+    relative to its smallest entry (None: all 1): a large group's KL is larger for its size alone."""
     step_mean = step_mean.detach()
-    if unit_sizes is None:
+    if alpha is None:
         alpha = torch.ones_like(step_mean)
     else:
-        sizes = torch.tensor(unit_sizes, dtype=step_mean.dtype, device=step_mean.device)
-        alpha = sizes / sizes.min()
+        alpha = torch.tensor(alpha, dtype=step_mean.dtype, device=step_mean.device)
+        alpha = alpha / alpha.min()
     gamma = (step_mean.abs() + 0.01) / alpha
     return gamma / gamma.mean()

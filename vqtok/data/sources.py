@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from vqtok.config import DataConfig, PreprocessConfig
 from vqtok.images import pil_to_array, resize_and_crop
+from vqtok.seeds import keyed_seed
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 TORCHVISION_NAMES = ("MNIST", "FashionMNIST", "KMNIST", "EMNIST", "QMNIST", "CIFAR10", "CIFAR100")
@@ -149,12 +150,6 @@ def build_dataset(config: DataConfig, *, channels: int, preprocess: PreprocessCo
 
 # ----------------------------------------------------------------------------------------------------------------
 # Binarization
-
-
-def keyed_seed(*key: int) -> int:
-    """A generator seed from a tuple of integers: Python's hash of the tuple, which for integers is the same in
-    every process and run (no hash randomisation), cut to 63 bits - the recipe of the training loop's flips."""
-    return hash(key) & ((1 << 63) - 1)
 
 
 def binarize(images: torch.Tensor, seeds: Sequence[int]) -> torch.Tensor:

@@ -67,6 +67,7 @@ Tokenizer = Autoencoder | HierarchicalVAE
 
 FORMAT = "vqtok-token-store"
 FORMAT_VERSION = 2  # 2: input identity, per-shard code range and record hash
+GROUPS_FORMAT_VERSION = 3  # 3: a hierarchical VAE's latent groups (older vqtok refuses them as a newer format)
 AUGMENTATIONS = ("none", "hflip")
 
 
@@ -249,7 +250,7 @@ def encode_dataset(
     inputs, shard_inputs = input_identity(dataset, ranges)
     image_shape = tuple(torch.as_tensor(dataset[0][0]).shape)  # every image must have the first one's
     if state.is_main_process:
-        _start_store(out, args, inputs)
+        _start_store(out, args, inputs, _format_version(tokenizer))
     state.wait_for_everyone()
     todo = [s for s in range(len(ranges)) if s % world == rank and not _shard_complete(out, s, shard_inputs[s])]
     loader = DataLoader(WithIndex(dataset), batch_sampler=_ShardBatches([ranges[s] for s in todo], batch_size),
@@ -333,7 +334,7 @@ def _encode_batch(tokenizer: Tokenizer, images: torch.Tensor, augmentations: tup
     return stacked if tokenizer.is_gaussian else [stacked[0].astype(code_dtype(tokenizer.vocab_size))]
 
 
-def _start_store(out: Path, args: EncodeArgs, inputs: dict[str, Any]) -> None:
+def _start_store(out: Path, args: EncodeArgs, inputs: dict[str, Any], version: int) -> None:
     """Create the store, or check that an existing one was started with the same arguments on the same inputs."""
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
@@ -354,7 +355,7 @@ def _start_store(out: Path, args: EncodeArgs, inputs: dict[str, Any]) -> None:
     if out.exists() and any(out.iterdir()):
         raise TokenStoreError(f"{out} exists and is not empty, and holds no token store manifest")
     (out / "shards").mkdir(parents=True, exist_ok=True)
-    _write_json(manifest_path, {"format": FORMAT, "format_version": FORMAT_VERSION, "complete": False,
+    _write_json(manifest_path, {"format": FORMAT, "format_version": version, "complete": False,
                                 "num_items": inputs["count"], "args": args.as_json(), "inputs": inputs})
 
 
@@ -416,7 +417,7 @@ def _finish_store(out: Path, args: EncodeArgs, inputs: dict[str, Any], image_sha
               else {"item_shape": list(first[0].shape[1:]), "grid": list(first[0].shape[-2:])})
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": _format_version(tokenizer),
         "complete": True,
         "vqtok_version": __version__,
         "num_items": inputs["count"],
@@ -579,6 +580,11 @@ class TokenDataset(Dataset):
 # Checks shared by the reader and the writer's last step
 
 
+def _format_version(tokenizer: Any) -> int:
+    """Single-grid stores keep format 2 byte for byte; a hierarchical VAE's stores are format 3."""
+    return GROUPS_FORMAT_VERSION if isinstance(tokenizer, HierarchicalVAE) else FORMAT_VERSION
+
+
 def _read_manifest(path: Path) -> dict[str, Any]:
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
@@ -586,9 +592,13 @@ def _read_manifest(path: Path) -> dict[str, Any]:
     manifest = _read_json(manifest_path)
     if manifest.get("format") != FORMAT:
         raise TokenStoreError(f"{manifest_path}: not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise TokenStoreError(f"{manifest_path}: format version {manifest.get('format_version')}, this vqtok reads "
-                              f"{FORMAT_VERSION}; re-encode the store")
+    version = manifest.get("format_version")
+    if version not in (FORMAT_VERSION, GROUPS_FORMAT_VERSION):
+        raise TokenStoreError(f"{manifest_path}: format version {version}, this vqtok reads {FORMAT_VERSION} and "
+                              f"{GROUPS_FORMAT_VERSION}; re-encode the store")
+    if manifest.get("complete") and (version == GROUPS_FORMAT_VERSION) != ("groups" in manifest):
+        raise TokenStoreError(f"{manifest_path}: format version {version} with"
+                              f"{'' if 'groups' in manifest else 'out'} latent groups: a malformed manifest")
     if manifest.get("complete"):
         _validate_manifest(manifest, manifest_path)
     return manifest

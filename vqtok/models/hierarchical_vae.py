@@ -53,9 +53,9 @@ class HierarchicalVAEConfig:
     """A hierarchical VAE (`kind: hierarchical_vae` in a training config's `model` section).
 
     `scales` are the downsampling factors of the latent scales, coarsest (top) first, distinct powers of two (e.g.
-    [4, 2]: latents at 7x7 and 14x14 for 28x28 images); `groups_per_scale` the number of latent groups at each (0
-    leaves a scale without latents; [0, 1] with one group is a single-level VAE of the same architecture), each of
-    `latent_channels` channels. Every block has `width` channels (the cells' middle `bottleneck_ratio` x width).
+    [4, 2]: latents at 7x7 and 14x14 for 28x28 images); `groups_per_scale` the number of latent groups at each, at
+    least one at the coarsest (0 leaves a finer scale without latents: [1, 0] is a single-level VAE of the same
+    architecture), each of `latent_channels` channels. Every block has `width` channels (the cells' middle `bottleneck_ratio` x width).
     `encoder_cells` residual cells run at each resolution of the bottom-up path, `cells_per_group` after each group
     and at each latent-free resolution of the top-down path.
 
@@ -79,7 +79,7 @@ class HierarchicalVAEConfig:
     num_mixtures: int | None = None
     beta: float = 1.0
     free_bits: float = 0.0
-    kl_balance: bool = True
+    kl_balance: bool = False
     spectral_reg: float = 0.0
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
 
@@ -96,8 +96,10 @@ class HierarchicalVAEConfig:
                  f"{self.scales[0]}")
         _require(len(self.groups_per_scale) == len(self.scales),
                  f"groups_per_scale needs one entry per scale ({len(self.scales)}), got {list(self.groups_per_scale)}")
-        _require(all(g >= 0 for g in self.groups_per_scale) and sum(self.groups_per_scale) >= 1,
-                 f"groups_per_scale must be >= 0 with at least one group in all, got {list(self.groups_per_scale)}")
+        _require(all(g >= 0 for g in self.groups_per_scale) and self.groups_per_scale[0] >= 1,
+                 "groups_per_scale must be >= 0, with at least one group at the coarsest scale (the top group; a "
+                 f"coarser scale without latents would only add weights without gradients), got "
+                 f"{list(self.groups_per_scale)}")
         for name in ("latent_channels", "width", "cells_per_group"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(self.encoder_cells >= 0, f"encoder_cells must be >= 0, got {self.encoder_cells}")
@@ -195,18 +197,20 @@ class LatentGroup(nn.Module):
                                      for _ in range(config.cells_per_group)])
 
     def prior_of(self, h: torch.Tensor) -> tuple[DiagonalGaussian, torch.Tensor | None]:
-        """p(z_l | z_<l) from the top-down features h, and the features the prior adds to h (None for the top)."""
+        """p(z_l | z_<l) from the top-down features h (its parameters in float32 at least, also under bf16
+        autocast), and the features the prior adds to h (None for the top)."""
+        dtype = torch.promote_types(h.dtype, torch.float32)
         if self.prior is None:
-            shape = (h.shape[0], self.latent_channels, *h.shape[2:])
-            zeros = torch.zeros(shape, dtype=h.dtype, device=h.device)
+            zeros = torch.zeros((h.shape[0], self.latent_channels, *h.shape[2:]), dtype=dtype, device=h.device)
             return DiagonalGaussian(zeros, zeros), None
         mean, logvar, features = self.prior(h).split([self.latent_channels, self.latent_channels, h.shape[1]], 1)
-        return DiagonalGaussian(mean, logvar), features
+        return DiagonalGaussian(mean.to(dtype), logvar.to(dtype)), features
 
     def posterior_of(self, h: torch.Tensor, act: torch.Tensor, prior: DiagonalGaussian) -> DiagonalGaussian:
         """q(z_l | x, z_<l), residual with respect to the prior: (mu_p + dmu, logvar_p + dlogvar)."""
         d_mean, d_logvar = self.posterior(torch.cat([h, act], dim=1)).chunk(2, dim=1)
-        return DiagonalGaussian(prior.mean + d_mean, prior.logvar + d_logvar)
+        dtype = torch.promote_types(d_mean.dtype, torch.float32)  # a small residual survives bf16 autocast
+        return DiagonalGaussian(prior.mean.to(dtype) + d_mean.to(dtype), prior.logvar.to(dtype) + d_logvar.to(dtype))
 
     def absorb(self, h: torch.Tensor, features: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor:
         """h after the group: plus the prior's features and the projected sample, through the cells."""
@@ -277,8 +281,9 @@ class HierarchicalVAE(PixelModel, HubModel, model_type="hierarchical_vae"):
             str(f): nn.Sequential(*[Cell(w, mid, w, residual=True, last_scale=decoder_scale)
                                     for _ in range(c.cells_per_group)]) for f in plain})
         self.head = nn.Conv2d(w, self.output_channels(), 3, padding=1)
-        self.kl_objective = KLObjective(beta=c.beta, free_bits=c.free_bits, balance=c.kl_balance,
-                                        unit_sizes=tuple(math.prod(s) for s in c.latent_shapes))
+        per_scale = dict(zip(c.scales, c.groups_per_scale))  # NVAE's alpha: a group's size over its scale's groups
+        alpha = tuple(math.prod(s) / per_scale[f] for s, f in zip(c.latent_shapes, c.group_factors))
+        self.kl_objective = KLObjective(beta=c.beta, free_bits=c.free_bits, balance=c.kl_balance, balance_alpha=alpha)
 
     # ------------------------------------------------------------------------------------------------------------
     # The two paths
@@ -366,7 +371,7 @@ class HierarchicalVAE(PixelModel, HubModel, model_type="hierarchical_vae"):
     def sample(self, n: int, *, temperature: float = 1.0, seed: int | None = None) -> torch.Tensor:
         """n images (model range) from the prior; `temperature` scales every group's prior standard deviation (NVAE).
         Bernoulli models give each pixel's probability, logistic mixtures each pixel's most probable value."""
-        generator = torch.Generator(self._device()).manual_seed(seed) if seed is not None else None
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None  # CPU: the same on any device
         output, _ = self.top_down(n, temperature=temperature, generator=generator)
         return self.to_image(output)
 

@@ -60,11 +60,15 @@ def evaluate(
     for images, _ in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
         images = images.to(device)
         x = uint8_to_range(images, value_range)
-        if model.config.decoder_output == "bernoulli_logits" and not ((images == 0) | (images == 255)).all():
-            if iwae is not None:
+        if model.config.decoder_output == "bernoulli_logits":  # a code length only for binary images
+            binary = bool(((images == 0) | (images == 255)).all())
+            if iwae is not None and not binary:
                 raise ValueError("the IWAE bound of a Bernoulli likelihood needs binary images (0 or 255); binarize "
                                  "them (e.g. vqtok eval --binarize SEED)")
-            discrete = False  # a Bernoulli likelihood of grey values is no code length
+            if n > 0 and binary != discrete:
+                raise ValueError("the images are binary in part and grey in part: a Bernoulli likelihood's code length "
+                                 "needs all of them binary (binarize them, e.g. vqtok eval --binarize SEED)")
+            discrete = binary
         out = model(x)
         if discrete:
             terms = model.code_length(x, generator, output=out)
@@ -125,6 +129,8 @@ def iwae_bound(model: Autoencoder | HierarchicalVAE, x: torch.Tensor, k: int, ge
     """The IWAE bound's negative, -log (1/k) sum_i p(x, z_i) / q(z_i | x), in nats per image [B] (Burda et al. 2016),
     from k importance samples drawn in chunks of about `batch` images x samples, combined with logsumexp in
     float64."""
+    if x.shape[0] > batch:  # fewer images than a batch at a time
+        return torch.cat([iwae_bound(model, part, k, generator, batch=batch) for part in x.split(batch)])
     per_call = max(1, batch // x.shape[0])
     log_weights = []
     for start in range(0, k, per_call):

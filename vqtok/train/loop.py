@@ -32,6 +32,7 @@ from vqtok.data.sources import WithIndex, dynamic_binarize
 from vqtok.images import uint8_to_range
 from vqtok.losses import reconstruction_loss
 from vqtok.models import Autoencoder, HierarchicalVAE, HierarchicalVAEConfig
+from vqtok.seeds import keyed_seed
 from vqtok.train.adversarial import ImageLosses
 from vqtok.train.batches import StepBatchSampler
 from vqtok.train.engine import (
@@ -236,7 +237,7 @@ def _step_kl_mean(accelerator, raw, micro_batches: list[tuple[torch.Tensor, dict
 
 
 def _coin(seed: int, step: int, index: int) -> bool:
-    return torch.rand((), generator=torch.Generator().manual_seed(hash((seed, step, index)) & ((1 << 63) - 1))) < 0.5
+    return torch.rand((), generator=torch.Generator().manual_seed(keyed_seed(seed, step, index))) < 0.5
 
 
 def _evaluate(accelerator, raw: Autoencoder, image_losses: ImageLosses, dataset, fixed_images, config: TrainConfig,

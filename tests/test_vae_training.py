@@ -167,3 +167,16 @@ def test_kl_balancing_without_a_kl_warm_up_is_refused():
     model = replace(tiny_hvae_train_config("unused").model, kl_balance=True)
     with pytest.raises(ConfigError, match="kl_balance .* kl_schedule is 'constant'"):
         tiny_hvae_train_config("unused", model=model)
+
+
+def test_a_hierarchical_vae_trains_with_a_gaussian_likelihood_for_continuous_images(tmp_path):
+    """decoder_output 'image' with loss 'gaussian' (unit variance, nats per image): a run exports a model whose
+    evaluation reports the KL and active units but no code length (the likelihood is not discrete)."""
+    model = replace(tiny_hvae_train_config("unused").model, decoder_output="image", input_range="-1,1")
+    data = DataConfig(source="digits", limit=256)
+    config = tiny_hvae_train_config(str(tmp_path / "run"), model=model, loss="gaussian", data=data, eval_data=None,
+                                    max_steps=2, eval_every=2, checkpoint_every=2)
+    folder = train(config)
+    metrics = json.loads((tmp_path / "run" / "final_metrics.json").read_text())
+    assert "kl_nats_per_image" in metrics and "active_units" in metrics and "neg_elbo_nats" not in metrics
+    assert isinstance(vqtok.load(folder), vqtok.HierarchicalVAE)

@@ -162,6 +162,21 @@ class PreprocessConfig:
 
 
 @dataclass(frozen=True)
+class ConvertedFrom:
+    """Where a tokenizer converted from another library's checkpoint came from (see `vqtok.pretrained`): the
+    checkpoint `format` ('diffusers', 'ldm' for LDM/taming, 'llamagen'), its `source` (a Hub repo id or the file or
+    folder as given), the Hub `revision` (commit) it was read at, the SHA-256 of its weights file, the original
+    class (diffusers' `_class_name`) and the licence, when the user names one."""
+
+    format: Literal["diffusers", "ldm", "llamagen"]
+    source: str
+    revision: str | None = None
+    weights_sha256: str | None = None
+    class_name: str | None = None
+    license: str | None = None
+
+
+@dataclass(frozen=True)
 class AutoencoderConfig:
     """Encoder + bottleneck + decoder, in the VQGAN/LDM layout (taming-transformers, diffusers).
 
@@ -169,6 +184,12 @@ class AutoencoderConfig:
     whose feature size, for an input of `resolution`, is in `attn_resolutions`; any input whose sides are divisible
     by the factor works. `latent_channels` is the encoder's output width (taming's z_channels); 1x1 convolutions
     map it to and from the bottleneck's `dim`. `input_range` is the range images are mapped into by `preprocess`.
+
+    `use_quant_conv` / `use_post_quant_conv` false drop those 1x1 projections (the SD3 and FLUX VAEs); the widths
+    must then agree. `scaling_factor` and `shift_factor` are the latent normalisation a diffusion model trained on
+    this VAE's latents expects, z' = (z - shift_factor) * scaling_factor (`Autoencoder.scale_latents`): recorded,
+    never applied by `encode`/`decode`. `force_upcast` runs the model in float32 even under autocast (diffusers' flag
+    for VAEs that overflow in float16). `converted_from` records a converted checkpoint's origin.
     """
 
     bottleneck: BottleneckConfig = field(default_factory=VQConfig)
@@ -186,10 +207,25 @@ class AutoencoderConfig:
     decoder_output: Literal["image", "bernoulli_logits", "logistic_mixture"] = "image"
     num_mixtures: int | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    force_upcast: bool = False
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    converted_from: ConvertedFrom | None = None
 
     def __post_init__(self) -> None:
         _freeze_lists(self)
         check_pixel_likelihood(self)
+        _require(self.use_quant_conv or self.bottleneck.dim == self.latent_channels,
+                 f"use_quant_conv is false, so the bottleneck's dim ({self.bottleneck.dim}) must equal latent_channels "
+                 f"({self.latent_channels}), the encoder's output")
+        _require(self.use_post_quant_conv or self.bottleneck.dim == self.latent_channels,
+                 f"use_post_quant_conv is false, so the bottleneck's dim ({self.bottleneck.dim}) must equal "
+                 f"latent_channels ({self.latent_channels}), the decoder's input")
+        _require(_finite(self.scaling_factor) and self.scaling_factor > 0,
+                 f"scaling_factor must be finite and > 0, got {self.scaling_factor}")
+        _require(_finite(self.shift_factor), f"shift_factor must be finite, got {self.shift_factor}")
         _require(self.in_channels >= 1, f"in_channels must be >= 1, got {self.in_channels}")
         _require(self.base_channels >= 1, f"base_channels must be >= 1, got {self.base_channels}")
         _require(len(self.channel_mult) >= 1, "channel_mult must name at least one level")
@@ -234,8 +270,8 @@ class AutoencoderConfig:
             decoder_out = mixture_channels(self.num_mixtures, self.in_channels)
         else:
             decoder_out = self.in_channels
-        projections = (_conv_elements(encoder_out, 2 * dim if gaussian else dim, 1)  # quant_conv, post_quant_conv
-                       + _conv_elements(dim, self.latent_channels, 1))
+        projections = (_conv_elements(encoder_out, 2 * dim if gaussian else dim, 1) * self.use_quant_conv
+                       + _conv_elements(dim, self.latent_channels, 1) * self.use_post_quant_conv)
         bottleneck = 0 if gaussian else self.bottleneck.num_elements
         return self._encoder_elements(encoder_out) + projections + bottleneck + self._decoder_elements(decoder_out)
 

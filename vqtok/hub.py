@@ -205,6 +205,15 @@ class HubModel(
         if commit is not None:  # fetch the weights from the same commit, even if the branch moves meanwhile
             fetch["revision"] = commit
         raw = _read_config_json(config_path)
+        if "model_type" not in raw:
+            from vqtok.pretrained import convert, foreign_format
+
+            if foreign_format(raw) is not None:  # diffusers or LlamaGen: converted as it loads
+                model = convert(source, revision=revision, subfolder=subfolder, map_location=map_location, **{
+                    k: v for k, v in fetch.items() if k != "revision"})
+                if cls is not HubModel and not isinstance(model, cls):
+                    raise ConfigError(f"{config_path}: holds an image tokenizer, not a {cls.model_type!r}")
+                return model  # type: ignore[return-value]
         model_cls = _model_class(raw, config_path)
         if cls is not HubModel and not issubclass(model_cls, cls):
             raise ConfigError(f"{config_path}: holds a {raw['model_type']!r} model, not a {cls.model_type!r}")
@@ -372,6 +381,8 @@ def _missing_file(source: str, filename: str, *, present: set[str], cause: Excep
             "script and save_pretrained()."
         )
     hint = f" ({type(cause).__name__})" if cause is not None else ""
+    if filename == CONFIG_NAME and "model_index.json" in present:
+        hint += "; it is a diffusers pipeline: its VAE is in a sub-folder, load it with subfolder='vae'"
     raise FileNotFoundError(f"{source}: no {filename}{hint}")
 
 

@@ -8,6 +8,7 @@ the bottleneck's `dim` (a low-dimensional code space for the LlamaGen recipe); t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,8 +51,10 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
         self.bottleneck: Bottleneck = build_bottleneck(config.bottleneck)
         encoder_out = config.latent_channels * (2 if self.is_gaussian else 1)  # taming/diffusers' double_z
         self.encoder = Encoder(config, out_channels=encoder_out)
-        self.quant_conv = nn.Conv2d(encoder_out, self.bottleneck.in_channels, 1)
-        self.post_quant_conv = nn.Conv2d(self.bottleneck.dim, config.latent_channels, 1)
+        self.quant_conv = (nn.Conv2d(encoder_out, self.bottleneck.in_channels, 1) if config.use_quant_conv
+                           else nn.Identity())
+        self.post_quant_conv = (nn.Conv2d(self.bottleneck.dim, config.latent_channels, 1) if config.use_post_quant_conv
+                                else nn.Identity())
         self.decoder = Decoder(config, in_channels=config.latent_channels, out_channels=self.output_channels())
 
     @property
@@ -151,12 +154,30 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
         """The once-per-optimizer-step hook of the bottleneck (EMA codebook, restarts); see `Bottleneck`."""
         return self.bottleneck.on_optimizer_step(skipped=skipped)
 
+    def scale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents as a diffusion model trained on them expects: (z - shift_factor) * scaling_factor (the config's;
+        the identity for vqtok's own models). `encode` never applies it."""
+        return (z - self.config.shift_factor) * self.config.scaling_factor
+
+    def unscale_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """The inverse of `scale_latents`: z / scaling_factor + shift_factor, what `decode` takes."""
+        return z / self.config.scaling_factor + self.config.shift_factor
+
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_images(x)
-        return self.quant_conv(self.encoder(x.to(self.encoder.conv_in.weight.dtype)))
+        with self._precision():
+            return self.quant_conv(self.encoder(x.to(self.encoder.conv_in.weight.dtype)))
 
     def _decode_z(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
+        with self._precision():
+            return self.decoder(self.post_quant_conv(z.to(self.decoder.conv_in.weight.dtype)))
+
+    def _precision(self) -> contextlib.AbstractContextManager:
+        """With `force_upcast` (a VAE that overflows in half precision), autocast is turned off: the model runs in
+        its weights' dtype, float32 unless the user cast them."""
+        if not self.config.force_upcast:
+            return contextlib.nullcontext()
+        return torch.autocast(self.encoder.conv_in.weight.device.type, enabled=False)
 
     def check_images(self, x: torch.Tensor) -> None:
         """Clear errors for what the convolutions would otherwise reject obscurely (or silently accept)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import traceback
 from contextlib import ExitStack, contextmanager
@@ -121,9 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--message", default="Upload vqtok model")
     push.set_defaults(run=_push)
 
-    info = commands.add_parser("info", help="print a saved model's config and codebook statistics")
-    info.add_argument("model", help="local folder or Hub repo id[@revision]")
+    info = commands.add_parser(
+        "info", help="what a model is: a vqtok model's config and codebook statistics, or a convertible checkpoint's "
+                     "format, latent shape, vocabulary and parameters (its weights are not loaded)")
+    info.add_argument("source", metavar="MODEL", help="local folder, file, or Hub repo id[@revision]")
+    info.add_argument("--subfolder", default=None, help="a folder inside it (a diffusers pipeline's 'vae')")
+    _source_options(info)
     info.set_defaults(run=_info)
+
+    convert = commands.add_parser(
+        "convert", help="convert a diffusers, LDM/taming or LlamaGen tokenizer into a vqtok folder (ready to push)")
+    convert.add_argument("source", help="a .safetensors/.ckpt/.pt file, a folder, or a Hub repo id[@revision]")
+    convert.add_argument("out", help="the vqtok folder to write (new, or empty)")
+    convert.add_argument("--subfolder", default=None, help="a folder inside the source (a diffusers pipeline's 'vae')")
+    convert.add_argument("--license", default=None,
+                         help="the original's licence, recorded in config.json and the model card (e.g. "
+                              "openrail++); a diffusers repo's card names it itself")
+    _source_options(convert)
+    convert.set_defaults(run=_convert)
 
     debug_help = "on an error, also show the traceback"
     parser.add_argument("--debug", action="store_true", help=debug_help)
@@ -214,6 +230,71 @@ def _run_options(parser: argparse.ArgumentParser, config_kind: str, example: str
                              "metrics, samples and exports (other files stay)")
     parser.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                         help="stop after STEP with a checkpoint (resume later with --resume)")
+
+
+LDM_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "z_channels", "embed_dim", "n_embed")
+
+
+def _source_options(parser: argparse.ArgumentParser) -> None:
+    """How `vqtok convert` / `info` read another library's checkpoint (see vqtok.pretrained.convert)."""
+    parser.add_argument("--format", choices=("diffusers", "ldm", "llamagen"), default=None,
+                        help="the checkpoint's layout (default: from its config.json or tensor names)")
+    parser.add_argument("--config", default=None,
+                        help="the model's YAML: taming's/LDM's (model.params.ddconfig, embed_dim, n_embed) or "
+                             "LlamaGen's ModelArgs; default: read off the tensors' shapes")
+    ldm = parser.add_argument_group("a taming/LDM ddconfig given as flags (instead of --config)")
+    ldm.add_argument("--ch", type=positive_int)
+    ldm.add_argument("--ch-mult", type=int_list)
+    ldm.add_argument("--num-res-blocks", type=positive_int)
+    ldm.add_argument("--attn-resolutions", type=int_list)
+    ldm.add_argument("--z-channels", type=positive_int)
+    ldm.add_argument("--embed-dim", type=positive_int)
+    ldm.add_argument("--n-embed", type=positive_int, help="codebook size (a VQ; without it, a KL first stage)")
+    parser.add_argument("--resolution", type=positive_int, default=None,
+                        help="the image size the config's attention resolutions refer to (default 256)")
+    parser.add_argument("--norm-groups", type=positive_int, default=None,
+                        help="GroupNorm groups, when read off the shapes (default 32)")
+    parser.add_argument("--l2-normalize", action=argparse.BooleanOptionalAction, default=None,
+                        help="codes on the unit sphere, when read off the shapes (default: LlamaGen's are)")
+    parser.add_argument("--scaling-factor", type=finite_float, default=None,
+                        help="the latent scaling a diffusion model expects, for a file without a config "
+                             "(FLUX's ae.safetensors: 0.3611)")
+    parser.add_argument("--shift-factor", type=finite_float, default=None, help="likewise (FLUX: 0.1159)")
+
+
+def int_list(text: str) -> list[int]:
+    """Comma-separated integers, e.g. 1,1,2,2,4 (empty: none)."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _conversion_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`vqtok.pretrained.plan`/`convert` keywords from the command line; ddconfig flags make a taming config."""
+    flags = {name: getattr(args, name) for name in LDM_FLAGS if getattr(args, name) is not None}
+    config: Any = args.config
+    if flags:
+        if config is not None:
+            raise ValueError(f"--config and the ddconfig flags ({', '.join('--' + f.replace('_', '-') for f in flags)}) "
+                             "both describe the model; give one")
+        if args.format not in (None, "ldm"):
+            raise ValueError(f"the ddconfig flags describe a taming/LDM model, but --format is {args.format}")
+        config = {**flags, "resolution": args.resolution or 256, "double_z": "n_embed" not in flags}
+        resolution = None
+    else:
+        resolution = args.resolution
+    source, revision = _split_revision(args.source)
+    return dict(source=source, revision=revision, subfolder=args.subfolder, format=args.format if not flags else "ldm",
+                config=config, resolution=resolution, norm_groups=args.norm_groups, l2_normalize=args.l2_normalize,
+                scaling_factor=args.scaling_factor, shift_factor=args.shift_factor)
+
+
+def _split_revision(name: str) -> tuple[str, str | None]:
+    if "@" in name and not os.path.exists(name):
+        name, revision = name.rsplit("@", 1)
+        return name, revision
+    return name, None
 
 
 def _window_options(parser: argparse.ArgumentParser) -> None:
@@ -533,10 +614,80 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from vqtok.files import staged_folder
+    from vqtok.pretrained import convert
+
+    out = _output_folder(args.out, "OUT")
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"OUT {out}: exists and is not empty; vqtok convert writes a new folder")
+    options = _conversion_options(args)
+    model = convert(options.pop("source"), license=args.license, **options)
+    with staged_folder(out) as tmp:
+        model.save_pretrained(tmp)
+    origin = model.config.converted_from
+    print(f"converted {origin.source} ({origin.format}{', ' + origin.class_name if origin.class_name else ''}) to {out}")
+    for line in _summary(model.config, sum(p.numel() for p in model.parameters())):
+        print(f"  {line}")
+    print(f"next: vqtok info {out} / vqtok encode {out} --data ... / vqtok push {out} ORG/NAME")
+    return 0
+
+
+def _summary(config: Any, parameters: int) -> list[str]:
+    """What an image tokenizer's config means for its users: the bottleneck, latent shapes, the vocabulary."""
+    f, b = config.downsampling_factor, config.bottleneck
+    sizes = sorted({config.resolution, 256, 512} - {s for s in (256, 512) if s % f})
+    if b.kind == "vq":
+        kind = f"VQ, {b.codebook_size:,} codes of dim {b.dim}{' (l2-normalised)' if b.l2_normalize else ''}"
+        shapes = ", ".join(f"{s}x{s} -> {s // f}x{s // f} codes" for s in sizes)
+    else:
+        kind = f"Gaussian (KL), {b.dim} latent channels"
+        shapes = ", ".join(f"{s}x{s} -> {b.dim}x{s // f}x{s // f}" for s in sizes)
+    lines = [f"bottleneck: {kind}", f"downsampling factor {f}: {shapes}", f"parameters: {parameters:,}"]
+    if config.scaling_factor != 1.0 or config.shift_factor != 0.0:
+        lines.append(f"latent scaling: (z - {config.shift_factor}) * {config.scaling_factor} "
+                     "(scale_latents; not applied by encode)")
+    if config.force_upcast:
+        lines.append("force_upcast: runs in float32 under autocast")
+    return lines
+
+
 def _info(args: argparse.Namespace) -> int:
     import vqtok
+    from vqtok.pretrained import plan
 
-    model = vqtok.load(args.model)
+    options = _conversion_options(args)
+    if _is_vqtok_model(options["source"], options["revision"], options["subfolder"]):
+        return _info_vqtok(vqtok.load(args.source, subfolder=args.subfolder))
+    conversion = plan(options.pop("source"), shapes_only=True, **options)
+    origin, c = conversion.config.converted_from, conversion.config
+    print(f"{origin.source}: a {origin.format} {origin.class_name or 'checkpoint'}"
+          f"{' at ' + origin.revision if origin.revision else ''}; vqtok loads it as an autoencoder")
+    used = sum(t.numel() for name, t in conversion.located.checkpoint.tensors.items()
+               if conversion.layout.why_ignored(name) is None)
+    for line in _summary(c, used):
+        print(f"  {line}")
+    print(f"  architecture: base_channels {c.base_channels}, channel_mult {list(c.channel_mult)}, num_res_blocks "
+          f"{c.num_res_blocks}, attention at {list(c.attn_resolutions) or 'no level'} (resolution {c.resolution})"
+          f"{', mid' if c.mid_attention else ''}; latent_channels {c.latent_channels}, norm_groups {c.norm_groups}")
+    for name, reason in conversion.set_aside.items():
+        print(f"  not loaded: {name}: {reason}")
+    if origin.license:
+        print(f"  license: {origin.license}")
+    return 0
+
+
+def _is_vqtok_model(source: str, revision: str | None, subfolder: str | None) -> bool:
+    """Whether `source` is a vqtok model (config.json with model_type) rather than a convertible checkpoint."""
+    from vqtok.hub import CONFIG_NAME, _read_config_json, _resolve
+
+    if os.path.isfile(source):
+        return False
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    return "model_type" in _read_config_json(_resolve(source, prefix + CONFIG_NAME, revision=revision))
+
+
+def _info_vqtok(model: Any) -> int:
     print(json.dumps(model.config_dict(), indent=2))
     stats = getattr(getattr(model, "bottleneck", None), "codebook_stats", None)
     if stats is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +26,24 @@ def staged(path: str | Path) -> Iterator[str]:
         Path(tmp).unlink(missing_ok=True)
         raise
     os.replace(tmp, path)
+
+
+@contextmanager
+def staged_folder(path: str | Path) -> Iterator[Path]:
+    """A temporary folder beside `path` (which must not exist, or be empty), renamed onto it when the block succeeds,
+    removed when it fails: a reader never sees a half-written folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700 folders
+        if path.exists():
+            path.rmdir()  # an empty folder only: rmdir refuses anything else
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:

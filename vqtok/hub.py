@@ -62,7 +62,7 @@ MODEL_CARD = """---
 
 # {{ title }}
 
-A {{ description }} made with [vqtok](https://github.com/vqtok/vqtok).
+{{ intro }}
 
 ```python
 import vqtok
@@ -172,6 +172,7 @@ class HubModel(
         kwargs.setdefault("description", self.model_type)
         kwargs.setdefault("repo_id", "ORG/NAME")
         kwargs.setdefault("metrics", {})
+        kwargs.setdefault("intro", f"A {kwargs['description']} made with [vqtok](https://github.com/vqtok/vqtok).")
         return super().generate_model_card(*args, facts=facts, **kwargs)
 
     # ------------------------------------------------------------------------------------------------------------

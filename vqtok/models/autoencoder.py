@@ -190,6 +190,25 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
                 f"resize or crop to a multiple of {f}"
             )
 
+    def generate_model_card(self, *args: Any, **kwargs: Any):
+        """vqtok's card; a converted tokenizer's names the original, its weights' hash and its licence."""
+        origin = self.config.converted_from
+        if origin is None:
+            return super().generate_model_card(*args, **kwargs)
+        where = f"`{origin.source}`" + (f" at {origin.revision}" if origin.revision else "")
+        kwargs.setdefault("title", f"{origin.class_name or 'tokenizer'} converted from {origin.format}")
+        kwargs.setdefault("intro", f"The {origin.format} {origin.class_name or 'tokenizer'} {where}, converted to "
+                                   "[vqtok](https://github.com/vqtok/vqtok)'s format: the same weights, run by vqtok's "
+                                   "modules. The original's licence applies.")
+        card = super().generate_model_card(*args, **kwargs)
+        extra = {"converted from": f"{origin.format} {origin.class_name or 'checkpoint'} {where}",
+                 "original weights sha256": origin.weights_sha256, "licence of the original": origin.license}
+        rows = "".join(f"| {k} | {v} |\n" for k, v in extra.items() if v)
+        card.text = card.text.replace("|---|---|\n", "|---|---|\n" + rows, 1)
+        if origin.license:
+            card.data.license = origin.license
+        return card
+
     def derived_config(self) -> dict[str, Any]:
         c = self.config
         return {

@@ -44,10 +44,13 @@ def _levels_config(*, where: str, in_channels: int, out_channels: int, widths: l
     f = 2 ** (len(widths) - 1)
     if resolution < f or resolution % f:
         raise ConfigError(f"{where}: resolution {resolution} is not a multiple of the downsampling factor {f}")
-    return AutoencoderConfig(in_channels=in_channels, resolution=resolution, base_channels=base,
-                             channel_mult=tuple(w // base for w in widths), num_res_blocks=num_res_blocks,
-                             attn_resolutions=tuple(resolution // 2**i for i in attn_levels), input_range="-1,1",
-                             **rest)
+    try:
+        return AutoencoderConfig(in_channels=in_channels, resolution=resolution, base_channels=base,
+                                 channel_mult=tuple(w // base for w in widths), num_res_blocks=num_res_blocks,
+                                 attn_resolutions=tuple(resolution // 2**i for i in attn_levels), input_range="-1,1",
+                                 **rest)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
 
 
 def _refuse_unknown(where: str, data: Mapping[str, Any], known: set[str], what: str) -> None:

@@ -37,7 +37,8 @@ from vqtok.version import __version__
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-PICKLED_WEIGHTS = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt")
+PICKLED_WEIGHTS = ("pytorch_model.bin", "model.bin", "model.pt", "model.pth", "model.ckpt",
+                   "diffusion_pytorch_model.bin")
 RESERVED_KEYS = ("model_type", "vqtok_version")
 
 MODEL_TYPES: dict[str, type["HubModel"]] = {}
@@ -312,7 +313,8 @@ def _resolve(source: str, filename: str, **fetch: Any) -> str:
             return path
         _missing_file(source, filename, present=set(os.listdir(source)))
     if os.path.exists(source):
-        raise ValueError(f"{source} is a file; vqtok models are folders with {CONFIG_NAME} and {WEIGHTS_NAME}")
+        raise ValueError(f"{source} is a file; vqtok models are folders with {CONFIG_NAME} and {WEIGHTS_NAME} (another "
+                         "library's checkpoint file: `vqtok convert FILE OUT` or vqtok.pretrained.convert)")
     reason = _local_path_reason(source, fetch.get("revision"))
     if reason is not None:
         raise FileNotFoundError(f"no local folder {source} (not looked up on the Hub: {reason})")
@@ -375,11 +377,11 @@ def _snapshot_commit(path: str, depth: int = 0) -> str | None:
 
 def _missing_file(source: str, filename: str, *, present: set[str], cause: Exception | None = None) -> None:
     pickled = sorted(present & set(PICKLED_WEIGHTS))
-    if filename == WEIGHTS_NAME and pickled:
+    if filename.endswith(".safetensors") and pickled:
         raise ValueError(
-            f"{source}: has {', '.join(pickled)} but no {WEIGHTS_NAME}; vqtok loads weights only from safetensors "
-            "and never unpickles files (a pickle can run arbitrary code). Convert the checkpoint with a trusted "
-            "script and save_pretrained()."
+            f"{source}: has {', '.join(pickled)} but no {filename.rsplit('/', 1)[-1]}; vqtok loads weights only from "
+            "safetensors and never unpickles files (a pickle can run arbitrary code). Convert the checkpoint with a "
+            "trusted script and save_pretrained() (or `vqtok convert FILE OUT`, which reads it weights-only)."
         )
     hint = f" ({type(cause).__name__})" if cause is not None else ""
     if filename == CONFIG_NAME and "model_index.json" in present:

@@ -32,7 +32,6 @@ from vqtok.models.autoencoder import Autoencoder
 from vqtok.pretrained.checkpoint import Checkpoint, file_sha256, read_checkpoint
 from vqtok.pretrained.configs import (
     DEFAULT_RESOLUTION,
-    LLAMAGEN_DEFAULTS,
     config_from_shapes,
     diffusers_config,
     ldm_config,
@@ -162,8 +161,7 @@ def plan(source: str | Path, *, format: str | None = None, config: Mapping[str, 
     elif fmt == "ldm":
         c = ldm_config(user, where=where)
     else:
-        c = llamagen_config({k: v for k, v in user.items() if k in LLAMAGEN_DEFAULTS or not k.startswith("_")},
-                            where=where)
+        c = llamagen_config(user, where=where)
     if fmt == "diffusers" and not guessed and (scaling_factor is not None or shift_factor is not None):
         raise ValueError(f"{where}: sets scaling_factor and shift_factor itself; do not give them")
     origin = located.loaded_from
@@ -200,16 +198,15 @@ def locate(source: str, *, revision: str | None = None, subfolder: str | None = 
         raise ValueError(f"{config_path}: {what}")
     weights = _resolve(source, prefix + (DIFFUSERS_WEIGHTS if fmt == "diffusers" else WEIGHTS_NAME), **hub)
     origin = LoadedFrom(source=source if commit else str(Path(source).resolve()), commit=commit, subfolder=subfolder)
-    return Located(read_checkpoint(weights, shapes_only=shapes_only), raw, origin, _card_license(source, prefix, hub))
+    return Located(read_checkpoint(weights, shapes_only=shapes_only), raw, origin, _card_license(source, hub))
 
 
-def _card_license(source: str, prefix: str, hub: dict[str, Any]) -> str | None:
-    """The `license` of the repo's or folder's model card (README.md metadata), if it has one."""
+def _card_license(source: str, hub: dict[str, Any]) -> str | None:
+    """The `license` of the repo's or folder's model card (its top-level README.md metadata: a pipeline's licence
+    covers its VAE), if it has one."""
     try:
-        readme = _resolve(source, "README.md", **hub) if not prefix else None
+        readme = _resolve(source, "README.md", **hub)
     except (FileNotFoundError, ValueError, OSError):
-        return None
-    if readme is None:
         return None
     from huggingface_hub import ModelCard
 

@@ -8,6 +8,7 @@ images go through vqtok and through the reference, and outputs agree to 1e-4 (co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -686,3 +687,31 @@ def test_converting_twice_gives_the_same_weights(ldm_vq, llamagen, diffusers_fol
     assert weights_sha256(convert(llamagen["pt"])) == weights_sha256(vqtok.load(llamagen["folder"]))
     _, folder = diffusers_folders("vqgan")
     assert weights_sha256(vqtok.load(folder)) == weights_sha256(vqtok.load(folder))
+
+
+def test_force_upcast_runs_float32_under_autocast(diffusers_folders):
+    """The SD VAE's force_upcast: under bf16 autocast the model computes in float32 (the same numbers as without
+    autocast); without the flag autocast is honoured (bf16 results, measurably different)."""
+    _, folder = diffusers_folders("sd")
+    tok = vqtok.load(folder)
+    x = images(7)
+    with torch.no_grad():
+        reference = tok.encode(x).mean
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            upcast = tok.encode(x).mean
+            tok.config = dataclasses.replace(tok.config, force_upcast=False)
+            autocast = tok.encode(x).mean
+    assert upcast.dtype == torch.float32 and max_err(upcast, reference) < 1e-6
+    assert max_err(autocast.float(), reference) > 1e-3
+
+
+def test_a_diffusers_folder_with_only_pickled_weights_is_refused(diffusers_folders, tmp_path):
+    _, folder = diffusers_folders("sd")
+    pickled = tmp_path / "pickled"
+    shutil.copytree(folder, pickled)
+    torch.save(load_file(pickled / "diffusion_pytorch_model.safetensors"), pickled / "diffusion_pytorch_model.bin")
+    (pickled / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ValueError, match="has diffusion_pytorch_model.bin but no diffusion_pytorch_model.safetensors"):
+        vqtok.load(pickled)
+    with pytest.raises(ValueError, match="vqtok convert FILE OUT"):
+        vqtok.load(pickled / "diffusion_pytorch_model.bin")

@@ -276,8 +276,8 @@ def _conversion_options(args: argparse.Namespace) -> dict[str, Any]:
     config: Any = args.config
     if flags:
         if config is not None:
-            raise ValueError(f"--config and the ddconfig flags ({', '.join('--' + f.replace('_', '-') for f in flags)}) "
-                             "both describe the model; give one")
+            named = ", ".join("--" + f.replace("_", "-") for f in flags)
+            raise ValueError(f"--config and the ddconfig flags ({named}) both describe the model; give one")
         if args.format not in (None, "ldm"):
             raise ValueError(f"the ddconfig flags describe a taming/LDM model, but --format is {args.format}")
         config = {**flags, "resolution": args.resolution or 256, "double_z": "n_embed" not in flags}
@@ -626,7 +626,8 @@ def _convert(args: argparse.Namespace) -> int:
     with staged_folder(out) as tmp:
         model.save_pretrained(tmp)
     origin = model.config.converted_from
-    print(f"converted {origin.source} ({origin.format}{', ' + origin.class_name if origin.class_name else ''}) to {out}")
+    what = f"{origin.format}, {origin.class_name}" if origin.class_name else origin.format
+    print(f"converted {origin.source} ({what}) to {out}")
     for line in _summary(model.config, sum(p.numel() for p in model.parameters())):
         print(f"  {line}")
     print(f"next: vqtok info {out} / vqtok encode {out} --data ... / vqtok push {out} ORG/NAME")

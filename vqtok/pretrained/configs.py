@@ -90,7 +90,8 @@ UP_BLOCKS = {"UpDecoderBlock2D": False, "AttnUpDecoderBlock2D": True}
 
 
 def diffusers_config(raw: Mapping[str, Any], *, where: str) -> AutoencoderConfig:
-    """diffusers' AutoencoderKL / VQModel config.json -> AutoencoderConfig (exact, or a ConfigError naming the field)."""
+    """diffusers' AutoencoderKL / VQModel config.json -> AutoencoderConfig (exact, or a ConfigError naming the
+    field)."""
     class_name = raw.get("_class_name")
     if class_name not in DIFFUSERS_CLASSES:
         raise ConfigError(f"{where}: a diffusers {class_name!r}; vqtok converts {' and '.join(DIFFUSERS_CLASSES)}")
@@ -120,7 +121,7 @@ def diffusers_config(raw: Mapping[str, Any], *, where: str) -> AutoencoderConfig
     latent = int(c["latent_channels"])
     if class_name == "AutoencoderKL":
         bottleneck: Any = GaussianConfig(dim=latent)
-        projections = {"use_quant_conv": bool(c["use_quant_conv"]), "use_post_quant_conv": bool(c["use_post_quant_conv"])}
+        projections = {key: bool(c[key]) for key in ("use_quant_conv", "use_post_quant_conv")}
     else:
         bottleneck = converted_vq(int(c["num_vq_embeddings"]), int(c["vq_embed_dim"] or latent))
         projections = {}
@@ -229,7 +230,8 @@ def llamagen_config(args: Mapping[str, Any], *, where: str) -> AutoencoderConfig
     mult = [int(m) for m in c["encoder_ch_mult"]]
     ch = int(c["ch"])
     return _levels_config(
-        where=where, in_channels=int(c["in_channels"]), out_channels=int(c["in_channels"]), widths=[ch * m for m in mult],
+        where=where, in_channels=int(c["in_channels"]), out_channels=int(c["in_channels"]),
+        widths=[ch * m for m in mult],
         num_res_blocks=int(c["num_res_blocks"]), attn_levels=[len(mult) - 1], resolution=int(c["resolution"]),
         bottleneck=converted_vq(int(c["codebook_size"]), int(c["codebook_embed_dim"]),
                                 l2_normalize=bool(c["codebook_l2_norm"]), beta=float(c["commit_loss_beta"])),

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from vqtok.config import AutoencoderConfig, ConfigError, ConvertedFrom
-from vqtok.hub import CONFIG_NAME, WEIGHTS_NAME, LoadedFrom, _read_config_json, _resolve, _snapshot_commit
+from vqtok.hub import CONFIG_NAME, WEIGHTS_NAME, LoadedFrom, _read_config_json, _resolve, _snapshot_commit, _some
 from vqtok.models.autoencoder import Autoencoder
 from vqtok.pretrained.checkpoint import Checkpoint, file_sha256, read_checkpoint
 from vqtok.pretrained.configs import (
@@ -239,7 +239,8 @@ def load_mapped(model: Autoencoder, checkpoint: Checkpoint, layout: Layout) -> N
     where = str(checkpoint.path)
     state = model.state_dict()
     levels = len(model.config.channel_mult)
-    targets = {name: t for name, t in state.items() if not name.startswith("bottleneck.") or name == "bottleneck.codebook"}
+    targets = {name: t for name, t in state.items()
+               if not name.startswith("bottleneck.") or name == "bottleneck.codebook"}
     expected = {layout.source_name(name, levels): name for name in targets}
     present = checkpoint.tensors
     missing = sorted(set(expected) - set(present))
@@ -261,7 +262,3 @@ def load_mapped(model: Autoencoder, checkpoint: Checkpoint, layout: Layout) -> N
             raise ValueError(f"{where}: tensor '{source_name}' contains NaN or infinite values")
         state[name] = tensor.to(targets[name].dtype)
     model.load_state_dict(state, strict=True)
-
-
-def _some(names: list[str], n: int = 5) -> str:
-    return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "")

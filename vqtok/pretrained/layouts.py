@@ -9,7 +9,8 @@ mis-shaped one is named in the checkpoint's own terms. For the encoder's level i
     diffusers  encoder.down_blocks.i.resnets.j.conv_shortcut  .attentions.j.{group_norm,to_q,to_k,to_v,to_out.0}
                                                                                     .down_blocks.i.downsamplers.0.conv
     LDM        encoder.down.i.block.j.nin_shortcut    .down.i.attn.j.{norm,q,k,v,proj_out}  .down.i.downsample.conv
-    LlamaGen   encoder.conv_blocks.i.res.j.nin_shortcut  .conv_blocks.i.attn.j.{...,proj_out}  .conv_blocks.i.downsample.conv
+    LlamaGen   encoder.conv_blocks.i.res.j.nin_shortcut  .conv_blocks.i.attn.j.{...,proj_out}
+                                                                                    .conv_blocks.i.downsample.conv
 
 and the mid block's (res1, attn, res2) is diffusers' mid_block.{resnets.0, attentions.0, resnets.1}, LDM's
 mid.{block_1, attn_1, block_2}, LlamaGen's mid.{0, 1, 2}; `norm_out` is diffusers' `conv_norm_out`; the codebook is

@@ -33,8 +33,28 @@ def _gaussian_window(size: int, sigma: float, channels: int, device, dtype) -> t
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float, window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Structural similarity (Wang et al. 2004: Gaussian window 11, sigma 1.5, K1 0.01, K2 0.03, valid region) per
-    image, averaged over channels: [B, C, H, W] -> [B]. Images smaller than the window use a window of their size."""
+    """Structural similarity per image, averaged over channels: [B, C, H, W] -> [B], computed in float64.
+
+    The convention is Wang et al. 2004's reference code (`ssim_index.m`): a Gaussian window of 11 x 11 with sigma
+    1.5, K1 0.01, K2 0.03, population (not sample) variances, and the SSIM map averaged over the *valid* window
+    positions only, those where the whole window lies inside the image, so no pixel is invented at the border. A
+    16 x 16 image thus has 6 x 6 positions. scikit-image's `structural_similarity(gaussian_weights=True,
+    sigma=1.5, use_sample_covariance=False, data_range=...)` follows the same convention and agrees to float
+    precision at every size (tested). torchmetrics (1.x) instead averages over every pixel of the image padded by
+    reflection, whose border windows see mirrored pixels. On small images the two differ: the quickstart's 16 x 16
+    test digits scored 0.982 here against torchmetrics' 0.971 after 600 steps, 0.930 against 0.885 after 100. The
+    gap shrinks as the image grows and the border's share of the positions falls.
+
+    Images smaller than the window in height or width use a square window of the smaller side (one position along
+    that side), with the same sigma.
+
+    Args:
+        x: images [B, C, H, W] in [0, data_range] (e.g. 8-bit values as floats, and data_range 255).
+        y: the images to compare them with, of the same shape and range.
+        data_range: the images' value range, which sets the stabilising constants (K1 L)^2 and (K2 L)^2.
+        window: the window's side in pixels.
+        sigma: the Gaussian's standard deviation in pixels.
+    """
     x, y = x.double(), y.double()
     channels = x.shape[1]
     window = min(window, x.shape[-1], x.shape[-2])

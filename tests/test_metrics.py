@@ -13,7 +13,8 @@ from skimage.metrics import structural_similarity
 from vqtok.metrics import ssim
 
 
-def _eight_bit_pairs(batch: int, channels: int, height: int, width: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _eight_bit_pairs(batch: int, channels: int, height: int, width: int,
+                     seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Images with structure (smoothed noise, so windows differ in mean and variance) and noisy copies of them, as
     8-bit values in float32, the form evaluation passes."""
     g = torch.Generator().manual_seed(seed)

@@ -154,27 +154,30 @@ def test_lpips_loading_is_strict(lpips_file, tmp_path):
     save_file({**tensors, "heads.0.weight": -tensors["heads.0.weight"]}, str(tmp_path / "negative.safetensors"))
     with pytest.raises(ValueError, match="non-negative"):
         LPIPS.from_file(tmp_path / "negative.safetensors")
-    with pytest.raises(FileNotFoundError, match="convert_lpips_weights"):
+    with pytest.raises(FileNotFoundError, match="vqtok convert-lpips"):
         LPIPS.from_file(tmp_path / "absent.safetensors")
 
 
-def test_convert_lpips_weights_script(peer_lpips, tmp_path):
+def test_convert_lpips_command(peer_lpips, tmp_path, capsys):
+    """`vqtok convert-lpips` makes a file equal to the lpips package's model; an incomplete backbone or an existing
+    output is an error naming it, and leaves no file behind; the script in scripts/ is the same command."""
     vgg = {f"features.{k.split('.')[1]}.{k.split('.')[2]}": v for k, v in peer_lpips.net.state_dict().items()}
     vgg["classifier.0.weight"] = torch.zeros(4, 4)  # torchvision's file has the classifier too: dropped
     torch.save(vgg, tmp_path / "vgg16.pth")
     out = tmp_path / "out" / "lpips.safetensors"
-    cmd = [sys.executable, str(ROOT / "scripts" / "convert_lpips_weights.py"), "--vgg", str(tmp_path / "vgg16.pth"),
-           "--out", str(out)]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert main(["convert-lpips", "--vgg", str(tmp_path / "vgg16.pth"), "--out", str(out)]) == 0
     x, y = torch.rand(2, 3, 16, 16) * 2 - 1, torch.rand(2, 3, 16, 16) * 2 - 1
     torch.testing.assert_close(LPIPS.from_file(out)(x, y), peer_lpips(x, y).flatten().detach(), rtol=1e-5, atol=1e-7)
+    written = out.read_bytes()
+    assert main(["convert-lpips", "--vgg", str(tmp_path / "vgg16.pth"), "--out", str(out)]) == 1
+    assert "exists" in capsys.readouterr().err and out.read_bytes() == written  # never overwritten
     del vgg["features.28.bias"]  # an incomplete backbone: an error, and no file left behind
     torch.save(vgg, tmp_path / "broken.pth")
-    cmd[cmd.index("--vgg") + 1] = str(tmp_path / "broken.pth")
-    cmd[-1] = str(tmp_path / "broken.safetensors")
+    cmd = [sys.executable, str(ROOT / "scripts" / "convert_lpips_weights.py"), "--vgg", str(tmp_path / "broken.pth"),
+           "--heads", str(LPIPS_HEADS), "--out", str(tmp_path / "broken.safetensors")]
     result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert result.returncode != 0 and "features.28.bias" in result.stderr
+    assert result.returncode == 1 and "features.28.bias" in result.stderr.splitlines()[-1]
+    assert result.stderr.startswith("vqtok convert-lpips: error:")
     assert not list(tmp_path.glob("*broken.safetensors*"))
 
 

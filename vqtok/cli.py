@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=positive_int, default=64)
     evaluate.add_argument("--out", default=None, help="also write the metrics as JSON here")
     evaluate.add_argument("--lpips", default=None, metavar="WEIGHTS",
-                          help="also report LPIPS, with these LPIPS-VGG16 weights (scripts/convert_lpips_weights.py)")
+                          help="also report LPIPS, with these LPIPS-VGG16 weights (vqtok convert-lpips)")
     evaluate.set_defaults(run=_eval)
 
     encode = commands.add_parser("encode", help="encode a dataset into a token store (resumable, multi-process)")
@@ -140,6 +140,15 @@ def build_parser() -> argparse.ArgumentParser:
                               "openrail++); a diffusers repo's card names it itself")
     _source_options(convert)
     convert.set_defaults(run=_convert)
+
+    convert_lpips = commands.add_parser(
+        "convert-lpips", help="make the LPIPS-VGG16 weights file (a config's perceptual.weights, eval --lpips) from "
+                              "torchvision's VGG16 and LPIPS' heads; nothing is downloaded")
+    convert_lpips.add_argument("--vgg", required=True, help="torchvision's ImageNet VGG16 weights, vgg16-397923af.pth")
+    convert_lpips.add_argument("--heads", default=None,
+                               help="LPIPS' v0.1 linear heads, vgg.pth (default: the installed lpips package's copy)")
+    convert_lpips.add_argument("--out", required=True, help="the safetensors file to write (must not exist)")
+    convert_lpips.set_defaults(run=_convert_lpips)
 
     debug_help = "on an error, also show the traceback"
     parser.add_argument("--debug", action="store_true", help=debug_help)
@@ -631,6 +640,14 @@ def _convert(args: argparse.Namespace) -> int:
     for line in _summary(model.config, sum(p.numel() for p in model.parameters())):
         print(f"  {line}")
     print(f"next: vqtok info {out} / vqtok encode {out} --data ... / vqtok push {out} ORG/NAME")
+    return 0
+
+
+def _convert_lpips(args: argparse.Namespace) -> int:
+    from vqtok.nn.perceptual import convert_lpips_weights
+
+    count = convert_lpips_weights(args.vgg, args.out, heads=args.heads)
+    print(f"wrote {args.out} ({count} tensors); use it as a config's perceptual.weights or vqtok eval --lpips")
     return 0
 
 

@@ -489,7 +489,7 @@ LPIPS_MIN_SIZE = 16  # VGG16's four poolings before relu5_3
 class PerceptualConfig:
     """An LPIPS perceptual loss (Zhang et al. 2018, VGG16 variant), `weight` times the mean distance per image.
     `weights`: the safetensors file with the VGG16 backbone and LPIPS' linear heads (make it from the published
-    files with scripts/convert_lpips_weights.py); vqtok ships and downloads none, so without this section the
+    files with `vqtok convert-lpips`); vqtok ships and downloads none, so without this section the
     perceptual term is absent (weight 0)."""
 
     weights: str | None = None
@@ -497,7 +497,7 @@ class PerceptualConfig:
 
     def __post_init__(self) -> None:
         _require(bool(self.weights), "weights is required: the path of an LPIPS-VGG16 safetensors file (see "
-                 "scripts/convert_lpips_weights.py); leave out the perceptual section to train without one")
+                 "vqtok convert-lpips); leave out the perceptual section to train without one")
         _require(self.weight > 0 and _finite(self.weight),
                  f"weight must be finite and > 0 (leave out the perceptual section to train without one), got {self.weight}")
 

@@ -6,11 +6,13 @@ non-negative linear heads, averaged over positions, and the five layers are summ
 
 vqtok downloads and ships no weights. `LPIPS.from_file` reads one safetensors file holding this module's tensors
 (`features.N.*`: torchvision's `vgg16().features`; `heads.N.weight`: LPIPS' `linN.model.1.weight`), which
-scripts/convert_lpips_weights.py makes from the published files. The module is frozen: it is a loss, not a model.
+`vqtok convert-lpips` (`convert_lpips_weights`) makes from the published files. The module is frozen: it is a loss,
+not a model.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -70,7 +72,7 @@ class LPIPS(nn.Module):
         """Read the weights strictly (every tensor present, nothing else, right shapes, finite) from safetensors."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"LPIPS weights not found: {path} (make them with scripts/convert_lpips_weights.py)")
+            raise FileNotFoundError(f"LPIPS weights not found: {path} (make them with vqtok convert-lpips)")
         model = cls().to(map_location)
         load_weights_strict(model, path, map_location=map_location)
         if any((head.weight < 0).any() for head in model.heads):
@@ -100,3 +102,45 @@ class LPIPS(nn.Module):
                 distance = distance + head((fx - fy).pow(2)).mean(dim=(1, 2, 3))
                 tap, head = next(taps, (None, None))
         return distance
+
+
+def installed_lpips_heads() -> Path:
+    """The v0.1 VGG heads (`vgg.pth`) that the installed `lpips` package ships, for when none is named."""
+    spec = importlib.util.find_spec("lpips")
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("LPIPS heads: give the v0.1 vgg.pth (--heads); the lpips package, which ships it, "
+                                "is not installed")
+    path = Path(spec.origin).parent / "weights" / "v0.1" / "vgg.pth"
+    if not path.is_file():
+        raise FileNotFoundError(f"LPIPS heads: the lpips package has no {path}; give the v0.1 vgg.pth (--heads)")
+    return path
+
+
+def convert_lpips_weights(vgg: str | Path, out: str | Path, heads: str | Path | None = None) -> int:
+    """Write the safetensors file that `LPIPS.from_file` (and a config's `perceptual.weights`) reads, from the
+    published files; returns the number of tensors written.
+
+    Args:
+        vgg: torchvision's ImageNet VGG16 weights, `vgg16-397923af.pth` (its classifier is left out).
+        out: the safetensors file to write: it must not exist, and it is renamed into place only once it loads
+            strictly, so a failed conversion leaves nothing behind.
+        heads: LPIPS' v0.1 linear heads, `vgg.pth`; by default the installed `lpips` package's copy.
+
+    Both inputs are read with `torch.load(weights_only=True)`, which restores tensors and never runs pickled code.
+    Neither is downloaded: vqtok ships and fetches no weights.
+    """
+    from safetensors.torch import save_file
+
+    from vqtok.files import staged
+
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out}: exists; convert-lpips writes a new file (remove it or choose another name)")
+    vgg_state = torch.load(vgg, map_location="cpu", weights_only=True)
+    heads_state = torch.load(heads or installed_lpips_heads(), map_location="cpu", weights_only=True)
+    state = {k: v.contiguous() for k, v in lpips_state_dict(vgg_state, heads_state).items()}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with staged(out) as tmp:  # renamed onto `out` only once it loads strictly
+        save_file(state, tmp)
+        LPIPS.from_file(tmp)
+    return len(state)

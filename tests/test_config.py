@@ -297,3 +297,59 @@ def test_deeply_nested_data_is_a_config_error(tmp_path):
         deep = [deep]
     with pytest.raises(ConfigError, match=r"must be an integer, got \[\[\[\[\.\.\.\]\]\]\]"):
         from_dict(AutoencoderConfig, {"base_channels": deep})
+
+
+# ---- YAML 1.2 numbers and booleans ----------------------------------------------------------------------------------
+
+
+def test_numbers_with_an_exponent_are_floats_in_files_and_in_set(tmp_path):
+    from vqtok.config import TrainConfig
+
+    path = tmp_path / "lr.yaml"
+    path.write_text("lr: 1e-4\nweight_decay: 5E-2\nmodel:\n  bottleneck: {kind: vq, eps: .5e-5}\n")
+    config = load_yaml(path, TrainConfig)
+    assert (config.lr, config.weight_decay, config.model.bottleneck.eps) == (1e-4, 5e-2, 5e-6)
+    assert type(config.lr) is float
+    assert load_yaml(path, TrainConfig, ["lr=3e-4", "min_lr_ratio=1E-1"]).lr == 3e-4
+    assert load_yaml(path, TrainConfig, ["model.bottleneck.beta=+2.5e+1"]).model.bottleneck.beta == 25.0
+    assert load_yaml(path, TrainConfig, ["max_steps=10", "seed=0x10"]).seed == 16  # integers stay integers
+    with pytest.raises(ConfigError, match=r"'max_steps' must be an integer, got 10000\.0"):
+        load_yaml(path, TrainConfig, ["max_steps=1e4"])
+
+
+def test_yes_no_on_off_are_text_and_a_true_false_field_says_so(tmp_path):
+    from vqtok.config import TrainConfig
+
+    path = tmp_path / "mp.yaml"
+    path.write_text("mixed_precision: no\nhflip: true\n")
+    config = load_yaml(path, TrainConfig)
+    assert config.mixed_precision == "no" and config.hflip is True
+    assert load_yaml(path, TrainConfig, ["mixed_precision=bf16"]).mixed_precision == "bf16"
+    assert load_yaml(path, TrainConfig, ["mixed_precision=no", "hflip=False"]).mixed_precision == "no"
+    for override in ("hflip=no", "hflip=off", "hflip=Yes", "hflip=ON"):
+        with pytest.raises(ConfigError, match=r"'hflip' must be true or false, got '\w+': vqtok reads YAML 1\.2, "
+                                              r"where yes/no/on/off are text; write true or false"):
+            load_yaml(path, TrainConfig, [override])
+    path.write_text("mixed_precision: no\nhflip: no\n")
+    with pytest.raises(ConfigError, match=r"mp\.yaml: 'hflip' must be true or false, got 'no'"):
+        load_yaml(path, TrainConfig)
+
+
+def test_text_that_looks_like_a_number_or_boolean_round_trips(tmp_path):
+    import yaml
+
+    from vqtok.config import DataConfig
+
+    config = DataConfig(source="torchvision", name="1e-4", path="no")
+    save_yaml(config, tmp_path / "d.yaml")
+    assert load_yaml(tmp_path / "d.yaml", DataConfig) == config
+    assert yaml.safe_load((tmp_path / "d.yaml").read_text())["path"] == "no"  # any YAML 1.1 reader agrees
+    assert yaml.safe_load((tmp_path / "d.yaml").read_text())["name"] == "1e-4"
+
+
+def test_mixed_precision_is_unset_by_default():
+    from vqtok.config import PriorTrainConfig, TrainConfig
+
+    assert TrainConfig().mixed_precision is None
+    assert PriorTrainConfig(tokens="t").mixed_precision is None
+    assert from_dict(TrainConfig, {"mixed_precision": None}).mixed_precision is None

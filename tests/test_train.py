@@ -146,10 +146,10 @@ def test_runs_never_mix_in_one_output_dir(tmp_path, capsys):
     assert main(["train", str(tmp_path / "run.yaml"), "--resume", "--set", "lr=0.1"]) == 1
     assert "lr: 0.001 -> 0.1" in capsys.readouterr().err
     assert folder_bytes(out) == before  # refused before anything was written
-    # what a resume may change, it changes, and config.yaml records the config in force
+    # what a resume may change, it changes, and config.yaml records the config in force, with the precision used
     changed = replace(config, log_every=2, eval_images=16)
     train(changed, resume=True)
-    assert load_yaml(out / "config.yaml", TrainConfig) == changed
+    assert load_yaml(out / "config.yaml", TrainConfig) == replace(changed, mixed_precision="no")
     assert [r["step"] for r in metrics_lines(out)] == [1, 2, 4]
     # overwrite deletes the earlier run's artefacts, and nothing that vqtok did not write
     (out / "notes.txt").write_text("mine")

@@ -707,9 +707,15 @@ def _is_vqtok_model(source: str, revision: str | None, subfolder: str | None) ->
 
 def _info_vqtok(model: Any) -> int:
     print(json.dumps(model.config_dict(), indent=2))
+    from vqtok.train.evaluate import codebook_health, codebook_warnings
+
     stats = getattr(getattr(model, "bottleneck", None), "codebook_stats", None)
     if stats is not None:
-        print(json.dumps({k: v.item() for k, v in stats().items()}, indent=2))
+        health = codebook_health(model)
+        print(json.dumps({**{k: v.item() for k, v in stats().items()}, "initialized": health["codebook_initialized"]},
+                         indent=2))
+        for warning in codebook_warnings(health, model.config.bottleneck):
+            print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 

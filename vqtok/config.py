@@ -8,6 +8,7 @@ discriminator or a value of the wrong type is an error that names the key and wh
 from __future__ import annotations
 
 import dataclasses
+import re
 import reprlib
 import types
 import typing
@@ -385,6 +386,13 @@ class RunConfig:
     max_consecutive_skips in a row stops the run with an error. weights_ema > 0 keeps an EMA of the weights, which is
     what gets exported. A checkpoint is saved every `checkpoint_every` steps (and at the end, and on SIGINT/SIGTERM);
     `keep_checkpoints` N deletes all but the newest N complete ones (None: keeps all).
+
+    `mixed_precision` None (the default) leaves the choice to Accelerate: `accelerate launch --mixed_precision bf16`,
+    the `accelerate config` default that `accelerate launch` applies, or the ACCELERATE_MIXED_PRECISION environment
+    variable, else 'no'. A value given here wins over all of those (as an argument to Accelerator does). The run
+    records the precision it used in config.yaml and run_info.json. `log_with` names Accelerate trackers (e.g.
+    [tensorboard], [wandb]) that receive the hyperparameters, the metrics and the image grids, beside vqtok's own
+    metrics.jsonl (always written); [] (the default) uses none.
     """
 
     seed: int = 0
@@ -399,12 +407,13 @@ class RunConfig:
     clip_grad_norm: float = 1.0
     skip_grad_norm: float | None = None
     max_consecutive_skips: int = 10
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     weights_ema: float = 0.0
     eval_every: int = 250
     checkpoint_every: int = 500
     log_every: int = 10
     keep_checkpoints: int | None = None
+    log_with: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _freeze_lists(self)
@@ -422,6 +431,10 @@ class RunConfig:
         _require(0 <= self.weights_ema < 1, f"weights_ema must be in [0, 1) (0 = off), got {self.weights_ema}")
         _require(self.keep_checkpoints is None or self.keep_checkpoints >= 1,
                  f"keep_checkpoints must be >= 1 (null: keep all), got {self.keep_checkpoints}")
+        _require(all(isinstance(name, str) and name for name in self.log_with),
+                 f"log_with must name trackers (e.g. [tensorboard]), got {list(self.log_with)}")
+        _require(len(set(self.log_with)) == len(self.log_with),
+                 f"log_with names a tracker twice: {list(self.log_with)}")
 
 
 @dataclass(frozen=True)
@@ -887,12 +900,37 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.2's core schema where PyYAML follows YAML 1.1: only true/false (any case as YAML 1.2 spells them) are
+# booleans, so yes/no/on/off stay strings (`mixed_precision: no` is the string 'no'); and a number with an exponent
+# but no dot (1e-4, 3E5) is a float, not a string. Every other scalar resolves as SafeLoader resolves it.
+_BOOL = "tag:yaml.org,2002:bool"
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_StrictLoader.add_implicit_resolver(  # tried after the int resolver, so 10 stays an integer
+    "tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+
+
+class _Dumper(yaml.SafeDumper):
+    """yaml.SafeDumper that also quotes text the loader would read as a float (a string '1e-4'); text that YAML 1.1
+    reads as a boolean ('no') is quoted already, so files vqtok writes read the same with any YAML reader."""
+
+
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+0123456789."))
+YAML_1_1_BOOLEANS = frozenset({"yes", "no", "on", "off", "y", "n"})
+"""Words YAML 1.1 reads as booleans (`ema: no`); vqtok's loader keeps them as text, and a true/false field given
+one says to write true or false."""
+
+
 def _parse_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
 
 
 def save_yaml(config: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    Path(path).write_text(yaml.dump(to_dict(config), Dumper=_Dumper, sort_keys=False))
 
 
 def _convert(tp: Any, value: Any, *, path: str, source: str) -> Any:
@@ -914,6 +952,9 @@ def _convert(tp: Any, value: Any, *, path: str, source: str) -> Any:
         item_type = args[0]
         return tuple(_convert(item_type, v, path=f"{path}[{i}]", source=source) for i, v in enumerate(value))
     if tp is bool:
+        if isinstance(value, str) and value.lower() in YAML_1_1_BOOLEANS:
+            raise ConfigError(f"{where} must be true or false, got {_show(value)}: vqtok reads YAML 1.2, where "
+                              "yes/no/on/off are text; write true or false")
         if not isinstance(value, bool):
             raise ConfigError(f"{where} must be true or false, got {_show(value)}")
         return value

@@ -20,6 +20,11 @@ from vqtok.nn.perceptual import LPIPS
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: a latent dimension is active if Cov_x(E_q[z]) > 0.01
 IWAE_BATCH = 1024  # images x importance samples decoded at once by the IWAE bound
+MIN_CODE_USAGE = 0.10
+"""A VQ tokenizer that used fewer than this fraction of its codes over the last `usage_window` training steps ends
+its training run with a warning (`codebook_warnings`): most of its vocabulary is dead, so its tokens say less than
+the codebook size promises and a prior trained on them sees few symbols. Healthy runs use most of their codes; a
+run that never initialised its codebook uses almost none (e.g. 0.1%)."""
 
 
 @torch.inference_mode()
@@ -97,7 +102,7 @@ def evaluate(
     if n == 0:
         raise ValueError("evaluate: no images to evaluate (an empty dataset or limit 0)")
     psnr = psnr_from_mse(totals["squared_error"] / values, 255.0)
-    metrics = {"psnr": psnr, "ssim": totals["ssim"] / n, "images": float(n)}
+    metrics: dict[str, Any] = {"psnr": psnr, "ssim": totals["ssim"] / n, "images": n}
     if perceptual is not None:
         metrics["lpips"] = totals["lpips"] / n
     bits = lambda nats: nats / (dims * math.log(2))  # noqa: E731  (nats per image -> bits per dimension)
@@ -109,19 +114,52 @@ def evaluate(
         if iwae is not None:
             metrics["iwae_nats"] = totals["iwae"] / n
             metrics["iwae_bits_per_dim"] = bits(metrics["iwae_nats"])
-            metrics["iwae_samples"] = float(iwae)
+            metrics["iwae_samples"] = iwae
     if model.vocab_size:
         metrics.update({f"code_{k}": v for k, v in code_usage(counts).items()})
+        if (initialized := getattr(getattr(model, "bottleneck", None), "initialized", None)) is not None:
+            metrics["codebook_initialized"] = bool(initialized)
     if variational:
         metrics["kl_nats_per_image"] = totals["kl"] / n
         if discrete and isinstance(model, HierarchicalVAE):
             metrics.update({f"kl_nats/group_{i}": v / n for i, v in enumerate(kl_groups.tolist())})
         active = posterior_means.active_units(ACTIVE_UNIT_THRESHOLD)
-        metrics["active_units"] = float(sum(active))
-        metrics["latent_units"] = float(posterior_means.units)
+        metrics["active_units"] = int(sum(active))
+        metrics["latent_units"] = int(posterior_means.units)
         if isinstance(model, HierarchicalVAE):
-            metrics.update({f"active_units/group_{i}": float(a) for i, a in enumerate(active)})
+            metrics.update({f"active_units/group_{i}": int(a) for i, a in enumerate(active)})
     return metrics
+
+
+def codebook_health(model: Autoencoder | HierarchicalVAE) -> dict[str, Any]:
+    """For a VQ tokenizer, from the state saved with it: whether k-means initialised its codebook
+    (`codebook_initialized`) and the fraction of codes used over its last `usage_window` training steps
+    (`train_code_usage`; None when its quantizer recorded no training step: converted from another library, or
+    never initialised); {} for other models."""
+    bottleneck = getattr(model, "bottleneck", None)
+    if getattr(bottleneck, "initialized", None) is None:
+        return {}
+    trained = int(bottleneck.steps) > 0
+    return {"codebook_initialized": bool(bottleneck.initialized),
+            "train_code_usage": float(bottleneck.codebook_stats()["usage"]) if trained else None}
+
+
+def codebook_warnings(health: dict[str, Any], vq: Any, steps: int | None = None) -> list[str]:
+    """What is wrong with a trained VQ codebook, from `codebook_health` (and its VQConfig `vq`, after `steps` of
+    training when known): one sentence each, none when it is healthy."""
+    if not health:
+        return []
+    if not health["codebook_initialized"]:
+        gathered = f"{steps} training steps" if steps is not None else "its training"
+        return [f"the VQ codebook was never initialised: k-means waits for {vq.kmeans_reservoir:,} encoder outputs "
+                f"(bottleneck.kmeans_samples) and {gathered} did not gather them, so its codes are the random "
+                "initial vectors and the EMA never updated them; train longer, lower kmeans_samples, or set "
+                "kmeans_init: false"]
+    if health["train_code_usage"] is not None and health["train_code_usage"] < MIN_CODE_USAGE:
+        return [f"the VQ codebook is barely used: {health['train_code_usage']:.1%} of its {vq.codebook_size} codes "
+                f"over the last {vq.usage_window} steps (warning below {MIN_CODE_USAGE:.0%}); most codes are dead - "
+                "train longer, or use a smaller codebook or dead-code restarts (dead_threshold)"]
+    return []
 
 
 def iwae_bound(model: Autoencoder | HierarchicalVAE, x: torch.Tensor, k: int, generator: torch.Generator | None = None,

@@ -6,27 +6,33 @@ regulariser (times the KL schedule), then the engine's update-or-skip (`engine.f
 bottleneck's once-per-step hook (EMA codebook, restarts) or tells it that the step was skipped; then the
 discriminator's own step, if there is one.
 
-Artefacts under output_dir: config.yaml, metrics.jsonl (and TensorBoard logs when tensorboard is installed),
+Artefacts under output_dir: config.yaml, run_info.json (versions, git commit, command line; run_info.py),
+metrics.jsonl (and the logs of the trackers named in `log_with`, e.g. TensorBoard's under vqtok/),
 samples/step_XXXXXX.png grids, checkpoints/step_XXXXXX (Accelerate state + vqtok's train_state.json, config.json,
 weights_ema.safetensors and each rank's bottleneck state; see run_folder.RunFolder), tokenizer/ (save_pretrained, with
-the final metrics in its model card) and, with an adversarial term, discriminator/ beside it.
+the final metrics in its model card) and, with an adversarial term, discriminator/ beside it. A VQ tokenizer whose
+codebook was never initialised by k-means, or that used fewer than evaluate.MIN_CODE_USAGE of its codes over its last
+`usage_window` steps, is still exported, with a warning in the log and in final_metrics.json.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.tracking import GeneralTracker
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vqtok.bottleneck import image_noise
-from vqtok.config import ConfigError, TrainConfig, to_dict
+from vqtok.config import ConfigError, DataConfig, TrainConfig, to_dict
 from vqtok.data import build_dataset
 from vqtok.data.sources import WithIndex, dynamic_binarize
 from vqtok.images import uint8_to_range
@@ -42,18 +48,37 @@ from vqtok.train.engine import (
     check_finite_weights,
     exported,
     finish_step,
+    log_images,
     log_metrics,
     make_accelerator,
     make_optimizer,
+    resolve_precision,
 )
-from vqtok.train.evaluate import evaluate, format_table, save_image_grid, save_reconstruction_grid
+from vqtok.train.evaluate import (
+    codebook_health,
+    codebook_warnings,
+    evaluate,
+    format_table,
+    save_image_grid,
+    save_reconstruction_grid,
+)
 from vqtok.train.run_folder import RunFolder
 from vqtok.train.schedules import kl_weight
+from vqtok.train.user_data import UserImages
+
+logger = logging.getLogger(__name__)
 
 
-def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
-          overwrite: bool = False) -> Path | None:
+def train(config: TrainConfig, *, dataset: Dataset | None = None, trackers: Sequence[GeneralTracker] = (),
+          resume: bool = False, stop_at: int | None = None, overwrite: bool = False) -> Path | None:
     """Run (or resume) a training run; returns the folder of the exported tokenizer.
+
+    `dataset`: your own map-style torch Dataset to train on instead of `config.data` (which must then be left at
+    its default): item i an image tensor [C, H, W] of the model's channels and resolution, uint8 or float in [0, 1],
+    or a tuple (image, label, ...) - see vqtok.train.user_data. It is also the evaluation set unless
+    `config.eval_data` names one. The run records it as 'user dataset CLASS, N items' (run_info.json, a comment in
+    config.yaml, the checkpoints), and a resume must be given the same dataset. `trackers`: Accelerate tracker
+    objects (GeneralTracker subclasses) to log to, beside those `config.log_with` names.
 
     A fresh run needs a new or empty output_dir; `overwrite` starts afresh in the folder of an earlier vqtok run,
     deleting that run's artefacts (files vqtok did not write stay). `resume` continues from the newest complete
@@ -62,19 +87,29 @@ def train(config: TrainConfig, *, resume: bool = False, stop_at: int | None = No
     exactly where it stopped. Returns None then. SIGINT or SIGTERM end it after the current step with a checkpoint,
     raising run_folder.TrainingInterrupted.
     """
+    if dataset is not None and config.data != DataConfig():
+        raise ValueError(f"train: a dataset was given and config.data is set too (source {config.data.source!r}"
+                         f"{', path ' + repr(config.data.path) if config.data.path else ''}); the dataset replaces "
+                         "config.data: remove data from the config, or do not pass a dataset")
     with accelerate_run():
-        return _train(config, resume=resume, stop_at=stop_at, overwrite=overwrite)
+        return _train(config, dataset=dataset, trackers=trackers, resume=resume, stop_at=stop_at, overwrite=overwrite)
 
 
-def _train(config: TrainConfig, *, resume: bool, stop_at: int | None, overwrite: bool) -> Path | None:
+def _train(config: TrainConfig, *, dataset: Dataset | None, trackers: Sequence[GeneralTracker], resume: bool,
+           stop_at: int | None, overwrite: bool) -> Path | None:
     out = Path(config.output_dir)
-    accelerator = make_accelerator(config, out)
-    run = RunFolder(accelerator, config, "tokenizer", resume=resume, overwrite=overwrite)
+    accelerator = make_accelerator(config, out, trackers)
+    config = resolve_precision(config, accelerator)
+    model_config = config.model
+    if dataset is not None:
+        dataset = UserImages(dataset, channels=model_config.in_channels, size=model_config.resolution)
+    run = RunFolder(accelerator, config, "tokenizer", resume=resume, overwrite=overwrite,
+                    data=dataset.describe() if dataset is not None else None)
     set_seed(config.seed)  # the same on every rank while the model is built: DDP with broadcast_buffers=False does
     # not copy rank 0's buffers (the codebook) when it wraps the model
-    model_config = config.model
-    dataset = build_dataset(config.data, channels=model_config.in_channels, preprocess=model_config.preprocess,
-                            size=model_config.resolution)
+    if dataset is None:
+        dataset = build_dataset(config.data, channels=model_config.in_channels, preprocess=model_config.preprocess,
+                                size=model_config.resolution)
     eval_dataset = dataset if config.eval_data is None else build_dataset(
         config.eval_data, channels=model_config.in_channels, preprocess=model_config.preprocess,
         size=model_config.resolution)
@@ -141,6 +176,11 @@ def _train(config: TrainConfig, *, resume: bool, stop_at: int | None, overwrite:
         accelerator.end_training()
         return None
     return _export(accelerator, raw, ema, image_losses, eval_dataset, config, out)
+
+
+def card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Metrics as a model card shows them: floats to 4 decimals, counts and flags as they are."""
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
 
 
 def initial_model(config: TrainConfig) -> Autoencoder | HierarchicalVAE:
@@ -245,10 +285,13 @@ def _evaluate(accelerator, raw: Autoencoder, image_losses: ImageLosses, dataset,
     if not accelerator.is_main_process:
         return None
     metrics = evaluate(raw, dataset, limit=config.eval_images, num_workers=0, perceptual=image_losses.perceptual)
-    save_reconstruction_grid(raw, fixed_images, out / "samples" / f"step_{step:06d}.png")
+    grid = save_reconstruction_grid(raw, fixed_images, out / "samples" / f"step_{step:06d}.png")
+    grids = {"eval/reconstructions": grid}
     if raw.is_gaussian:
-        save_image_grid(raw.postprocess(raw.sample(16, seed=0)), out / "samples" / f"prior_step_{step:06d}.png")
+        grids["eval/prior_samples"] = save_image_grid(raw.postprocess(raw.sample(16, seed=0)),
+                                                      out / "samples" / f"prior_step_{step:06d}.png")
     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    log_images(accelerator, grids, step)
     append_metrics(out, {"step": step, "split": "eval", **metrics})
     return metrics
 
@@ -261,9 +304,13 @@ def _export(accelerator, raw: Autoencoder, ema: WeightsEMA | None, image_losses:
         export = exported(raw, ema)
         check_finite_weights(export)
         metrics = evaluate(export, eval_dataset, limit=config.eval_images, perceptual=image_losses.perceptual)
-        export.save_pretrained(folder, model_card_kwargs={"metrics": {k: round(v, 4) for k, v in metrics.items()}})
+        health = codebook_health(export)
+        metrics.update(health)
+        export.save_pretrained(folder, model_card_kwargs={"metrics": card_metrics(metrics)})
         image_losses.save(out / "discriminator")
         (out / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
         accelerator.print(format_table(metrics))
+        for warning in codebook_warnings(health, getattr(export.config, "bottleneck", None), config.max_steps):
+            logger.warning("exported %s with a warning: %s", folder, warning)
     accelerator.end_training()
     return folder

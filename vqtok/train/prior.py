@@ -7,7 +7,8 @@ held-out images (`eval_tokens`, or a seeded random 5% of the store's images, whi
 the unigram entropy of the training codes - what a model that ignores context would reach. Periodic evaluations
 use at most `eval_items` held-out images, the final one all of them.
 
-Artefacts under output_dir: config.yaml, metrics.jsonl (TensorBoard logs when installed), samples/step_XXXXXX.png
+Artefacts under output_dir: config.yaml, run_info.json (run_info.py), metrics.jsonl (and the logs of the trackers
+named in `log_with`), samples/step_XXXXXX.png
 (codes sampled from the prior and decoded by the store's tokenizer, one row per class for conditional priors),
 checkpoints/step_XXXXXX (see run_folder.RunFolder), and prior/ (save_pretrained: the prior, its tokenizer recorded as a
 Hub id@commit or copied into prior/tokenizer/, the held-out metrics in its model card).
@@ -19,6 +20,7 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.tracking import GeneralTracker
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
@@ -40,9 +43,11 @@ from vqtok.train.engine import (
     append_metrics,
     exported,
     finish_step,
+    log_images,
     log_metrics,
     make_accelerator,
     make_optimizer,
+    resolve_precision,
 )
 from vqtok.train.evaluate import format_table, save_image_grid
 from vqtok.train.run_folder import RunFolder
@@ -63,18 +68,21 @@ class PriorData:
 
 
 def train_prior(config: PriorTrainConfig, *, resume: bool = False, stop_at: int | None = None,
-                tokenizer: Autoencoder | None = None, overwrite: bool = False) -> Path | None:
+                tokenizer: Autoencoder | None = None, overwrite: bool = False,
+                trackers: Sequence[GeneralTracker] = ()) -> Path | None:
     """Run (or resume) a prior training run; returns the folder of the exported prior (None when `stop_at` ends it
     early with a checkpoint). `tokenizer` is needed only for stores made from an in-memory tokenizer. `resume`,
-    `overwrite` and signals as in `vqtok.train.train`."""
+    `overwrite`, `trackers` and signals as in `vqtok.train.train`."""
     with accelerate_run():
-        return _train_prior(config, resume=resume, stop_at=stop_at, tokenizer=tokenizer, overwrite=overwrite)
+        return _train_prior(config, resume=resume, stop_at=stop_at, tokenizer=tokenizer, overwrite=overwrite,
+                            trackers=trackers)
 
 
 def _train_prior(config: PriorTrainConfig, *, resume: bool, stop_at: int | None,
-                 tokenizer: Autoencoder | None, overwrite: bool) -> Path | None:
+                 tokenizer: Autoencoder | None, overwrite: bool, trackers: Sequence[GeneralTracker]) -> Path | None:
     out = Path(config.output_dir)
-    accelerator = make_accelerator(config, out)
+    accelerator = make_accelerator(config, out, trackers)
+    config = resolve_precision(config, accelerator)
     run = RunFolder(accelerator, config, "prior", resume=resume, overwrite=overwrite)
     data = open_data(config, tokenizer)
     prior_config = resolve_prior_config(config.prior, data)
@@ -287,9 +295,10 @@ def _evaluate(accelerator, raw: TransformerPrior, data: PriorData, config: Prior
         return
     bits = held_out_bits(raw, data.eval, data.eval_items[: config.eval_items], batch_size=_micro_batch(config, accelerator),
                          autocast=accelerator.autocast)
-    save_sample_grid(raw, data.tokenizer, config.num_samples, out / "samples" / f"step_{step:06d}.png")
+    grid = save_sample_grid(raw, data.tokenizer, config.num_samples, out / "samples" / f"step_{step:06d}.png")
     metrics = {"held_out_bits_per_code": bits, "unigram_bits_per_code": unigram}
     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+    log_images(accelerator, {"eval/samples": grid}, step)
     append_metrics(out, {"step": step, "split": "eval", **metrics})
 
 
@@ -303,9 +312,10 @@ def _export(accelerator, raw: TransformerPrior, ema: WeightsEMA | None, data: Pr
         bits = held_out_bits(export, data.eval, data.eval_items, batch_size=_micro_batch(config, accelerator),
                              autocast=accelerator.autocast)
         metrics = {"held_out_bits_per_code": bits, "unigram_bits_per_code": unigram,
-                   "held_out_images": float(len(data.eval_items)), "steps": float(config.max_steps),
-                   "processes": float(accelerator.num_processes)}
-        export.save_pretrained(folder, model_card_kwargs={"metrics": {k: round(v, 4) for k, v in metrics.items()}})
+                   "held_out_images": len(data.eval_items), "steps": config.max_steps,
+                   "processes": accelerator.num_processes}
+        export.save_pretrained(folder, model_card_kwargs={"metrics": {k: round(v, 4) if isinstance(v, float) else v
+                                                                      for k, v in metrics.items()}})
         save_sample_grid(export, data.tokenizer, config.num_samples, out / "samples" / "final.png")
         (out / "final_metrics.json").write_text(json.dumps(metrics, indent=2))
         accelerator.print(format_table(metrics))

@@ -37,7 +37,8 @@ from safetensors.torch import load_file, save_file
 
 from vqtok.config import RunConfig, save_yaml, to_dict
 from vqtok.files import staged, write_text_atomically
-from vqtok.train.engine import Counters, WeightsEMA
+from vqtok.train.engine import Counters, WeightsEMA, tracker_config
+from vqtok.train.run_info import RUN_INFO, run_record, write_run_info
 
 
 class RunFolderError(ValueError):
@@ -64,15 +65,16 @@ class TrainingInterrupted(KeyboardInterrupt):
 RUN_MARKER = ".vqtok-run.json"  # written by a run into its output_dir: {"kind": "tokenizer" | "prior"}
 # What a run writes into output_dir, by kind: what overwrite deletes (TensorBoard writes to vqtok/).
 RUN_ARTEFACTS: dict[str, tuple[str, ...]] = {
-    "tokenizer": ("config.yaml", "metrics.jsonl", "final_metrics.json", "samples", "checkpoints", "vqtok",
+    "tokenizer": ("config.yaml", RUN_INFO, "metrics.jsonl", "final_metrics.json", "samples", "checkpoints", "vqtok",
                   "tokenizer", "discriminator", RUN_MARKER),
-    "prior": ("config.yaml", "metrics.jsonl", "final_metrics.json", "samples", "checkpoints", "vqtok", "prior",
-              RUN_MARKER),
+    "prior": ("config.yaml", RUN_INFO, "metrics.jsonl", "final_metrics.json", "samples", "checkpoints", "vqtok",
+              "prior", RUN_MARKER),
 }
 # The config keys a resumed run may change: when and what it logs, evaluates and keeps, how it loads data, and where
-# its folder lies - none changes the weights it trains. Any other difference from the checkpoint's config is refused.
+# its folder lies, which trackers it logs to - none changes the weights it trains. Any other difference from the
+# checkpoint's config is refused.
 MAY_CHANGE_ON_RESUME = frozenset({"output_dir", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
-                                  "num_workers", "eval_images", "eval_items", "num_samples"})
+                                  "num_workers", "eval_images", "eval_items", "num_samples", "log_with"})
 CHECKPOINT_NAME = re.compile(r"step_(\d+)")
 STAGING = ".tmp-"  # checkpoints/step_XXXXXX.tmp-save: a checkpoint being written, renamed into place when complete
 
@@ -88,14 +90,18 @@ class Checkpoint:
 
 class RunFolder:
     """One run's output_dir: checked when the run is set up, claimed when it starts, its checkpoints saved and
-    restored (see the module docstring). `kind` is 'tokenizer' or 'prior'."""
+    restored (see the module docstring). `kind` is 'tokenizer' or 'prior'. `data` describes a user's dataset that
+    replaces config.data (None: the config's data): recorded in run_info.json and the checkpoints, and a resume must
+    be given the same."""
 
-    def __init__(self, accelerator: Accelerator, config: RunConfig, kind: str, *, resume: bool, overwrite: bool):
+    def __init__(self, accelerator: Accelerator, config: RunConfig, kind: str, *, resume: bool, overwrite: bool,
+                 data: str | None = None):
         if resume and overwrite:
             raise ValueError("resume and overwrite contradict each other: resume continues the run in output_dir, "
                              "overwrite deletes it")
-        self.accelerator, self.config, self.kind = accelerator, config, kind
+        self.accelerator, self.config, self.kind, self.data = accelerator, config, kind, data
         self.resume, self.overwrite = resume, overwrite
+        self.start_step = 0  # the step this start of the run begins at (set by `restore`)
         self.out = Path(config.output_dir)
         self.checkpoints = self.out / "checkpoints"
         self.earlier = self._check_folder()  # the kind of the vqtok run already in output_dir, if any
@@ -147,6 +153,12 @@ class RunFolder:
         return complete
 
     def _check_config(self, checkpoint: Checkpoint) -> None:
+        saved_data = checkpoint.state.get("data")
+        if saved_data != self.data:
+            given = f"given {self.data}" if self.data else "given none (config.data)"
+            trained = f"was trained on a {saved_data}" if saved_data else "was trained on config.data"
+            raise RunFolderError(f"cannot resume from {checkpoint.path}: it {trained}, but this run is {given}; "
+                                 "resume with the same data (train(config, dataset=...) for a user dataset)")
         if checkpoint.state["config_sha256"] == config_sha256(self.config):
             return
         saved = json.loads((checkpoint.path / "config.json").read_text())
@@ -160,7 +172,8 @@ class RunFolder:
 
     def start(self) -> None:
         """Delete the earlier run's artefacts (overwrite), mark output_dir as this run's, write config.yaml - the
-        config in force - and start the trackers."""
+        config in force - and run_info.json (a record appended on resume), and start the trackers with the
+        hyperparameters."""
         accelerator = self.accelerator
         accelerator.wait_for_everyone()  # every process checked the folder before it changes
         if accelerator.is_main_process:
@@ -171,8 +184,15 @@ class RunFolder:
                 write_text_atomically(self.out / RUN_MARKER, json.dumps({"kind": self.kind}) + "\n")
             with staged(self.out / "config.yaml") as tmp:
                 save_yaml(self.config, tmp)
+                if self.data:
+                    text = Path(tmp).read_text()
+                    Path(tmp).write_text(f"# data: a {self.data}, given to train(config, dataset=...); the data "
+                                         "section below was not used\n" + text)
+            write_run_info(self.out, run_record(accelerator, self.config.mixed_precision, start_step=self.start_step,
+                                                data=self.data), resumed=self.resume)
         accelerator.wait_for_everyone()
-        accelerator.init_trackers("vqtok")
+        extra = {"data": self.data} if self.data else {}
+        accelerator.init_trackers("vqtok", config=tracker_config(self.config, **extra))
 
     def _remove_earlier_run(self) -> None:
         removed = []
@@ -207,6 +227,7 @@ class RunFolder:
                 continue
             self._truncate_metrics(checkpoint.step)
             self.accelerator.print(f"resumed from {checkpoint.path} at step {checkpoint.step}")
+            self.start_step = checkpoint.step
             state = checkpoint.state
             return Counters(checkpoint.step, int(state["skipped_total"]), int(state["consecutive_skips"])), transient
         if self.candidates:
@@ -278,7 +299,7 @@ class RunFolder:
             files[file.relative_to(staging).as_posix()] = file.stat().st_size
         state = {"step": counters.step, "skipped_total": counters.skipped_total,
                  "consecutive_skips": counters.consecutive_skips, "world_size": self.accelerator.num_processes,
-                 "config_sha256": config_sha256(self.config), "files": files}
+                 "config_sha256": config_sha256(self.config), "data": self.data, "files": files}
         write_text_atomically(staging / "train_state.json", json.dumps(state, indent=1) + "\n")
         _fsync_folder(staging)
         if final.exists():  # a damaged checkpoint of this step that the resume skipped: replaced

@@ -513,6 +513,7 @@ def test_a_folder_of_photos_with_an_unreadable_file_is_evaluated_and_encoded_wit
     --skip-unreadable, eval and encode (in a data loader worker too) name the file and the flag; with it, both
     count the two photos, resized and cropped to the tokenizer's 16x16."""
     from tests.test_data import write_photos
+    from tests.test_token_store import make_tokenizer
 
     photos = tmp_path / "photos"
     write_photos(photos)
@@ -525,6 +526,8 @@ def test_a_folder_of_photos_with_an_unreadable_file_is_evaluated_and_encoded_wit
     assert "data.skip_unreadable" not in line
     assert main(["eval", tok, "--data", str(photos), "--skip-unreadable", "--out", str(tmp_path / "m.json")]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["images"] == 2
+    old = make_tokenizer(tmp_path / "old", VQConfig(codebook_size=16, dim=4, kmeans_init=False))  # resize, no crop
+    assert main(["eval", str(old), "--data", str(photos), "--skip-unreadable", "--batch-size", "1"]) == 0  # 16x20
     capsys.readouterr()
     assert main(["encode", "--tokenizer", tok, "--data", str(photos), "--skip-unreadable", "--out",
                  str(tmp_path / "store"), "--num-workers", "0"]) == 0

@@ -309,6 +309,12 @@ def test_old_config_json_files_keep_their_preprocessing(tmp_path):
         else:  # resized to 16x21 as it was, then its 20 central columns (torchvision's centre: offset round(0.5) = 0)
             resized = resize_and_crop(images, 16, None)
             assert resized.shape[-2:] == (16, 21) and torch.equal(tok.postprocess(x), resized[..., :, 0:20])
+    photo = write_photos(tmp_path / "photos")["wide.png"]  # 64x48: a store holds the codes of what preprocess gives
+    (tmp_path / "photos" / "tall.jpg").unlink()
+    store = TokenDataset(encode_dataset(tok, DataConfig(source="folder", path=str(tmp_path / "photos")),
+                                        tmp_path / "store", num_workers=0, progress=False))
+    with Image.open(photo) as image:
+        assert store.grid == (8, 10) and torch.equal(store[0][0], tok.encode(tok.preprocess(image))[0])
 
 
 def test_real_jpeg_and_png_files_are_resized_and_centre_cropped_as_pil_does(tmp_path):
@@ -369,3 +375,15 @@ def test_a_model_of_one_size_refuses_in_preprocess_what_it_cannot_encode():
     with pytest.raises(ValueError, match=r"preprocess \(config.preprocess: resize 16, crop None\) cannot make 48x64 "
                                          r"images into a size this model encodes: .* 16x16, got 16x21"):
         model.preprocess(torch.zeros(1, 1, 48, 64, dtype=torch.uint8))
+
+
+def test_a_converted_checkpoint_neither_resizes_nor_crops():
+    """Another library's VAE (diffusers' AutoencoderKL with its defaults: sample_size 32) encodes images of any size:
+    its converted config records no resize and no crop, whatever the new default for vqtok's own models."""
+    from vqtok.pretrained.configs import diffusers_config
+
+    config = diffusers_config({"_class_name": "AutoencoderKL"}, where="config.json")
+    assert config.resolution == 32 and config.preprocess == PreprocessConfig(resize=None, crop=None)
+    images = torch.randint(0, 256, (1, 3, 40, 50), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tok = vqtok.Autoencoder(config)
+    assert torch.equal(tok.postprocess(tok.preprocess(images)), images)

@@ -139,7 +139,7 @@ def test_a_full_disk_is_one_line(capsys, folders, tmp_path):
     full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out))
     with mock.patch("vqtok.cli._save_grid", side_effect=full):
         fails(capsys, ["sample", "--prior", folders["prior"], "--n", "2", "--out", out, "--codes", tmp_path / "c.npy"],
-              "sample", f"No space left on device: {out}")
+              "sample", f"No space left on device: {out}", only_line=False)  # after the progress bar
     assert sorted(os.listdir(tmp_path)) == []  # the codes file was staged, and removed with the failure
 
 
@@ -284,7 +284,8 @@ def test_a_decompression_bomb_is_an_unreadable_image(capsys, folders, tmp_path):
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(images / "a.png")
     png_header(images / "b.png", 20_000, 20_000)
     fails(capsys, ["eval", folders["tok"], "--data", f"folder:{images}"], "eval",
-          f"cannot read image {images / 'b.png'}", "decompression bomb", "skip_unreadable")
+          f"cannot read image {images / 'b.png'}", "decompression bomb", "rerun with --skip-unreadable",
+          only_line=False)  # after the progress bar
 
 
 def test_a_broken_link_is_an_unreadable_image(capsys, folders, tmp_path):
@@ -293,7 +294,8 @@ def test_a_broken_link_is_an_unreadable_image(capsys, folders, tmp_path):
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(images / "a.png")
     (images / "b.png").symlink_to(tmp_path / "gone.png")
     fails(capsys, ["eval", folders["tok"], "--data", f"folder:{images}"], "eval",
-          f"cannot read image {images / 'b.png'}: a broken symbolic link (to {tmp_path / 'gone.png'})")
+          f"cannot read image {images / 'b.png'}: a broken symbolic link (to {tmp_path / 'gone.png'})",
+          only_line=False)
 
 
 # ---- sampling many images -------------------------------------------------------------------------------------------
@@ -455,7 +457,7 @@ def test_eval_passes_the_window_the_binarization_and_the_bound_on(capsys, folder
     assert main([*base, "--offset", "290", "--binarize", "5", "--iwae", "50"]) == 0
     model, dataset, kwargs = calls.pop()
     assert isinstance(model, vqtok.HierarchicalVAE)
-    assert kwargs == {"batch_size": 8, "perceptual": None, "iwae": 50}  # evaluate's own iwae_batch
+    assert kwargs == {"batch_size": 8, "perceptual": None, "iwae": 50, "progress": True}  # evaluate's iwae_batch
     assert len(dataset) == 7 and dataset.source.first == 290 and dataset.binarize_seed == 5  # 297 test digits
     assert main([*base, "--split", "train", "--limit", "3", "--iwae", "2", "--iwae-batch", "64"]) == 0
     model, dataset, kwargs = calls.pop()
@@ -484,3 +486,69 @@ def test_encode_records_the_window_and_the_binarization(folders, tmp_path):
     assert data == {**data, "offset": 10, "limit": 3, "binarize": "once", "binarize_seed": 9}
     assert vqtok.cli.parse_data_spec("digits", "test", 3, offset=10, binarize_seed=9) == DataConfig(
         source="digits", split="test", limit=3, offset=10, binarize="once", binarize_seed=9)
+
+
+# ---- folders of real images: a bare directory, unreadable files skipped by a flag; progress of eval and sample ------
+
+
+def test_a_directory_given_as_data_is_an_image_folder(tmp_path, monkeypatch):
+    from vqtok.cli import parse_data_spec
+    from vqtok.config import ConfigError
+
+    (tmp_path / "photos").mkdir()
+    assert parse_data_spec(str(tmp_path / "photos")) == DataConfig(source="folder", path=str(tmp_path / "photos"))
+    assert parse_data_spec(f"folder:{tmp_path}") == DataConfig(source="folder", path=str(tmp_path))  # still
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "digits").mkdir()
+    assert parse_data_spec("digits") == DataConfig(source="digits")  # the explicit forms first: ./digits for the folder
+    assert parse_data_spec("./digits", skip_unreadable=True) == DataConfig(source="folder", path="./digits",
+                                                                           skip_unreadable=True)
+    with pytest.raises(ConfigError, match="--data 'photo': not a directory, nor one of digits, folder:PATH"):
+        parse_data_spec("photo")
+
+
+def test_a_folder_of_photos_with_an_unreadable_file_is_evaluated_and_encoded_with_skip_unreadable(capsys, folders,
+                                                                                                  tmp_path):
+    """The issue's folder: a 65x74 JPEG, a 64x48 PNG and a file that is no image, given as a bare directory. Without
+    --skip-unreadable, eval and encode (in a data loader worker too) name the file and the flag; with it, both
+    count the two photos, resized and cropped to the tokenizer's 16x16."""
+    from tests.test_data import write_photos
+    from tests.test_token_store import make_tokenizer
+
+    photos = tmp_path / "photos"
+    write_photos(photos)
+    (photos / "notes.png").write_text("not an image")
+    tok = str(folders["tok"])
+    fails(capsys, ["eval", tok, "--data", photos], "eval", f"cannot read image {photos / 'notes.png'}",
+          "rerun with --skip-unreadable to skip and count such files", only_line=False)
+    line = fails(capsys, ["encode", "--tokenizer", tok, "--data", photos, "--out", tmp_path / "s", "--num-workers",
+                          "1"], "encode", "notes.png", "rerun with --skip-unreadable", only_line=False)
+    assert "data.skip_unreadable" not in line
+    assert main(["eval", tok, "--data", str(photos), "--skip-unreadable", "--out", str(tmp_path / "m.json")]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["images"] == 2
+    old = make_tokenizer(tmp_path / "old", VQConfig(codebook_size=16, dim=4, kmeans_init=False))  # resize, no crop
+    assert main(["eval", str(old), "--data", str(photos), "--skip-unreadable", "--batch-size", "1"]) == 0  # 16x20
+    capsys.readouterr()
+    assert main(["encode", "--tokenizer", tok, "--data", str(photos), "--skip-unreadable", "--out",
+                 str(tmp_path / "store"), "--num-workers", "0"]) == 0
+    manifest = json.loads((tmp_path / "store" / "manifest.json").read_text())
+    assert manifest["num_items"] == 2 and manifest["image_shape"] == [1, 16, 16] and manifest["grid"] == [8, 8]
+    assert manifest["args"]["data"]["skip_unreadable"] is True and manifest["args"]["data"]["source"] == "folder"
+    capsys.readouterr()
+    fails(capsys, ["eval", tok, "--data", "digits", "--skip-unreadable"], "eval",
+          "skip_unreadable skips image files that cannot be decoded: it applies to source 'folder' only")
+
+
+def test_eval_and_sample_show_progress_on_stderr_and_keep_their_output(capsys, folders, tmp_path):
+    from vqtok.train.evaluate import format_table
+
+    assert main(["eval", str(folders["tok"]), "--data", "digits", "--limit", "12", "--batch-size", "5",
+                 "--out", str(tmp_path / "m.json")]) == 0
+    captured = capsys.readouterr()
+    assert "eval: 100%" in captured.err and "12/12" in captured.err
+    assert captured.out == format_table(json.loads((tmp_path / "m.json").read_text())) + "\n"  # the table alone
+    assert main(["sample", "--prior", str(folders["prior"]), "--n", "3", "--batch-size", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "g.png")]) == 0
+    captured = capsys.readouterr()
+    assert "sample: 100%" in captured.err and "3/3" in captured.err
+    assert captured.out == f"sampled 3 images; wrote {tmp_path / 'g.png'}\n"

@@ -22,12 +22,12 @@ from vqtok.config import ConfigError, DataConfig, PreprocessConfig, TrainConfig,
 from vqtok.data import TokenDataset, TokenStoreError, build_dataset, encode_dataset
 from vqtok.data.sources import BINARIZE_STREAM, binarize, dynamic_binarize
 from vqtok.data.token_store import input_identity
-from vqtok.images import uint8_to_range
+from vqtok.images import resize_and_crop, uint8_to_range
 from vqtok.seeds import keyed_seed
 
 
 def dataset(config: DataConfig, size: int | None = None):
-    return build_dataset(config, channels=1, preprocess=PreprocessConfig(), size=size)
+    return build_dataset(config, channels=1, preprocess=PreprocessConfig(resize=None, crop=None), size=size)
 
 
 def items(data) -> tuple[np.ndarray, list[int]]:
@@ -75,7 +75,8 @@ def test_offset_and_limit_give_the_source_images_from_offset_on(tmp_path, kind):
 def test_an_image_of_the_wrong_size_is_named_by_its_index_in_the_source(tmp_path):
     images = grey_images()[0]
     config = DataConfig(source="idx", path=str(write_idx(tmp_path / "i.idx", images)), offset=5, limit=3)
-    with pytest.raises(ValueError, match=r"i\.idx image 6 is 8x8 after preprocessing, the model trains on 16x16"):
+    with pytest.raises(ValueError, match=r"i\.idx image 6 is 8x8 after preprocessing \(resize None, crop None\), "
+                                         r"the model trains on 16x16"):
         dataset(config, size=16)[1]
 
 
@@ -244,3 +245,145 @@ def test_a_store_of_a_window_hashes_the_windows_images_and_records_offset_and_bi
     with pytest.raises(TokenStoreError, match="a store encodes a fixed set: use binarize 'once'"):
         encode(tokenizer, DataConfig(**{**window.__dict__, "binarize": "dynamic"}), tmp_path / "dynamic")
     assert not (tmp_path / "dynamic").exists()
+
+
+# ---- images of any size: resized and centre-cropped to the model's resolution by default ---------------------------
+
+
+def write_photos(folder: Path) -> dict[str, Path]:
+    """Real image files of awkward sizes (width x height): a 65x74 JPEG and a 64x48 PNG, RGB, smooth like photos."""
+    from PIL import ImageFilter
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    paths = {}
+    for name, (width, height) in {"tall.jpg": (65, 74), "wide.png": (64, 48)}.items():
+        noise = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        paths[name] = folder / name
+        noise.filter(ImageFilter.GaussianBlur(2)).save(paths[name])
+    return paths
+
+
+def pil_resize_and_crop(image: Image.Image, size: int) -> np.ndarray:
+    """The reference: PIL's bicubic resize (antialiased when shrinking) of the shorter side to `size` (the longer one
+    truncated, as torchvision does), then the centre size x size by hand, torchvision's rounding of the offsets."""
+    width, height = image.size
+    new = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
+    resized = np.asarray(image.convert("RGB").resize(new, Image.BICUBIC))
+    top, left = round((new[1] - size) / 2), round((new[0] - size) / 2)
+    return resized[top : top + size, left : left + size]
+
+
+def test_a_new_model_resizes_and_crops_to_its_resolution_and_config_json_records_it(tmp_path):
+    from tests.conftest import tiny_config
+    from vqtok.config import AutoencoderConfig
+    from vqtok.models import HierarchicalVAEConfig
+
+    config = tiny_config(VQConfig(codebook_size=16, dim=4))  # no preprocess given
+    assert config.preprocess == PreprocessConfig(resize=16, crop=16)
+    assert HierarchicalVAEConfig(resolution=8, scales=(4, 2)).preprocess == PreprocessConfig(resize=8, crop=8)
+    partial = from_dict(AutoencoderConfig, {"resolution": 16, "channel_mult": [1, 2], "preprocess": {"resize": 20}})
+    assert partial.preprocess == PreprocessConfig(resize=20, crop=16)  # the crop left out: the resolution
+    vqtok.Autoencoder(config).save_pretrained(tmp_path / "tok")
+    saved = json.loads((tmp_path / "tok" / "config.json").read_text())
+    assert saved["preprocess"] == {"resize": 16, "crop": 16}  # the numbers, whatever later defaults
+
+
+def test_old_config_json_files_keep_their_preprocessing(tmp_path):
+    """A config.json of older vqtok records its preprocessing (null for a step it did not do): loaded, it does
+    exactly that, where a new one would resize and crop. Without a crop, the sides are trimmed to multiples of the
+    downsampling factor (here 2), so that what preprocess gives is always a size encode takes."""
+    from tests.conftest import tiny_config
+
+    vqtok.Autoencoder(tiny_config(VQConfig(codebook_size=16, dim=4))).save_pretrained(tmp_path / "tok")
+    images = torch.randint(0, 256, (1, 3, 48, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for preprocess, shape in [({"resize": None, "crop": None}, (48, 64)), ({"resize": 16, "crop": None}, (16, 20))]:
+        config = json.loads((tmp_path / "tok" / "config.json").read_text())
+        (tmp_path / "tok" / "config.json").write_text(json.dumps({**config, "preprocess": preprocess}))
+        tok = vqtok.load(tmp_path / "tok")
+        assert tok.config.preprocess == PreprocessConfig(**preprocess)
+        x = tok.preprocess(images)
+        assert x.shape[-2:] == shape and tok.encode(x).shape == (1, shape[0] // 2, shape[1] // 2)
+        if preprocess["resize"] is None:  # as it was: the image itself
+            assert torch.equal(tok.postprocess(x), images)
+        else:  # resized to 16x21 as it was, then its 20 central columns (torchvision's centre: offset round(0.5) = 0)
+            resized = resize_and_crop(images, 16, None)
+            assert resized.shape[-2:] == (16, 21) and torch.equal(tok.postprocess(x), resized[..., :, 0:20])
+    photo = write_photos(tmp_path / "photos")["wide.png"]  # 64x48: a store holds the codes of what preprocess gives
+    (tmp_path / "photos" / "tall.jpg").unlink()
+    store = TokenDataset(encode_dataset(tok, DataConfig(source="folder", path=str(tmp_path / "photos")),
+                                        tmp_path / "store", num_workers=0, progress=False))
+    with Image.open(photo) as image:
+        assert store.grid == (8, 10) and torch.equal(store[0][0], tok.encode(tok.preprocess(image))[0])
+
+
+def test_real_jpeg_and_png_files_are_resized_and_centre_cropped_as_pil_does(tmp_path):
+    """The issue's images: a 65x74 JPEG and a 64x48 PNG become the 16x16 a default model trains at, within one grey
+    level of PIL's own resize and a centre crop by hand; the dataset a training run reads gives the same pixels as
+    `preprocess`, and encode takes them."""
+    from tests.conftest import tiny_config
+
+    paths = write_photos(tmp_path / "photos")
+    tok = vqtok.Autoencoder(tiny_config(VQConfig(codebook_size=16, dim=4))).eval()
+    data = build_dataset(DataConfig(source="folder", path=str(tmp_path / "photos")), channels=3,
+                         preprocess=tok.config.preprocess, size=tok.config.resolution)  # what training reads
+    for i, path in enumerate(sorted(paths.values())):
+        with Image.open(path) as image:
+            x = tok.preprocess(image)
+            reference = pil_resize_and_crop(image, 16)
+        got = tok.postprocess(x)[0].permute(1, 2, 0).numpy()
+        assert got.shape == (16, 16, 3) and np.abs(got.astype(int) - reference).max() <= 1, path
+        assert torch.equal(data[i][0], tok.postprocess(x)[0])
+        assert tok.encode(x).shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("model, preprocess, message", [
+    ("vq", {"crop": 15}, r"preprocess.crop \(15\) makes every image 15x15, which encode refuses: sides must be "
+                         r"multiples of the downsampling factor 2"),
+    ("vq", {"resize": 17, "crop": None}, r"preprocess.resize \(17\) makes every image's shorter side 17 "
+                                         r"\(preprocess.crop is null\), which encode refuses"),
+    ("vq", {"resize": 12}, r"preprocess.resize \(12\) is below the model's resolution 16, which preprocess.crop "
+                           r"\(not given\) defaults to: set crop to at most 12, or null for no crop"),
+    ("vq", {"resize": 12, "crop": 14}, r"preprocess.crop \(14\) must not exceed resize \(12\)"),
+    ("hvae", {"crop": 4}, r"preprocess.crop \(4\) makes every image 4x4, but this model takes images of its "
+                          r"resolution 8 only"),
+    ("hvae", {"resize": 16, "crop": None}, r"preprocess.resize \(16\) makes every image's shorter side 16"),
+])
+def test_preprocessing_that_gives_sizes_encode_refuses_is_a_config_error(model, preprocess, message):
+    from vqtok.config import AutoencoderConfig
+    from vqtok.models import HierarchicalVAEConfig
+
+    cls, base = ((AutoencoderConfig, {"resolution": 16, "channel_mult": [1, 2]}) if model == "vq"
+                 else (HierarchicalVAEConfig, {"resolution": 8, "scales": [4, 2]}))
+    with pytest.raises(ConfigError, match=f"c.json: {message}"):
+        from_dict(cls, {**base, "preprocess": preprocess}, source="c.json")
+    kind = {"kind": "hierarchical_vae"} if model == "hvae" else {}
+    train = {"model": {**base, **kind, "preprocess": preprocess}, "loss": "bernoulli" if kind else "mse"}
+    with pytest.raises(ConfigError, match=f"c.yaml: model.{message}"):  # as a training config names it
+        from_dict(TrainConfig, train, source="c.yaml")
+
+
+def test_a_model_of_one_size_refuses_in_preprocess_what_it_cannot_encode():
+    """A hierarchical VAE takes its resolution only: an old-style config without a crop gets a non-square image to
+    16x21, and preprocess says so (naming its config) rather than handing encode a size it refuses."""
+    from vqtok.models import HierarchicalVAE, HierarchicalVAEConfig
+
+    model = HierarchicalVAE(HierarchicalVAEConfig(
+        in_channels=1, resolution=16, scales=(4, 2), groups_per_scale=(1, 1), latent_channels=2, width=8,
+        encoder_cells=1, cells_per_group=1, preprocess=PreprocessConfig(resize=16, crop=None)))
+    assert model.preprocess(torch.zeros(1, 1, 40, 40, dtype=torch.uint8)).shape == (1, 1, 16, 16)  # square: fine
+    with pytest.raises(ValueError, match=r"preprocess \(config.preprocess: resize 16, crop None\) cannot make 48x64 "
+                                         r"images into a size this model encodes: .* 16x16, got 16x21"):
+        model.preprocess(torch.zeros(1, 1, 48, 64, dtype=torch.uint8))
+
+
+def test_a_converted_checkpoint_neither_resizes_nor_crops():
+    """Another library's VAE (diffusers' AutoencoderKL with its defaults: sample_size 32) encodes images of any size:
+    its converted config records no resize and no crop, whatever the new default for vqtok's own models."""
+    from vqtok.pretrained.configs import diffusers_config
+
+    config = diffusers_config({"_class_name": "AutoencoderKL"}, where="config.json")
+    assert config.resolution == 32 and config.preprocess == PreprocessConfig(resize=None, crop=None)
+    images = torch.randint(0, 256, (1, 3, 40, 50), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    tok = vqtok.Autoencoder(config)
+    assert torch.equal(tok.postprocess(tok.preprocess(images)), images)

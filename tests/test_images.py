@@ -80,7 +80,7 @@ def test_a_bomb_or_a_broken_link_is_an_unreadable_image(tmp_path, bad):
 
     def build(skip: bool):
         config = DataConfig(source="folder", path=str(tmp_path), skip_unreadable=skip)
-        return build_dataset(config, channels=1, preprocess=PreprocessConfig(), size=None)
+        return build_dataset(config, channels=1, preprocess=PreprocessConfig(resize=None, crop=None), size=None)
 
     skipping = build(True)
     assert skipping.skipped == 1 and [p.name for p in skipping.source.files] == ["a.png", "c.png"]

@@ -6,6 +6,7 @@ hierarchical VAE's store (one latent array per group)."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +24,7 @@ import vqtok.cli
 from tests.conftest import tiny_config
 from tests.test_hub import _hub_cache
 from vqtok.config import (
+    ConfigError,
     DataConfig,
     GaussianConfig,
     PreprocessConfig,
@@ -32,6 +34,7 @@ from vqtok.config import (
     save_yaml,
 )
 from vqtok.data import TokenDataset, TokenStoreError, build_dataset, encode_dataset
+from vqtok.hub import weights_sha256
 from vqtok.models import HierarchicalVAEConfig
 from vqtok.train.prior import open_data
 
@@ -41,7 +44,8 @@ ENCODE_FLAGS = ["--data", "digits", "--limit", "1200", "--shard-size", "100", "-
 
 def make_tokenizer(path: Path, bottleneck, seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    config = tiny_config(bottleneck, in_channels=1, base_channels=16, preprocess=PreprocessConfig(resize=16))
+    # resize without a crop (explicitly: a crop is the default), so that images of other shapes stay other shapes
+    config = tiny_config(bottleneck, in_channels=1, base_channels=16, preprocess=PreprocessConfig(resize=16, crop=None))
     vqtok.Autoencoder(config).save_pretrained(path)
     return path
 
@@ -83,7 +87,7 @@ def test_layout_and_manifest(reference_store, tokenizer_dir):
     assert len(ds) == 1200
     codes, label = ds[1199]
     assert codes.dtype == torch.long and codes.shape == (8, 8) and label == build_dataset(
-        DataConfig(limit=1200), channels=1, preprocess=PreprocessConfig(resize=16), size=None)[1199][1]
+        DataConfig(limit=1200), channels=1, preprocess=PreprocessConfig(resize=16, crop=None), size=None)[1199][1]
 
 
 def test_sigkill_at_several_points_then_resume_is_byte_identical(reference_store, tokenizer_dir, tmp_path):
@@ -733,3 +737,77 @@ def test_hierarchical_store_loads_its_tokenizer_decodes_and_is_refused_by_a_prio
     with pytest.raises(TokenStoreError, match=r"holds continuous latents \(a Gaussian tokenizer or hierarchical VAE\); "
                                               r"a prior needs codes"):
         open_data(prior_config(hvae_store, tmp_path / "run"), None)
+
+
+# ---- where the tokenizer is: relative to the store, moved, pointed at ------------------------------------------------
+
+
+def small_store(tok: Path, out: Path) -> Path:
+    return encode_dataset(str(tok), DataConfig(limit=40), out, shard_size=20, batch_size=20, num_workers=0,
+                          progress=False)
+
+
+def test_a_store_moved_together_with_its_tokenizer_still_finds_it(tmp_path):
+    """The store records its tokenizer's folder relative to itself (and absolutely, for older vqtok and as a
+    fallback): moved together, or the store alone, it still finds it; a store of older vqtok (an absolute path
+    only) too. Every time the weights found are checked against the record."""
+    tok = make_tokenizer(tmp_path / "a" / "tok", VQConfig(codebook_size=16, dim=4, kmeans_init=False))
+    store = small_store(tok, tmp_path / "a" / "stores" / "digits")
+    identity = TokenDataset(store).tokenizer_identity
+    assert identity["source"] == str(tok.resolve()) and identity["source_relative"] == "../../tok"
+    edit_manifest(store, lambda m: m["args"]["tokenizer"].pop("source_relative"))  # as older vqtok wrote it
+    small_store(tok, store)  # re-run (resume) by this vqtok: the same arguments
+    expected = weights_sha256(vqtok.load(tok))
+    (tmp_path / "a").rename(tmp_path / "b")  # store and tokenizer together: the absolute path is gone
+    moved = tmp_path / "b" / "stores" / "digits"
+    assert weights_sha256(TokenDataset(moved).load_tokenizer()) == expected
+    (tmp_path / "b" / "stores").rename(tmp_path / "stores")  # the store alone: the relative path leads nowhere
+    (tmp_path / "b").rename(tmp_path / "a")  # ... and the tokenizer back where the record's absolute path says
+    alone = tmp_path / "stores" / "digits"
+    assert weights_sha256(TokenDataset(alone).load_tokenizer()) == expected
+    edit_manifest(alone, lambda m: m["tokenizer"].pop("source_relative"))  # as older vqtok wrote it
+    assert weights_sha256(TokenDataset(alone).load_tokenizer()) == expected
+    (tmp_path / "a").rename(tmp_path / "c")
+    with pytest.raises(TokenStoreError, match=rf"is not at {tok.resolve()}; if its folder moved, say where"):
+        TokenDataset(alone).load_tokenizer()
+
+
+def test_a_moved_tokenizer_is_named_with_its_hash_and_can_be_pointed_at(tmp_path, capsys):
+    """Its folder moved: the error names where the store looked and the weights' sha256, and how to say where it is
+    now; `tokenizer:` (or train-prior --tokenizer) points at it - a tokenizer with other weights is refused, both
+    hashes shown -, and a resumed run may point at yet another place."""
+    tok = make_tokenizer(tmp_path / "tok", VQConfig(codebook_size=16, dim=4, kmeans_init=False))
+    expected = weights_sha256(vqtok.load(tok))
+    store = small_store(tok, tmp_path / "store")
+    tok.rename(tmp_path / "moved")
+    moved = tmp_path / "moved"
+    with pytest.raises(TokenStoreError, match=(
+            rf"{store}: the tokenizer that made this store \(weights sha256 {expected}\) is not at \.\./tok from the "
+            rf"store \({tok.resolve()}\) nor at {tok.resolve()}; if its folder moved, say where: `tokenizer: PATH` in "
+            r"the prior's config \(vqtok train-prior --tokenizer PATH\)")):
+        TokenDataset(store).load_tokenizer()
+    assert weights_sha256(TokenDataset(store).load_tokenizer(moved)) == expected
+    other = make_tokenizer(tmp_path / "other", VQConfig(codebook_size=16, dim=4, kmeans_init=False), seed=1)
+    wrong = weights_sha256(vqtok.load(other))
+    refusal = (f"{store}: encoded by a tokenizer with weights sha256 {expected}, not {other} (weights sha256 "
+               f"{wrong})")
+    with pytest.raises(TokenStoreError, match=re.escape(refusal)):
+        TokenDataset(store).load_tokenizer(other)
+
+    save_yaml(prior_config(store, tmp_path / "run", max_steps=2), tmp_path / "prior.yaml")
+    prior_yaml = str(tmp_path / "prior.yaml")
+    assert vqtok.cli.main(["train-prior", prior_yaml]) == 1
+    assert f"(weights sha256 {expected}) is not at ../tok" in capsys.readouterr().err
+    assert vqtok.cli.main(["train-prior", prior_yaml, "--tokenizer", str(other)]) == 1
+    assert refusal in capsys.readouterr().err
+    assert vqtok.cli.main(["train-prior", prior_yaml, "--tokenizer", str(moved), "--set", f"tokenizer={moved}"]) == 1
+    assert "--tokenizer and --set tokenizer=... both given" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert vqtok.cli.main(["train-prior", prior_yaml, "--tokenizer", str(moved), "--stop-at", "1"]) == 0
+    moved.rename(tmp_path / "again")
+    assert vqtok.cli.main(["train-prior", prior_yaml, "--resume", "--set", f"tokenizer={tmp_path / 'again'}"]) == 0
+    prior = vqtok.load(tmp_path / "run" / "prior")
+    assert weights_sha256(prior.load_tokenizer()) == expected  # the copy in prior/tokenizer
+    with pytest.raises(ConfigError, match="tokenizer is set in the config .* and a tokenizer was passed"):
+        open_data(prior_config(store, tmp_path / "x", tokenizer=str(tmp_path / "again")),
+                  vqtok.load(tmp_path / "again"))

@@ -17,6 +17,8 @@ from vqtok.version import __version__
 MAX_GRID_IMAGES = 1024  # a PNG grid shows at most this many images (sample: the first ones; decode: --n)
 SAMPLE_BATCH = 64  # vqtok sample's default batch: codes sampled, decoded and written this many at a time
 DECODE_BATCH = 256  # codes decoded at once
+DATA_HELP = ("the images: digits (built in) | DIR or folder:PATH (an image folder; class sub-folders give labels) | "
+             "idx:IMAGES[,LABELS] | amat:PATH | torchvision:NAME:ROOT")
 PRIOR_ONLY = {"label": "--class", "top_k": "--top-k", "top_p": "--top-p", "cfg_scale": "--cfg-scale",
               "tokenizer": "--tokenizer", "codes": "--codes"}  # vqtok sample's options for a transformer prior
 
@@ -41,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(train_prior, "a PriorTrainConfig", "prior.n_layer=4")
     train_prior.add_argument("--verify", action="store_true",
                              help="check every token store file's sha256 before training (verify_tokens: true)")
+    train_prior.add_argument("--tokenizer", default=None, metavar="PATH",
+                             help="where the token store's tokenizer is now, if its folder moved (a folder or Hub "
+                             "id; its weights must be the ones the store records; tokenizer: PATH in the config)")
     train_prior.set_defaults(run=_train_prior)
 
     sample = commands.add_parser(
@@ -76,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="PSNR, SSIM and codebook usage of a tokenizer on a dataset")
     evaluate.add_argument("tokenizer", help="local folder or Hub repo id[@revision]")
-    evaluate.add_argument("--data", required=True, help="digits | folder:PATH | idx:IMAGES[,LABELS] | amat:PATH | torchvision:NAME:ROOT")
+    evaluate.add_argument("--data", required=True, help=DATA_HELP)
     evaluate.add_argument("--split", choices=["train", "test"], default="test")
     evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N images only")
     _window_options(evaluate)
@@ -94,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     encode = commands.add_parser("encode", help="encode a dataset into a token store (resumable, multi-process)")
     encode.add_argument("--tokenizer", required=True, help="local folder or Hub repo id[@revision]")
-    encode.add_argument("--data", required=True, help="digits | folder:PATH | idx:IMAGES[,LABELS] | amat:PATH | torchvision:NAME:ROOT")
+    encode.add_argument("--data", required=True, help=DATA_HELP)
     encode.add_argument("--split", choices=["train", "test"], default="train")
     encode.add_argument("--out", required=True, help="the store folder (re-run with the same arguments to resume)")
     encode.add_argument("--batch-size", type=positive_int, default=256)
@@ -307,7 +312,11 @@ def _split_revision(name: str) -> tuple[str, str | None]:
 
 
 def _window_options(parser: argparse.ArgumentParser) -> None:
-    """--offset and --binarize, for the commands that read a dataset (with --limit: which images, and how)."""
+    """--offset, --binarize and --skip-unreadable, for the commands that read a dataset (with --limit: which images,
+    and how)."""
+    parser.add_argument("--skip-unreadable", action="store_true",
+                        help="skip and count the files of an image folder that cannot be decoded, instead of stopping "
+                        "at the first (data.skip_unreadable)")
     parser.add_argument("--offset", type=nonnegative_int, default=0,
                         help="skip the first N images of the source (--limit then counts from there)")
     parser.add_argument("--binarize", type=nonnegative_int, default=None, metavar="SEED",
@@ -316,12 +325,14 @@ def _window_options(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_data_spec(spec: str, split: str = "train", limit: int | None = None, *, offset: int = 0,
-                    binarize_seed: int | None = None):
-    """'digits' | 'folder:PATH' | 'idx:IMAGES[,LABELS]' | 'amat:PATH' | 'torchvision:NAME:ROOT' -> DataConfig of
-    the `split`, the images offset .. offset + limit - 1, binarized once with `binarize_seed` unless it is None."""
+                    binarize_seed: int | None = None, skip_unreadable: bool = False):
+    """'digits' | 'folder:PATH' | 'idx:IMAGES[,LABELS]' | 'amat:PATH' | 'torchvision:NAME:ROOT', or the path of an
+    existing directory (an image folder, as folder:PATH) -> DataConfig of the `split`, the images offset .. offset +
+    limit - 1, binarized once with `binarize_seed` unless it is None, skipping undecodable files with
+    `skip_unreadable`. The explicit forms come first: a folder named like one (e.g. `digits`) is ./digits."""
     from vqtok.config import ConfigError, DataConfig
 
-    window: dict[str, Any] = {"split": split, "limit": limit, "offset": offset}
+    window: dict[str, Any] = {"split": split, "limit": limit, "offset": offset, "skip_unreadable": skip_unreadable}
     if binarize_seed is not None:
         window.update(binarize="once", binarize_seed=binarize_seed)
     kind, _, rest = spec.partition(":")
@@ -337,7 +348,24 @@ def parse_data_spec(spec: str, split: str = "train", limit: int | None = None, *
     if kind == "torchvision" and ":" in rest:
         name, _, root = rest.partition(":")
         return DataConfig(source="torchvision", name=name, path=root, **window)
-    raise ConfigError(f"--data {spec!r}: expected digits, folder:PATH, idx:IMAGES[,LABELS], amat:PATH or torchvision:NAME:ROOT")
+    if spec and os.path.isdir(spec):
+        return DataConfig(source="folder", path=spec, **window)
+    raise ConfigError(f"--data {spec!r}: not a directory, nor one of digits, folder:PATH, idx:IMAGES[,LABELS], "
+                      "amat:PATH or torchvision:NAME:ROOT")
+
+
+@contextmanager
+def _skip_flag_hint() -> Iterator[None]:
+    """An image that cannot be decoded is reported with this command's flag (--skip-unreadable), not the config key
+    (data.skip_unreadable) that the library's message names; the message is otherwise kept (a DataLoader worker's
+    too)."""
+    from vqtok.data.sources import SKIP_HINT, UnreadableImageError
+
+    try:
+        yield
+    except UnreadableImageError as e:
+        message = str(e).replace(SKIP_HINT, "rerun with --skip-unreadable to skip and count such files")
+        raise UnreadableImageError(message) from None
 
 
 def _quickstart(args: argparse.Namespace) -> int:
@@ -357,6 +385,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _train_prior(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from vqtok.config import ConfigError, PriorTrainConfig, load_yaml
     from vqtok.train.prior import train_prior
 
@@ -365,7 +395,11 @@ def _train_prior(args: argparse.Namespace) -> int:
         if any(item.partition("=")[0].strip() == "verify_tokens" for item in overrides):
             raise ConfigError("--verify and --set verify_tokens=... both given; use one")
         overrides.append("verify_tokens=true")
+    if args.tokenizer is not None and any(item.partition("=")[0].strip() == "tokenizer" for item in overrides):
+        raise ConfigError("--tokenizer and --set tokenizer=... both given; use one")
     config = load_yaml(args.config, PriorTrainConfig, overrides=overrides)
+    if args.tokenizer is not None:
+        config = dataclasses.replace(config, tokenizer=args.tokenizer)  # not parsed as YAML: any path is a path
     folder = train_prior(config, resume=args.resume, stop_at=args.stop_at, overwrite=args.overwrite)
     print(f"prior saved to {folder}" if folder else f"stopped at step {args.stop_at}; continue with --resume")
     return 0
@@ -389,7 +423,7 @@ def _sample(args: argparse.Namespace) -> int:
     if args.prior is not None:
         _sample_prior(args, device, out, codes_path, images_dir)
     else:
-        _write_images(_vae_samples(args, device), out, images_dir)
+        _write_images(_vae_samples(args, device), out, images_dir, total=args.n)
     written = [f"{out}" + (f" (the first {MAX_GRID_IMAGES})" if args.n > MAX_GRID_IMAGES else "")]
     if codes_path:
         written.append(str(codes_path))
@@ -457,22 +491,25 @@ def _write_samples(batches: Iterator[Any], tokenizer: Any, shape: tuple[int, ...
                     codes_file.write(codes.cpu().numpy())
                 yield _decode_images(tokenizer, codes)
 
-        _write_images(decoded(), out, images_dir)
+        _write_images(decoded(), out, images_dir, total=shape[0])
 
 
-def _write_images(batches: Iterator[Any], out: Path, images_dir: Path | None) -> None:
+def _write_images(batches: Iterator[Any], out: Path, images_dir: Path | None, total: int) -> None:
     """Write each batch of uint8 images as it comes: as PNG files into `images_dir`, the first MAX_GRID_IMAGES kept
-    for the grid `out`, written last."""
+    for the grid `out`, written last. A progress bar (stderr) counts the `total` images as they are sampled."""
     import torch
+    from tqdm.auto import tqdm
 
     shown: list[torch.Tensor] = []
     done = 0
-    for images in batches:
-        if done < MAX_GRID_IMAGES:
-            shown.append(images[: MAX_GRID_IMAGES - done].cpu())
-        if images_dir is not None:
-            _write_pngs(images, images_dir, first=done)
-        done += len(images)
+    with tqdm(total=total, unit="img", desc="sample") as bar:
+        for images in batches:
+            if done < MAX_GRID_IMAGES:
+                shown.append(images[: MAX_GRID_IMAGES - done].cpu())
+            if images_dir is not None:
+                _write_pngs(images, images_dir, first=done)
+            done += len(images)
+            bar.update(len(images))
     _save_grid(torch.cat(shown), out)
 
 
@@ -488,12 +525,15 @@ def _eval(args: argparse.Namespace) -> int:
     model = _load_image_model(args.tokenizer)
     perceptual = LPIPS.from_file(args.lpips) if args.lpips else None
     c = model.config
-    data = parse_data_spec(args.data, args.split, args.limit, offset=args.offset, binarize_seed=args.binarize)
-    dataset = build_dataset(data, channels=c.in_channels, preprocess=c.preprocess, size=None)
-    bound = {} if args.iwae is None else {"iwae": args.iwae}
-    if args.iwae_batch is not None:
-        bound["iwae_batch"] = args.iwae_batch
-    metrics = evaluate(model, dataset, batch_size=args.batch_size, perceptual=perceptual, **bound)
+    data = parse_data_spec(args.data, args.split, args.limit, offset=args.offset, binarize_seed=args.binarize,
+                           skip_unreadable=args.skip_unreadable)
+    with _skip_flag_hint():
+        dataset = build_dataset(data, channels=c.in_channels, preprocess=c.preprocess, size=None,
+                                multiple=model.size_multiple())
+        bound = {} if args.iwae is None else {"iwae": args.iwae}
+        if args.iwae_batch is not None:
+            bound["iwae_batch"] = args.iwae_batch
+        metrics = evaluate(model, dataset, batch_size=args.batch_size, perceptual=perceptual, progress=True, **bound)
     print(format_table(metrics))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -516,10 +556,12 @@ def _load_image_model(name: str, *, autoencoder_only: bool = False, **load_kwarg
 def _encode(args: argparse.Namespace) -> int:
     from vqtok.data.token_store import encode_dataset
 
-    data = parse_data_spec(args.data, args.split, args.limit, offset=args.offset, binarize_seed=args.binarize)
+    data = parse_data_spec(args.data, args.split, args.limit, offset=args.offset, binarize_seed=args.binarize,
+                           skip_unreadable=args.skip_unreadable)
     augmentations = ("none", "hflip") if args.hflip else ("none",)
-    out = encode_dataset(args.tokenizer, data, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-                         augmentations=augmentations, num_workers=args.num_workers)
+    with _skip_flag_hint():
+        out = encode_dataset(args.tokenizer, data, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
+                             augmentations=augmentations, num_workers=args.num_workers)
     print(f"token store written to {out}")
     return 0
 

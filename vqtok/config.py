@@ -145,21 +145,89 @@ BottleneckConfig = Union[GaussianConfig, VQConfig]
 # The tokenizer
 
 
+class _ModelResolution:
+    """The default of `PreprocessConfig.resize` and `crop`: the resolution of the model whose config holds it, filled
+    in when that config is built (so config.json records the number). One instance, `MODEL_RESOLUTION`."""
+
+    _instance: "_ModelResolution | None" = None
+
+    def __new__(cls) -> "_ModelResolution":
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "MODEL_RESOLUTION"
+
+    def __reduce__(self) -> str:
+        return "MODEL_RESOLUTION"  # pickled (DataLoader workers, deepcopy) as this module's one instance
+
+
+MODEL_RESOLUTION: Any = _ModelResolution()
+
+
 @dataclass(frozen=True)
 class PreprocessConfig:
     """How images of any size become model inputs, recorded in config.json so `preprocess` repeats it exactly:
-    resize the shorter side to `resize` (bicubic, antialiased), then centre-crop to `crop` (None: no step)."""
+    resize the shorter side to `resize` (bicubic, antialiased), then centre-crop to `crop` x `crop`.
 
-    resize: int | None = None
-    crop: int | None = None
+    Either size left out is the model's `resolution` (MODEL_RESOLUTION until the model's config fills it in), so by
+    default every image is resized and centre-cropped to the size the model trains at; null (None) turns a step off.
+    Without a crop, each side is then trimmed (centrally) to a multiple of the model's downsampling factor, the sizes
+    `encode` takes. A config.json records both numbers, so a model keeps its preprocessing whatever later defaults."""
+
+    resize: int | None = MODEL_RESOLUTION
+    crop: int | None = MODEL_RESOLUTION
 
     def __post_init__(self) -> None:
-        _require(self.resize is None or self.resize >= 1, f"resize must be >= 1, got {self.resize}")
-        _require(self.crop is None or self.crop >= 1, f"crop must be >= 1, got {self.crop}")
+        for name in ("resize", "crop"):
+            value = getattr(self, name)
+            _require(value is None or value is MODEL_RESOLUTION or value >= 1, f"{name} must be >= 1, got {value}")
         _require(
-            self.crop is None or self.resize is None or self.crop <= self.resize,
+            not self.resolved or self.crop is None or self.resize is None or self.crop <= self.resize,
             f"crop ({self.crop}) must not exceed resize ({self.resize})",
         )
+
+    @property
+    def resolved(self) -> bool:
+        """Whether both sizes are numbers or None (not MODEL_RESOLUTION, the default a model config fills in)."""
+        return self.resize is not MODEL_RESOLUTION and self.crop is not MODEL_RESOLUTION
+
+    def resolve(self, resolution: int) -> "PreprocessConfig":
+        """This preprocessing with each size left at its default set to `resolution`. The crop that defaults to a
+        resolution above an explicit resize is refused, naming both (the resized image would be too small)."""
+        if self.resolved:
+            return self
+        crop = resolution if self.crop is MODEL_RESOLUTION else self.crop
+        resize = resolution if self.resize is MODEL_RESOLUTION else self.resize
+        _require(self.crop is not MODEL_RESOLUTION or resize is None or crop <= resize,
+                 f"preprocess.resize ({resize}) is below the model's resolution {resolution}, which preprocess.crop "
+                 f"(not given) defaults to: set crop to at most {resize}, or null for no crop")
+        return PreprocessConfig(resize=resize, crop=crop)
+
+
+def resolve_preprocess(config: Any, *, multiple: int | None = None) -> None:
+    """Fill in a model config's `preprocess` (in `__post_init__`, so config.json records the numbers) and refuse the
+    sizes that would turn every image into one that `encode` rejects: the last size set (the crop, else the resize
+    of the shorter side) must be a multiple of `multiple` (an autoencoder's downsampling factor), or with `multiple`
+    None equal to the resolution (a hierarchical VAE takes its resolution only)."""
+    p = config.preprocess.resolve(config.resolution)
+    object.__setattr__(config, "preprocess", p)
+    if p.crop is not None:
+        name, size, what = "crop", p.crop, f"every image {p.crop}x{p.crop}"
+    elif p.resize is not None:
+        name, size, what = "resize", p.resize, f"every image's shorter side {p.resize} (preprocess.crop is null)"
+    else:
+        return
+    if multiple is None:
+        _require(size == config.resolution,
+                 f"preprocess.{name} ({size}) makes {what}, but this model takes images of its resolution "
+                 f"{config.resolution} only: set preprocess.{name} to {config.resolution} or leave it out")
+    else:
+        _require(size % multiple == 0,
+                 f"preprocess.{name} ({size}) makes {what}, which encode refuses: sides must be multiples of the "
+                 f"downsampling factor {multiple}; use a multiple of {multiple}, or leave preprocess.{name} out (the "
+                 "model's resolution)")
 
 
 @dataclass(frozen=True)
@@ -184,7 +252,8 @@ class AutoencoderConfig:
     The downsampling factor is 2 ** (len(channel_mult) - 1). Attention blocks go at the encoder/decoder levels
     whose feature size, for an input of `resolution`, is in `attn_resolutions`; any input whose sides are divisible
     by the factor works. `latent_channels` is the encoder's output width (taming's z_channels); 1x1 convolutions
-    map it to and from the bottleneck's `dim`. `input_range` is the range images are mapped into by `preprocess`.
+    map it to and from the bottleneck's `dim`. `input_range` is the range images are mapped into by `preprocess`,
+    which by default also resizes and centre-crops them to `resolution` (see PreprocessConfig).
 
     `use_quant_conv` / `use_post_quant_conv` false drop those 1x1 projections (the SD3 and FLUX VAEs); the widths
     must then agree. `scaling_factor` and `shift_factor` are the latent normalisation a diffusion model trained on
@@ -247,6 +316,7 @@ class AutoencoderConfig:
             f"resolution ({self.resolution}) must be a positive multiple of the downsampling factor {f} "
             f"(2 ** (len(channel_mult) - 1))",
         )
+        resolve_preprocess(self, multiple=f)
         reachable = {self.resolution // 2**i for i in range(len(self.channel_mult))}
         unknown = sorted(set(self.attn_resolutions) - reachable)
         _require(
@@ -336,11 +406,12 @@ class DataConfig:
     source: 'digits' (built in: scikit-learn's 1,797 handwritten digits, 8x8 grey, needs the [quickstart] extra),
     'folder' (an image folder; class sub-folders give labels), 'idx' (MNIST-style IDX files, plain or .gz: `path`
     the images, `labels` the labels), 'amat' (binarized MNIST's .amat text files, plain or .gz, no labels),
-    'torchvision' (`name`, e.g. MNIST or CIFAR10, from the local root `path`, never downloaded). `split` selects train or test where the source has both. `skip_unreadable` skips and counts
-    images that cannot be decoded instead of failing on the first one (`offset` and `limit` then count the readable
-    ones). `offset` skips the first N images of the source and `limit` keeps the next N, so that a validation set can
-    be carved from a training set (train: limit 50000; validation: offset 50000, limit 10000); item i is then image
-    offset + i of the source, and error messages name it so.
+    'torchvision' (`name`, e.g. MNIST or CIFAR10, from the local root `path`, never downloaded). `split` selects
+    train or test where the source has both. `skip_unreadable` (folders; `--skip-unreadable` for `vqtok encode` and
+    `eval`) skips and counts image files that cannot be decoded instead of failing on the first one (`offset` and
+    `limit` then count the readable ones). `offset` skips the first N images of the source and `limit` keeps the
+    next N, so that a validation set can be carved from a training set (train: limit 50000; validation: offset
+    50000, limit 10000); item i is then image offset + i of the source, and error messages name it so.
 
     `binarize` turns grey images into binary ones (0 or 255), each pixel a Bernoulli draw with probability
     pixel / 255, the usual protocol for likelihoods on MNIST with a Bernoulli decoder: 'once' draws each image once,
@@ -367,6 +438,9 @@ class DataConfig:
         _require(not needs_path or bool(self.path), f"path is required for source '{self.source}'")
         _require(self.source != "digits" or self.path is None, "path is not used by the built-in 'digits'")
         _require(self.source == "idx" or self.labels is None, "labels is only used by source 'idx'")
+        _require(self.source == "folder" or not self.skip_unreadable,
+                 f"skip_unreadable skips image files that cannot be decoded: it applies to source 'folder' only, not "
+                 f"'{self.source}'")
         _require((self.source == "torchvision") == (self.name is not None),
                  "name (e.g. MNIST, CIFAR10) is required for, and only for, source 'torchvision'")
         _require(self.limit is None or self.limit >= 1, f"limit must be >= 1, got {self.limit}")
@@ -713,10 +787,15 @@ class PriorTrainConfig(RunConfig):
     file's sha256 before training (a full read of the stores; the codes' range is checked in any case). Held-out loss
     is reported in bits per code, over at most `eval_items` images at periodic evaluations and over all of them at
     the end. About `num_samples` codes are sampled and decoded to a PNG grid at every evaluation.
+
+    `tokenizer` (a folder or Hub id[@revision]; None: the one the store records, found relative to the store, then at
+    its absolute path) says where the store's tokenizer is now, when its folder moved; its weights must be the ones
+    the store records (their sha256), or training refuses it. A resumed run may give another place.
     """
 
     prior: PriorConfig = field(default_factory=PriorConfig)
     tokens: str = ""
+    tokenizer: str | None = None
     eval_tokens: str | None = None
     verify_tokens: bool = False
     output_dir: str = "runs/prior"
@@ -729,10 +808,13 @@ class PriorTrainConfig(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _require(bool(self.tokens), "tokens (the token store folder to train on) is required")
+        _require(self.tokenizer is None or bool(self.tokenizer),
+                 "tokenizer must name a folder or Hub id (or be left out: the token store's own)")
         _require(self.eval_items >= 1, f"eval_items must be >= 1, got {self.eval_items}")
         _require(self.num_samples >= 1, f"num_samples must be >= 1, got {self.num_samples}")
         _require(self.prior.tokenizer is None,
-                 "prior.tokenizer is recorded from the token store by training; remove it from the config")
+                 "prior.tokenizer is recorded from the token store by training; remove it from the config (to say "
+                 "where the store's tokenizer is now, set the top-level tokenizer: PATH)")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -68,19 +68,34 @@ def _check_channels(batch: torch.Tensor, channels: int) -> torch.Tensor:
     return batch
 
 
-def resize_and_crop(batch: torch.Tensor, resize: int | None, crop: int | None) -> torch.Tensor:
-    """uint8 [..., C, H, W]: shorter side to `resize` (bicubic, antialiased), then a centre crop to `crop`."""
-    if resize is None and crop is None:
-        return batch
-    from torchvision.transforms.v2 import functional as TF  # imported on first use: ~1 s, paid by every worker
+def resize_and_crop(batch: torch.Tensor, resize: int | None, crop: int | None, multiple: int = 1) -> torch.Tensor:
+    """uint8 [..., C, H, W]: shorter side to `resize` (bicubic, antialiased), then a centre crop to `crop` x `crop`,
+    then a centre crop of each side down to a multiple of `multiple` (a model's downsampling factor: the sizes its
+    `encode` takes; a no-op when the crop already is one). A None step is skipped."""
+    if resize is not None or crop is not None:
+        from torchvision.transforms.v2 import functional as TF  # imported on first use: ~1 s, paid by every worker
 
-    if resize is not None and min(batch.shape[-2:]) != resize:
-        batch = TF.resize(batch, [resize], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    if crop is not None:
-        if min(batch.shape[-2:]) < crop:
-            raise ValueError(f"image of size {tuple(batch.shape[-2:])} is smaller than the crop {crop}")
-        batch = TF.center_crop(batch, [crop, crop])
-    return batch
+        if resize is not None and min(batch.shape[-2:]) != resize:
+            batch = TF.resize(batch, [resize], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+        if crop is not None:
+            if min(batch.shape[-2:]) < crop:
+                raise ValueError(f"image of size {tuple(batch.shape[-2:])} is smaller than the crop {crop}")
+            batch = TF.center_crop(batch, [crop, crop])
+    return trim_to_multiple(batch, multiple)
+
+
+def trim_to_multiple(batch: torch.Tensor, multiple: int) -> torch.Tensor:
+    """uint8 [..., C, H, W] centre-cropped (torchvision's `center_crop`) to the largest sides that are multiples of
+    `multiple`."""
+    height, width = batch.shape[-2:]
+    if height % multiple == 0 and width % multiple == 0:
+        return batch
+    if height < multiple or width < multiple:
+        raise ValueError(f"image of size {height}x{width} is smaller than {multiple}, the downsampling factor: every "
+                         "side must be at least that")
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.center_crop(batch, [height - height % multiple, width - width % multiple])
 
 
 def uint8_to_range(batch: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:

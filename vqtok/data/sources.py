@@ -33,7 +33,11 @@ TORCHVISION_NAMES = ("MNIST", "FashionMNIST", "KMNIST", "EMNIST", "QMNIST", "CIF
 
 
 class UnreadableImageError(ValueError):
-    """An image file that cannot be decoded; the message names its path."""
+    """An image file that cannot be decoded; the message names its path and ends with SKIP_HINT (which the command
+    line replaces with its flag)."""
+
+
+SKIP_HINT = "set data.skip_unreadable: true to skip and count such files"
 
 
 BINARIZE_STREAM = 0x62696E  # "bin": keys a binarization's generators apart from other per-image draws (flips)
@@ -70,12 +74,13 @@ class ImageDataset(Dataset):
     pixel from a generator keyed by the seed and the image's index in the whole source, the same at every read."""
 
     def __init__(self, source: Source, *, channels: int, preprocess: PreprocessConfig, size: int | None,
-                 binarize_seed: int | None = None):
+                 binarize_seed: int | None = None, multiple: int = 1):
         self.source = source
         self.channels = channels
-        self.preprocess = preprocess
+        self.preprocess = _resolved(preprocess, size)
         self.size = size
         self.binarize_seed = binarize_seed
+        self.multiple = multiple
 
     @property
     def labels(self) -> list[int]:
@@ -90,11 +95,16 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         image = to_chw(self.source.load(index), self.channels)
-        image = resize_and_crop(image, self.preprocess.resize, self.preprocess.crop)
+        try:
+            image = resize_and_crop(image, self.preprocess.resize, self.preprocess.crop, self.multiple)
+        except ValueError as e:
+            raise ValueError(f"{self.source.describe(index)}: {e}") from None
         if self.size is not None and tuple(image.shape[-2:]) != (self.size, self.size):
+            p = self.preprocess
             raise ValueError(
-                f"{self.source.describe(index)} is {image.shape[-2]}x{image.shape[-1]} after preprocessing, the "
-                f"model trains on {self.size}x{self.size}: set model.preprocess.resize and crop"
+                f"{self.source.describe(index)} is {image.shape[-2]}x{image.shape[-1]} after preprocessing (resize "
+                f"{p.resize}, crop {p.crop}), the model trains on {self.size}x{self.size}: leave model.preprocess's "
+                "resize and crop out (both then are the model's resolution) or set them to give that size"
             )
         if self.binarize_seed is not None:
             seed = keyed_seed(BINARIZE_STREAM, self.binarize_seed, self.source.first + index)
@@ -128,10 +138,22 @@ def to_chw(image: Image.Image | np.ndarray, channels: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
 
 
-def build_dataset(config: DataConfig, *, channels: int, preprocess: PreprocessConfig, size: int | None) -> ImageDataset:
-    """The dataset a `DataConfig` describes, ready for a model with `channels` inputs trained at `size`: the window
-    `offset`, `limit` of the source, binarized once where `binarize` is 'once' ('dynamic' is the training loop's:
-    `dynamic_binarize`)."""
+def _resolved(preprocess: PreprocessConfig, size: int | None) -> PreprocessConfig:
+    """A model config's preprocessing is resolved; one built alone (sizes left at MODEL_RESOLUTION) takes `size`."""
+    if preprocess.resolved:
+        return preprocess
+    if size is None:
+        raise ValueError(f"{preprocess} leaves a size at the model's resolution, which is not known here: pass the "
+                         "model config's preprocess (config.preprocess), or give size")
+    return preprocess.resolve(size)
+
+
+def build_dataset(config: DataConfig, *, channels: int, preprocess: PreprocessConfig, size: int | None,
+                  multiple: int = 1) -> ImageDataset:
+    """The dataset a `DataConfig` describes, ready for a model with `channels` inputs trained at `size` (None: any
+    size) whose sides must be multiples of `multiple` (`PixelModel.size_multiple`): the window `offset`, `limit` of
+    the source, binarized once where `binarize` is 'once' ('dynamic' is the training loop's: `dynamic_binarize`).
+    Images are preprocessed as a model's `preprocess` does (`resize_and_crop`)."""
     builders = {"digits": ArraySource.digits, "folder": FolderSource, "idx": ArraySource.idx,
                 "amat": ArraySource.amat, "torchvision": TorchvisionSource}
     source = builders[config.source](config)
@@ -144,7 +166,7 @@ def build_dataset(config: DataConfig, *, channels: int, preprocess: PreprocessCo
     if config.offset or config.limit is not None:
         stop = None if config.limit is None else config.offset + config.limit
         source.window(config.offset, stop)
-    return ImageDataset(source, channels=channels, preprocess=preprocess, size=size,
+    return ImageDataset(source, channels=channels, preprocess=preprocess, size=size, multiple=multiple,
                         binarize_seed=config.binarize_seed if config.binarize == "once" else None)
 
 
@@ -295,9 +317,7 @@ def _open_image(path: Path) -> Image.Image:
             return image
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         reason = f"a broken symbolic link (to {os.readlink(path)})" if _is_broken_link(path) else str(e)
-        raise UnreadableImageError(
-            f"cannot read image {path}: {reason} (set data.skip_unreadable: true to skip and count such files)"
-        ) from None
+        raise UnreadableImageError(f"cannot read image {path}: {reason} ({SKIP_HINT})") from None
 
 
 def _readable(path: Path) -> bool:

@@ -112,17 +112,34 @@ class EncodeArgs:
                 "shard_size": self.shard_size, "batch_size": self.batch_size}
 
 
-def tokenizer_identity(tokenizer: Tokenizer, source: str | None, revision: str | None) -> dict[str, Any]:
+def tokenizer_identity(tokenizer: Tokenizer, source: str | None, revision: str | None,
+                       store: str | Path | None = None) -> dict[str, Any]:
     """How a store names its tokenizer: the Hub id at the commit it was loaded from (a branch such as 'main' moves,
-    a commit does not: `loaded_from`, what a prior records too) or a resolved folder; the weight hash; the config.
-    `source` None is an in-memory tokenizer."""
+    a commit does not: `loaded_from`, what a prior records too) or a resolved folder, with - for a folder and the
+    `store` folder given - its path relative to the store (`source_relative`, what a reader tries first, so that a
+    store moved together with its tokenizer still finds it); the weight hash; the config. `source` None is an
+    in-memory tokenizer."""
     origin = tokenizer.loaded_from
+    relative = None
     if source is not None and origin is not None and origin.is_hub and origin.subfolder is None:
         source, revision = origin.source, origin.commit
     elif source is not None and os.path.isdir(source):
         source = str(Path(source).resolve())
-    return {"source": source, "revision": revision, "weights_sha256": weights_sha256(tokenizer),
-            "config": tokenizer.config_dict()}
+        relative = _relative_path(source, store)
+    identity = {"source": source, "revision": revision, "weights_sha256": weights_sha256(tokenizer),
+                "config": tokenizer.config_dict()}
+    return identity if relative is None else {"source": source, "source_relative": relative, **identity}
+
+
+def _relative_path(folder: str, store: str | Path | None) -> str | None:
+    """`folder` relative to the store folder (POSIX separators), or None where there is none (no store, or another
+    drive)."""
+    if store is None:
+        return None
+    try:
+        return Path(os.path.relpath(folder, Path(store).resolve())).as_posix()
+    except ValueError:
+        return None
 
 
 def input_identity(dataset: Dataset, ranges: Sequence[tuple[int, int]]) -> tuple[dict[str, Any], list[str | None]]:
@@ -233,15 +250,16 @@ def encode_dataset(
             raise TokenStoreError("data.binarize 'dynamic' draws images afresh in training; a store encodes a fixed "
                                   "set: use binarize 'once'")
         data_record = to_dict(data)
-        dataset = build_dataset(data, channels=c.in_channels, preprocess=c.preprocess, size=None)
+        dataset = build_dataset(data, channels=c.in_channels, preprocess=c.preprocess, size=None,
+                                multiple=tokenizer.size_multiple())  # the images `tokenizer.preprocess` would give
     else:
         data_record = {"dataset": type(data).__name__, "length": len(data)}
         dataset = data
     if len(dataset) == 0:
         raise TokenStoreError("the dataset holds no images")
-    args = EncodeArgs(tokenizer_identity(tokenizer, source, revision), data_record, tuple(augmentations),
-                      shard_size, batch_size)
     out = Path(out_dir)
+    args = EncodeArgs(tokenizer_identity(tokenizer, source, revision, out), data_record, tuple(augmentations),
+                      shard_size, batch_size)
     device = torch.device(device) if device is not None else state.device
     tokenizer = tokenizer.to(device).eval()
 
@@ -339,8 +357,9 @@ def _start_store(out: Path, args: EncodeArgs, inputs: dict[str, Any], version: i
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         existing = _read_manifest(out)
-        if existing.get("args") != args.as_json():
-            differing = [k for k in args.as_json() if existing.get("args", {}).get(k) != args.as_json()[k]]
+        then, now = _comparable_args(existing.get("args")), _comparable_args(args.as_json())
+        if then != now:
+            differing = [k for k in now if then.get(k) != now[k]]
             raise TokenStoreError(
                 f"{out} holds a token store made with different arguments ({', '.join(differing) or 'format'}); "
                 "use another --out folder or delete this one"
@@ -357,6 +376,17 @@ def _start_store(out: Path, args: EncodeArgs, inputs: dict[str, Any], version: i
     (out / "shards").mkdir(parents=True, exist_ok=True)
     _write_json(manifest_path, {"format": FORMAT, "format_version": version, "complete": False,
                                 "num_items": inputs["count"], "args": args.as_json(), "inputs": inputs})
+
+
+def _comparable_args(args: Any) -> dict[str, Any]:
+    """A store's arguments as a re-run compares them: without the tokenizer's path relative to the store (derived
+    from its absolute path, which is compared, and absent from stores of older vqtok)."""
+    if not isinstance(args, dict):
+        return {}
+    tokenizer = args.get("tokenizer")
+    if isinstance(tokenizer, dict):
+        args = {**args, "tokenizer": {k: v for k, v in tokenizer.items() if k != "source_relative"}}
+    return args
 
 
 def _inputs_text(inputs: Any) -> str:
@@ -519,25 +549,59 @@ class TokenDataset(Dataset):
 
     @property
     def tokenizer_identity(self) -> dict[str, Any]:
-        """The tokenizer that made the store: source (Hub id or folder), revision (a commit for Hub ids),
+        """The tokenizer that made the store: source (Hub id or absolute folder path), for a folder its path
+        relative to the store (source_relative; stores of older vqtok lack it), revision (a commit for Hub ids),
         weights_sha256, config."""
         return self.manifest["tokenizer"]
 
-    def load_tokenizer(self) -> Tokenizer:
-        """Load the recorded tokenizer and check that its weights are the ones that made the store."""
+    def load_tokenizer(self, source: str | Path | None = None) -> Tokenizer:
+        """Load the tokenizer that made the store and check that its weights are the recorded ones (weights_sha256).
+
+        `source` - a folder, or a Hub id[@revision] - says where it is now, when it moved (its weights must still be
+        the recorded ones). Otherwise a recorded folder is looked for relative to the store first (a store moved
+        together with its tokenizer still finds it), then at its absolute path; a Hub id is loaded at its commit."""
         identity = self.tokenizer_identity
+        if source is not None:
+            tokenizer = load(source)
+            self.check_tokenizer(tokenizer, name=str(source))
+            return tokenizer
         if identity["source"] is None:
-            raise TokenStoreError(f"{self.path}: made from an in-memory tokenizer; pass it with tokenizer=")
-        tokenizer = load(identity["source"], revision=identity["revision"])
+            raise TokenStoreError(f"{self.path}: made from an in-memory tokenizer; pass it with tokenizer= (or its "
+                                  "saved folder to load_tokenizer)")
+        tokenizer = load(self.tokenizer_location(), revision=identity["revision"])
         self.check_tokenizer(tokenizer)
         return tokenizer
 
-    def check_tokenizer(self, tokenizer: Tokenizer) -> None:
+    def tokenizer_location(self) -> str:
+        """Where the recorded tokenizer is: its Hub id, or the first of its recorded folders that exists (relative to
+        the store, then absolute); a clear error naming them and its weight hash when none does."""
+        identity = self.tokenizer_identity
+        source, relative = identity["source"], identity.get("source_relative")
+        folders = []
+        if isinstance(relative, str):
+            folders.append(os.path.normpath(os.path.join(self.path.resolve(), relative)))
+        if os.path.isabs(source):
+            folders.append(source)
+        if not folders:
+            return source  # a Hub id
+        for folder in folders:
+            if os.path.isdir(folder):
+                return folder
+        where = (f"{relative} from the store ({folders[0]})" if isinstance(relative, str) else "") + (
+            f"{' nor at ' if len(folders) > 1 else ''}{source}" if os.path.isabs(source) else "")
+        raise TokenStoreError(
+            f"{self.path}: the tokenizer that made this store (weights sha256 {identity['weights_sha256']}) is not at "
+            f"{where}; if its folder moved, say where: `tokenizer: PATH` in the prior's config (vqtok train-prior "
+            "--tokenizer PATH), vqtok decode --tokenizer PATH, or TokenDataset.load_tokenizer(PATH)")
+
+    def check_tokenizer(self, tokenizer: Tokenizer, *, name: str | None = None) -> None:
+        """Refuse a tokenizer (`name`: where it came from, for the message) whose weights are not the store's."""
         expected = self.tokenizer_identity["weights_sha256"]
         actual = weights_sha256(tokenizer)
         if actual != expected:
             raise TokenStoreError(
-                f"{self.path}: encoded by a tokenizer with weights {expected[:12]}..., not this one ({actual[:12]}...)"
+                f"{self.path}: encoded by a tokenizer with weights sha256 {expected}, not {name or 'this one'} "
+                f"(weights sha256 {actual})"
             )
 
     def verify(self) -> None:

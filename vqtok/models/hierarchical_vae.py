@@ -40,7 +40,15 @@ from torch import nn
 from vqtok.bottleneck import BottleneckOutput, DiagonalGaussian
 from vqtok.bottleneck.gaussian import Noise
 from vqtok.bottleneck.kl import KLObjective
-from vqtok.config import PreprocessConfig, _finite, _freeze_lists, _require, _require_size, check_pixel_likelihood
+from vqtok.config import (
+    PreprocessConfig,
+    _finite,
+    _freeze_lists,
+    _require,
+    _require_size,
+    check_pixel_likelihood,
+    resolve_preprocess,
+)
 from vqtok.hub import HubModel
 from vqtok.models.pixels import PixelModel
 
@@ -94,6 +102,7 @@ class HierarchicalVAEConfig:
         _require(self.resolution >= 1 and self.resolution % self.scales[0] == 0,
                  f"resolution ({self.resolution}) must be a positive multiple of the coarsest scale's factor "
                  f"{self.scales[0]}")
+        resolve_preprocess(self)  # resize and crop left out: the resolution, the only size this model takes
         _require(len(self.groups_per_scale) == len(self.scales),
                  f"groups_per_scale needs one entry per scale ({len(self.scales)}), got {list(self.groups_per_scale)}")
         _require(all(g >= 0 for g in self.groups_per_scale) and self.groups_per_scale[0] >= 1,

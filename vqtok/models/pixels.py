@@ -22,10 +22,25 @@ class PixelModel:
 
     def preprocess(self, images: ImageInput) -> torch.Tensor:
         """PIL image(s) or uint8 arrays/tensors -> float [B, C, H, W] in the model's input range, on its device,
-        resized and cropped as recorded in the config (`config.preprocess`)."""
+        resized and cropped as recorded in the config (`config.preprocess`; by default to the model's resolution),
+        each side then trimmed to a multiple of the downsampling factor where it is not one. What comes out is a size
+        `encode` takes, or this is an error naming the sizes and the config's preprocessing."""
         batch = to_uint8_batch(images, self.config.in_channels)
-        batch = resize_and_crop(batch, self.config.preprocess.resize, self.config.preprocess.crop)
-        return uint8_to_range(batch.to(self._device()), self.config.value_range)
+        p = self.config.preprocess
+        before = tuple(batch.shape[-2:])
+        try:
+            batch = resize_and_crop(batch, p.resize, p.crop, self.size_multiple())
+            x = uint8_to_range(batch.to(self._device()), self.config.value_range)
+            self.check_images(x)  # type: ignore[attr-defined]
+        except ValueError as e:
+            raise ValueError(f"preprocess (config.preprocess: resize {p.resize}, crop {p.crop}) cannot make "
+                             f"{before[0]}x{before[1]} images into a size this model encodes: {e}") from None
+        return x
+
+    def size_multiple(self) -> int:
+        """What every side of an input must be a multiple of: an autoencoder's downsampling factor (1 for a model
+        that takes one size only, whose `check_images` says which)."""
+        return getattr(self.config, "downsampling_factor", 1)
 
     def postprocess(self, x: torch.Tensor, output_type: str = "uint8") -> torch.Tensor | list[Any]:
         """Model-range images -> uint8 [B, C, H, W] (rounded, clipped), or a list of PIL images with 'pil'."""

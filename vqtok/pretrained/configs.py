@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from vqtok.config import AutoencoderConfig, ConfigError, GaussianConfig, VQConfig
+from vqtok.config import AutoencoderConfig, ConfigError, GaussianConfig, PreprocessConfig, VQConfig
 from vqtok.pretrained.layouts import Layout
 
 DEFAULT_RESOLUTION = 256  # taming's VQGANs and LlamaGen's tokenizers (attention placement only needs a size)
@@ -33,7 +33,9 @@ def converted_vq(codebook_size: int, dim: int, *, l2_normalize: bool = False, be
 
 def _levels_config(*, where: str, in_channels: int, out_channels: int, widths: list[int], num_res_blocks: int,
                    attn_levels: list[int], resolution: int, **rest: Any) -> AutoencoderConfig:
-    """The AutoencoderConfig of an encoder/decoder given per level (widths, levels with attention)."""
+    """The AutoencoderConfig of an encoder/decoder given per level (widths, levels with attention). Its `preprocess`
+    neither resizes nor crops: the resolution only places attention, and such models encode any size (each side is
+    trimmed to a multiple of the downsampling factor)."""
     if out_channels != in_channels:
         raise ConfigError(f"{where}: {out_channels} output channels for {in_channels} input channels; vqtok's decoder "
                           "gives back the encoder's channels")
@@ -48,7 +50,7 @@ def _levels_config(*, where: str, in_channels: int, out_channels: int, widths: l
         return AutoencoderConfig(in_channels=in_channels, resolution=resolution, base_channels=base,
                                  channel_mult=tuple(w // base for w in widths), num_res_blocks=num_res_blocks,
                                  attn_resolutions=tuple(resolution // 2**i for i in attn_levels), input_range="-1,1",
-                                 **rest)
+                                 preprocess=PreprocessConfig(resize=None, crop=None), **rest)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
 

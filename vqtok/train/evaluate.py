@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.utils import make_grid, save_image
+from tqdm.auto import tqdm
 
 from vqtok.images import uint8_to_range
 from vqtok.losses import DISCRETE_LIKELIHOODS
@@ -31,6 +32,7 @@ run that never initialised its codebook uses almost none (e.g. 0.1%)."""
 def evaluate(
     model: Autoencoder | HierarchicalVAE, dataset: Dataset, *, limit: int | None = None, batch_size: int = 64,
     num_workers: int = 0, perceptual: LPIPS | None = None, iwae: int | None = None, iwae_batch: int = IWAE_BATCH,
+    progress: bool = False,
 ) -> dict[str, float]:
     """Reconstruction metrics of `model` (in eval mode, so nothing is accumulated or communicated) on the first
     `limit` images of `dataset`. PSNR, SSIM and, given `perceptual`, the mean LPIPS distance compare 8-bit images,
@@ -44,7 +46,7 @@ def evaluate(
     IWAE bound -log (1/k) sum_i p(x, z_i) / q(z_i | x), computed in log space, `iwae_batch` images x samples at a
     time, in nats per image and bits per dimension. VAEs also report the KL of every group and the active units
     (Burda et al.: latent dimensions whose posterior mean varies over the images by more than 0.01), so that
-    posterior collapse is visible."""
+    posterior collapse is visible. `progress` shows a progress bar over the images (on stderr; `vqtok eval`)."""
     was_training = model.training
     model.eval()
     if limit is not None:
@@ -62,6 +64,7 @@ def evaluate(
     generator = torch.Generator(device).manual_seed(0)  # the posterior samples of the code length and the bounds
     kl_groups, posterior_means = 0.0, LatentVariance()
     n = dims = values = 0
+    bar = tqdm(total=len(dataset), unit="img", desc="eval", disable=not progress)
     for images, _ in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
         images = images.to(device)
         x = uint8_to_range(images, value_range)
@@ -98,6 +101,8 @@ def evaluate(
             counts += torch.bincount(out.bottleneck.codes.flatten(), minlength=counts.numel())
         n += images.shape[0]
         values += images.numel()
+        bar.update(images.shape[0])
+    bar.close()
     model.train(was_training)
     if n == 0:
         raise ValueError("evaluate: no images to evaluate (an empty dataset or limit 0)")

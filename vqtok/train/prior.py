@@ -145,8 +145,11 @@ def open_data(config: PriorTrainConfig, tokenizer: Autoencoder | None) -> PriorD
     if train.kind != "discrete":
         raise TokenStoreError(f"{config.tokens}: holds continuous latents (a Gaussian tokenizer or "
                               "hierarchical VAE); a prior needs codes")
+    if tokenizer is not None and config.tokenizer is not None:
+        raise ConfigError(f"tokenizer is set in the config ({config.tokenizer}) and a tokenizer was passed to "
+                          "train_prior: give one")
     if tokenizer is None:
-        tokenizer = train.load_tokenizer()
+        tokenizer = train.load_tokenizer(config.tokenizer)  # the store's record, or where the config says it is now
     else:
         train.check_tokenizer(tokenizer)
     augmentations = len(train.augmentations)

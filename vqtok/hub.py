@@ -19,15 +19,15 @@ from typing import Any, ClassVar, TypeVar
 
 import torch
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, ModelHubMixin, hf_hub_download
-from huggingface_hub.errors import (
+from huggingface_hub.utils import (  # (not huggingface_hub.errors: it holds them only from 0.24 on)
     EntryNotFoundError,
     GatedRepoError,
     HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    validate_repo_id,
 )
-from huggingface_hub.utils import validate_repo_id
 from packaging.version import InvalidVersion, Version
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file

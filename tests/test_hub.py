@@ -398,6 +398,25 @@ def test_each_kind_of_model_has_its_tags_pipeline_and_usage(gaussian_model):
     assert "`tokenizer/`: the tokenizer whose codes it models" in str(prior.generate_model_card())
 
 
+def test_push_to_hub_of_a_prior_names_the_repo_in_its_tokenizer_card_too():
+    prior, _ = _tiny_prior_and_hvae()
+    cards = {}
+
+    def upload_folder(**kwargs):
+        folder = Path(kwargs["folder_path"])
+        cards.update({p.relative_to(folder).as_posix(): p.read_text() for p in folder.rglob("README.md")})
+        return "https://huggingface.co/org/prior/commit/1"
+
+    with mock.patch("vqtok.hub.HfApi") as api:
+        api.return_value.create_repo.return_value.repo_id = "org/prior"
+        api.return_value.upload_folder.side_effect = upload_folder
+        prior.push_to_hub("org/prior")
+    assert sorted(cards) == ["README.md", "tokenizer/README.md"]
+    assert 'prior = vqtok.load("org/prior")' in cards["README.md"]
+    assert 'tok = vqtok.load("org/prior", subfolder="tokenizer")' in cards["tokenizer/README.md"]
+    assert "/tmp" not in cards["tokenizer/README.md"]  # not the temporary folder it was saved in
+
+
 @pytest.mark.parametrize("phrase, article", [
     ("autoencoder", "an"), ("VQ image tokenizer", "a"), ("hierarchical VAE", "a"), ("LDM tokenizer", "an"),
     ("image tokenizer", "an"), ("transformer prior", "a"), ("HVAE", "an"), ("Gaussian autoencoder", "a"),

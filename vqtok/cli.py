@@ -634,13 +634,12 @@ def _push(args: argparse.Namespace) -> int:
     from vqtok.hub import publication
 
     model = vqtok.load(args.folder)  # refuse to publish what would not load
-    tokenizer = None
-    if isinstance(model, vqtok.TransformerPrior):
-        tokenizer = model.load_tokenizer()  # ... or a prior whose tokenizer is missing or not the recorded one
-    publication(model, args.folder, args.repo_id, license=args.license, tokenizer=tokenizer)  # its errors: no repo
+    if isinstance(model, vqtok.TransformerPrior):  # ... or a prior whose tokenizer is missing or not the recorded one
+        model.attach_tokenizer(model.load_tokenizer())
+    publication(model, args.folder, args.repo_id, license=args.license)  # (its errors before a repo is made)
     api = HfApi()
     repo_id = api.create_repo(args.repo_id, private=args.private, exist_ok=True).repo_id
-    files, notes = publication(model, args.folder, repo_id, license=args.license, tokenizer=tokenizer)
+    files, notes = publication(model, args.folder, repo_id, license=args.license)
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=what) for name, what in files.items()]
     url = api.create_commit(repo_id=repo_id, operations=operations, commit_message=args.message,
                             revision=args.branch)

@@ -237,6 +237,9 @@ class HubModel(
         card_kwargs["repo_id"] = resolved
         with tempfile.TemporaryDirectory() as tmp:
             self.save_pretrained(tmp, model_card_kwargs=card_kwargs)
+            for subfolder, model in self.card_submodels().items():  # a prior's tokenizer/ names the repo too
+                card_path = Path(tmp) / subfolder / "README.md"
+                card_path.write_text(card_for_push(model, card_path, resolved, subfolder=subfolder)[0])
             return api.upload_folder(repo_id=resolved, repo_type="model", folder_path=tmp,
                                      commit_message=commit_message, revision=branch, create_pr=create_pr,
                                      allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
@@ -259,6 +262,10 @@ class HubModel(
             "intended_use": "Research on image tokenizers and generative models of images.",
             "limitations": "Not evaluated beyond the numbers on this card.",
         }
+
+    def card_submodels(self) -> dict[str, HubModel]:
+        """The models saved in sub-folders of this one's folder, with cards of their own: {subfolder: model}."""
+        return {}
 
     def card_facts(self) -> dict[str, Any]:
         """The rows of the card's "Model" table: type, parameters and the facts the config implies."""
@@ -512,14 +519,14 @@ def card_for_push(model: HubModel, card_path: Path, repo_id: str, *, subfolder: 
 MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, f"tokenizer/{CONFIG_NAME}", f"tokenizer/{WEIGHTS_NAME}")
 
 
-def publication(model: HubModel, folder: str | Path, repo_id: str, *, license: str | None = None,
-                tokenizer: HubModel | None = None) -> tuple[dict[str, str | bytes], list[str]]:
+def publication(model: HubModel, folder: str | Path, repo_id: str, *,
+                license: str | None = None) -> tuple[dict[str, str | bytes], list[str]]:
     """What `vqtok push` uploads from the saved `folder` of `model` to `repo_id`: {path in the repo: a local file
     or the bytes of a model card}, and notes for the user.
 
-    The model's files (MODEL_FILES), its card naming `repo_id` (`card_for_push`, with `license`), a prior's
-    tokenizer/ card (`tokenizer`: the model loaded from there), and when the folder is a vqtok training run's
-    export, the run's configuration and last image grid (`training_run_files`), which the card then shows."""
+    The model's files (MODEL_FILES), its card naming `repo_id` (`card_for_push`, with `license`), the cards of
+    the models in its sub-folders (a prior's tokenizer/), and when the folder is a vqtok training run's export,
+    the run's configuration and last image grid (`training_run_files`), which the card then shows."""
     folder = Path(folder)
     files: dict[str, str | bytes] = {name: str(folder / name) for name in MODEL_FILES if (folder / name).is_file()}
     run_files, run_card = training_run_files(folder)
@@ -527,9 +534,9 @@ def publication(model: HubModel, folder: str | Path, repo_id: str, *, license: s
     card, note = card_for_push(model, folder / "README.md", repo_id, defaults=run_card, license=license)
     files["README.md"] = card.encode()
     notes += [note] if note else []
-    if tokenizer is not None and (folder / "tokenizer").is_dir():
-        card, note = card_for_push(tokenizer, folder / "tokenizer" / "README.md", repo_id, subfolder="tokenizer")
-        files["tokenizer/README.md"] = card.encode()
+    for subfolder, submodel in model.card_submodels().items():
+        card, note = card_for_push(submodel, folder / subfolder / "README.md", repo_id, subfolder=subfolder)
+        files[f"{subfolder}/README.md"] = card.encode()
         notes += [note] if note else []
     files.update({name: str(path) for name, path in run_files.items()})
     if run_files:

@@ -445,6 +445,11 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
                                                         "(`prior.load_tokenizer()`)"}
         return card
 
+    def card_submodels(self) -> dict[str, HubModel]:
+        """The tokenizer, when it is saved in the prior's tokenizer/ (not on the Hub)."""
+        ref = self.config.tokenizer
+        return {TOKENIZER_SUBFOLDER: self.tokenizer} if ref is not None and ref.repo_id is None else {}
+
     def card_facts(self) -> dict[str, Any]:
         """The card's facts, with the tokenizer it models."""
         ref = self.config.tokenizer

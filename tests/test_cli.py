@@ -552,3 +552,52 @@ def test_eval_and_sample_show_progress_on_stderr_and_keep_their_output(capsys, f
     captured = capsys.readouterr()
     assert "sample: 100%" in captured.err and "3/3" in captured.err
     assert captured.out == f"sampled 3 images; wrote {tmp_path / 'g.png'}\n"
+
+
+# ---- --help: every option says what it does and its default ------------------------------------------------------
+
+
+def test_every_option_has_help_and_help_shows_defaults(capsys):
+    import argparse
+
+    parser = vqtok.cli.build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    missing = [
+        f"{name} {'/'.join(action.option_strings)}"
+        for name, command in [("vqtok", parser), *commands.items()]
+        for action in command._actions
+        if action.option_strings and not {"-h", "--debug", "--version"} & set(action.option_strings)
+        and not (action.help or "").strip()
+    ]
+    assert missing == []
+    assert len(commands) >= 10  # (the walk saw the subcommands)
+    assert main(["encode", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 256)" in text and "(default: 10000)" in text and "(default: train)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text  # an option off by default says nothing
+    assert main(["sample", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--seed SEED random seed: the same seed, --n and --batch-size give the same images (default: 0)" in text
+    assert "(default 64)" in text and "(default: 64)" not in text  # a help that names its default is left alone
+
+
+def test_push_of_a_prior_remakes_both_cards_for_the_repo(folders, tmp_path, capsys):
+    import shutil
+
+    prior = Path(shutil.copytree(folders["prior"], tmp_path / "prior"))
+    pushed = {}
+
+    def create_commit(**kwargs):
+        pushed.update({op.path_in_repo: op.path_or_fileobj for op in kwargs["operations"]})
+        return "https://huggingface.co/org/prior/commit/1"
+
+    with mock.patch("huggingface_hub.HfApi") as api:
+        api.return_value.create_repo.return_value.repo_id = "org/prior"
+        api.return_value.create_commit.side_effect = create_commit
+        assert main(["push", str(prior), "org/prior"]) == 0
+    assert sorted(pushed) == ["README.md", "config.json", "model.safetensors", "tokenizer/README.md",
+                              "tokenizer/config.json", "tokenizer/model.safetensors"]
+    card, tokenizer_card = pushed["README.md"].decode(), pushed["tokenizer/README.md"].decode()
+    assert 'prior = vqtok.load("org/prior")' in card and "autoregressive-prior" in card
+    assert 'tok = vqtok.load("org/prior", subfolder="tokenizer")' in tokenizer_card and str(prior) not in tokenizer_card
+    assert "pushed" in capsys.readouterr().out

@@ -11,6 +11,7 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 import vqtok
@@ -202,14 +203,24 @@ def test_push_to_hub_uploads_the_saved_folder(saved_vq):
     def upload_folder(**kwargs):
         uploaded["files"] = sorted(os.listdir(kwargs["folder_path"]))
         uploaded["config"] = json.loads((Path(kwargs["folder_path"]) / "config.json").read_text())
+        uploaded["card"] = (Path(kwargs["folder_path"]) / "README.md").read_text()
         return "https://huggingface.co/org/tiny/commit/1"
 
-    with mock.patch("huggingface_hub.hub_mixin.HfApi") as api:
-        api.return_value.create_repo.return_value.repo_id = "org/tiny"
+    with mock.patch("vqtok.hub.HfApi") as api:
+        api.return_value.create_repo.return_value.repo_id = "org/tiny"  # the Hub puts a bare name in your namespace
         api.return_value.upload_folder.side_effect = upload_folder
-        model.push_to_hub("org/tiny")
+        model.push_to_hub("tiny", model_card_kwargs={"metrics": {"psnr": 12.5}})
+    assert api.return_value.create_repo.call_args.kwargs["repo_id"] == "tiny"
     assert uploaded["files"] == ["README.md", "config.json", "model.safetensors"]
     assert uploaded["config"]["model_type"] == "autoencoder"
+    assert 'model = vqtok.load("org/tiny")' not in uploaded["card"]  # (the old snippet's form)
+    assert 'tok = vqtok.load("org/tiny")' in uploaded["card"] and "ORG/NAME" not in uploaded["card"]
+    assert "| psnr | 12.5 |" in uploaded["card"]
+    with pytest.raises(ValueError, match="names the repo 'other/repo' but the model is pushed to 'org/tiny'"):
+        with mock.patch("vqtok.hub.HfApi") as api:
+            api.return_value.create_repo.return_value.repo_id = "org/tiny"
+            model.push_to_hub("tiny", model_card_kwargs={"repo_id": "other/repo"})
+    api.return_value.upload_folder.assert_not_called()
 
 
 def test_saved_files_are_readable_by_others_and_the_card_follows_the_metrics(saved_vq, tmp_path):
@@ -269,7 +280,7 @@ def test_a_name_that_can_only_be_a_local_path_is_not_looked_up_on_the_hub(tmp_pa
 
 
 def test_an_org_name_id_goes_to_the_hub_and_its_error_says_there_is_no_local_folder(tmp_path, monkeypatch):
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.utils import LocalEntryNotFoundError
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
@@ -310,3 +321,269 @@ def test_a_key_given_twice_in_config_json_is_an_error(saved_vq, tmp_path):
     (path / "config.json").write_text(text.replace('"base_channels": 16,', '"base_channels": 16, "base_channels": 32,'))
     with pytest.raises(ConfigError, match=r"config.json: key 'base_channels' is given twice"):
         vqtok.load(path)
+
+
+# ---- model cards in the Hub's conventions ------------------------------------------------------------------------
+
+
+def _tiny_prior_and_hvae():
+    from tests.conftest import tiny_config
+    from vqtok import HierarchicalVAE, HierarchicalVAEConfig, PriorConfig, TransformerPrior, VQConfig
+    from vqtok.models.prior import tokenizer_ref
+
+    torch.manual_seed(0)
+    tok = Autoencoder(tiny_config(VQConfig(codebook_size=16, dim=4, kmeans_init=False), in_channels=1)).eval()
+    prior = TransformerPrior(PriorConfig(vocab_size=16, grid=(8, 8), num_classes=10, tokenizer=tokenizer_ref(tok),
+                                         n_layer=1, n_head=2, n_embd=16)).eval()
+    prior.attach_tokenizer(tok)
+    hvae = HierarchicalVAE(HierarchicalVAEConfig(in_channels=1, resolution=8, scales=(4, 2), groups_per_scale=(1, 1),
+                                                 latent_channels=2, width=8, encoder_cells=1, cells_per_group=1))
+    return prior, hvae
+
+
+def _card(text: str):
+    from huggingface_hub import ModelCard
+
+    return ModelCard(text)  # huggingface_hub's own parser of the YAML header, model-index included
+
+
+def test_the_card_header_follows_the_hub_conventions(saved_vq, tmp_path):
+    model, _ = saved_vq
+    metrics = {"psnr": 21.25, "ssim": 0.75, "images": 40.0, "code_usage": 0.5}
+    model.save_pretrained(tmp_path, model_card_kwargs={
+        "metrics": metrics, "license": "mit", "datasets": ["ylecun/mnist"], "eval_dataset": "MNIST (test split)"})
+    text = (tmp_path / "README.md").read_text()
+    data = _card(text).data
+    assert data.library_name == "vqtok" and data.license == "mit" and data.datasets == ["ylecun/mnist"]
+    assert data.tags == ["vqtok", "image-tokenizer", "vq-vae"] and data.to_dict().get("pipeline_tag") is None
+    # every measurement in the model-index, on the named data; the count of images measured is not a metric
+    results = {r.metric_type: r.metric_value for r in data.eval_results}
+    assert results == {"psnr": 21.25, "ssim": 0.75, "code_usage": 0.5}
+    assert {(r.task_type, r.dataset_type, r.dataset_name) for r in data.eval_results} == {
+        ("image-to-image", "ylecun/mnist", "MNIST (test split)")}
+    assert "| images | 40.0 |" in text  # ... but it is in the table
+    assert "A VQ image tokenizer made with" in text and "A autoencoder" not in text
+    for section in ("## Usage", "## Model", "## Measured", "## Intended use", "## Limitations", "## Files"):
+        assert f"\n{section}\n" in text, section
+    assert f'tok = vqtok.load("{tmp_path}")' in text  # a local save loads from its folder
+    plain = model.generate_model_card()  # no licence, data or metrics given: none claimed
+    assert plain.data.license is None and plain.data.datasets is None and plain.data.eval_results is None
+    assert "## Measured" not in str(plain) and 'vqtok.load("ORG/NAME")' in str(plain)
+    with pytest.raises(TypeError, match="unknown model card keyword.*licence"):
+        model.generate_model_card(licence="mit")
+
+
+def test_each_kind_of_model_has_its_tags_pipeline_and_usage(gaussian_model):
+    from tests.conftest import tiny_config
+    from vqtok import GaussianConfig
+
+    prior, hvae = _tiny_prior_and_hvae()
+    latent_tokenizer = Autoencoder(tiny_config(GaussianConfig(dim=4, beta=1e-6)))
+    expected = [  # (model, kind's tags, pipeline_tag, what the usage does, the article and description)
+        (gaussian_model, ["image-tokenizer", "vae"], "unconditional-image-generation", "tok.sample(16",
+         "A Gaussian (KL) image autoencoder"),
+        (latent_tokenizer, ["image-tokenizer", "vae"], None, "posterior.mode()", "A Gaussian (KL) image autoencoder"),
+        (hvae, ["image-tokenizer", "vae", "hierarchical-vae"], "unconditional-image-generation", "vae.sample(16",
+         "A hierarchical VAE"),
+        (prior, ["autoregressive-prior"], "unconditional-image-generation",
+         "prior.generate(16, labels=3, cfg_scale=2.0, seed=0)", "An autoregressive transformer prior"),
+    ]
+    for model, tags, pipeline, usage, intro in expected:
+        card = model.generate_model_card(repo_id="org/name", metrics={"bits": 1.5})
+        assert card.data.tags == ["vqtok", *tags] and card.data.to_dict().get("pipeline_tag") == pipeline, type(model)
+        text = str(card)
+        assert usage in text and 'vqtok.load("org/name")' in text and intro in text, (type(model), text)
+        assert "\n## Intended use\n" in text and "\n## Limitations\n" in text
+        assert card.data.eval_results[0].task_type == type(model).card_task[0]
+    assert "`tokenizer/`: the tokenizer whose codes it models" in str(prior.generate_model_card())
+
+
+def test_push_to_hub_of_a_prior_names_the_repo_in_its_tokenizer_card_too():
+    prior, _ = _tiny_prior_and_hvae()
+    cards = {}
+
+    def upload_folder(**kwargs):
+        folder = Path(kwargs["folder_path"])
+        cards.update({p.relative_to(folder).as_posix(): p.read_text() for p in folder.rglob("README.md")})
+        return "https://huggingface.co/org/prior/commit/1"
+
+    with mock.patch("vqtok.hub.HfApi") as api:
+        api.return_value.create_repo.return_value.repo_id = "org/prior"
+        api.return_value.upload_folder.side_effect = upload_folder
+        prior.push_to_hub("org/prior")
+    assert sorted(cards) == ["README.md", "tokenizer/README.md"]
+    assert 'prior = vqtok.load("org/prior")' in cards["README.md"]
+    assert 'tok = vqtok.load("org/prior", subfolder="tokenizer")' in cards["tokenizer/README.md"]
+    assert "/tmp" not in cards["tokenizer/README.md"]  # not the temporary folder it was saved in
+
+
+@pytest.mark.parametrize("phrase, article", [
+    ("autoencoder", "an"), ("VQ image tokenizer", "a"), ("hierarchical VAE", "a"), ("LDM tokenizer", "an"),
+    ("image tokenizer", "an"), ("transformer prior", "a"), ("HVAE", "an"), ("Gaussian autoencoder", "a"),
+])
+def test_the_article_fits_the_phrase(phrase, article):
+    from vqtok.hub import indefinite_article
+
+    assert indefinite_article(phrase) == article
+
+
+def test_a_converted_tokenizer_card_names_the_original_and_its_licence(saved_vq, tmp_path):
+    from dataclasses import replace
+
+    from vqtok.config import ConvertedFrom
+
+    model, _ = saved_vq
+    origin = ConvertedFrom(format="diffusers", source="org/vq", revision="b" * 40, weights_sha256="c" * 64,
+                           class_name="VQModel", license="openrail++")
+    converted = Autoencoder(replace(model.config, converted_from=origin))
+    card = converted.generate_model_card(repo_id="me/vq")
+    text = str(card)
+    assert card.data.license == "openrail++" and card.data.to_dict().get("pipeline_tag") is None
+    assert text.index("| converted from | diffusers VQModel `org/vq` at " + "b" * 40) < text.index("| model type |")
+    assert "| original weights sha256 | " + "c" * 64 in text and "The original's licence applies" in text
+    assert converted.generate_model_card(license="other").data.license == "other"  # a licence given wins
+
+
+# ---- vqtok push: the card names the real repo; a training run's config and picture go with the model -------------
+
+
+def _mock_hub(repo_id: str):
+    """huggingface_hub.HfApi as `vqtok push` uses it; create_commit's operations are kept as {path: bytes}."""
+    pushed: dict[str, bytes] = {}
+
+    def create_commit(**kwargs):
+        for op in kwargs["operations"]:
+            source = op.path_or_fileobj
+            pushed[op.path_in_repo] = source if isinstance(source, bytes) else Path(source).read_bytes()
+        return "https://huggingface.co/real/repo/commit/1"
+
+    patch = mock.patch("huggingface_hub.HfApi")
+    api = patch.start()
+    api.return_value.create_repo.return_value.repo_id = repo_id
+    api.return_value.create_commit.side_effect = create_commit
+    return patch, api, pushed
+
+
+def _training_run(model: Autoencoder, root: Path) -> Path:
+    """A tokenizer run's folder as vqtok writes it: marker, config.yaml, sample grids, tokenizer/."""
+    from vqtok.train.run_folder import RUN_MARKER
+
+    root.mkdir()
+    (root / RUN_MARKER).write_text('{"kind": "tokenizer"}\n')
+    (root / "config.yaml").write_text("output_dir: run\nmax_steps: 10\neval_images: 64\n"
+                                      "data: {source: torchvision, name: MNIST, path: data/mnist}\n")
+    (root / "samples").mkdir()
+    for step in (2, 10):
+        (root / "samples" / f"step_{step:06d}.png").write_bytes(b"png of step %d" % step)
+    model.save_pretrained(root / "tokenizer", model_card_kwargs={"metrics": {"psnr": 19.5, "images": 64.0}})
+    return root / "tokenizer"
+
+
+def test_cli_push_of_a_training_run_remakes_the_card_for_the_repo_and_uploads_config_and_picture(saved_vq, tmp_path,
+                                                                                                   capsys):
+    from vqtok.cli import main
+
+    model, _ = saved_vq
+    folder = _training_run(model, tmp_path / "run")
+    local_card = (folder / "README.md").read_bytes()
+    patch, api, pushed = _mock_hub("real/repo")
+    try:
+        assert main(["push", str(folder), "repo", "--license", "cc-by-4.0"]) == 0
+    finally:
+        patch.stop()
+    assert sorted(pushed) == ["README.md", "config.json", "model.safetensors", "reconstructions.png",
+                              "training_config.yaml"]
+    assert pushed["training_config.yaml"] == (tmp_path / "run" / "config.yaml").read_bytes()
+    assert pushed["reconstructions.png"] == b"png of step 10"  # the last grid
+    assert pushed["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+    text = pushed["README.md"].decode()
+    card = _card(text)
+    assert 'tok = vqtok.load("real/repo")' in text and str(folder) not in text
+    assert card.data.license == "cc-by-4.0" and card.data.datasets == ["ylecun/mnist"]
+    assert {(r.metric_type, r.metric_value, r.dataset_name) for r in card.data.eval_results} == {
+        ("psnr", 19.5, "MNIST (train split), at most 64 images")}
+    assert "![Inputs (top row) and their reconstructions" in text and "](reconstructions.png)" in text
+    assert "- `training_config.yaml`: the configuration of the training run" in text
+    assert "| images | 64.0 |" in text  # the metrics the card was saved with survive the remake
+    assert "training_config.yaml" in capsys.readouterr().out
+    assert (folder / "README.md").read_bytes() == local_card  # the local card is left as it was
+
+
+def test_cli_push_keeps_a_card_a_person_edited(saved_vq, tmp_path, capsys):
+    from vqtok.cli import main
+
+    model, _ = saved_vq
+    folder = tmp_path / "tok"
+    model.save_pretrained(folder)
+    edited = (folder / "README.md").read_text().replace("## Intended use\n", "## Intended use\n\nMy own words.\n")
+    (folder / "README.md").write_text(edited)
+    patch, api, pushed = _mock_hub("real/repo")
+    try:
+        assert main(["push", str(folder), "real/repo", "--license", "mit"]) == 1  # would drop the licence
+        assert "cannot be added" in capsys.readouterr().err and not api.return_value.create_repo.called
+        assert main(["push", str(folder), "real/repo"]) == 0
+    finally:
+        patch.stop()
+    assert pushed["README.md"].decode() == edited.replace(f'vqtok.load("{folder}")', 'vqtok.load("real/repo")')
+    assert "My own words." in pushed["README.md"].decode()
+    assert "was edited since vqtok wrote it" in capsys.readouterr().out
+
+
+# ---- the ecosystem's conventions: torch_dtype and device in load; output objects -----------------------------------
+
+
+def test_load_with_torch_dtype_casts_the_weights_but_keeps_the_codebook_float32(saved_vq, images):
+    model, path = saved_vq
+    loaded = vqtok.load(path, torch_dtype=torch.bfloat16, device="cpu")
+    assert loaded.encoder.conv_in.weight.dtype == loaded.decoder.conv_out.bias.dtype == torch.bfloat16
+    assert loaded.bottleneck.codebook.dtype == torch.float32 and loaded.bottleneck.ema_count.dtype == torch.float32
+    assert loaded.bottleneck.last_used.dtype == torch.int64  # integer state stays integer
+    # the same weights as casting the float32 model by hand; the codebook is the float32 one, bit for bit
+    float32_state = {f"bottleneck.{name}" for name in ("codebook", "ema_count", "ema_sum", "ema_sq_error")}
+    for name, tensor in loaded.state_dict().items():
+        expected = model.state_dict()[name]
+        if expected.is_floating_point() and name not in float32_state:
+            expected = expected.to(torch.bfloat16)
+        assert tensor.dtype == expected.dtype and torch.equal(tensor, expected), name
+    codes = loaded.encode(images)  # encode and decode work in bfloat16
+    assert codes.shape == (4, 8, 8) and codes.dtype == torch.int64
+    assert loaded.decode(codes).dtype == torch.bfloat16
+    assert vqtok.load(path, torch_dtype="bfloat16").encoder.conv_in.weight.dtype == torch.bfloat16
+    assert vqtok.load(path, map_location="cpu").encoder.conv_in.weight.dtype == torch.float32  # the older name
+    with pytest.raises(ValueError, match="torch_dtype must be a floating-point dtype.*torch.int8"):
+        vqtok.load(path, torch_dtype=torch.int8)
+    with pytest.raises(ValueError, match="torch_dtype must be a floating-point dtype.*'bf17'"):
+        vqtok.load(path, torch_dtype="bf17")
+    with pytest.raises(ValueError, match="device='meta' and map_location='cpu' name different devices"):
+        vqtok.load(path, device="meta", map_location="cpu")
+
+
+def test_encode_return_dict_gives_codes_vectors_and_features_as_the_quantizer_sees_them(saved_vq, images):
+    model, _ = saved_vq
+    out = model.encode(images, return_dict=True)
+    assert isinstance(out, vqtok.EncoderOutput) and out.posterior is None
+    features = model.quant_conv(model.encoder(images))  # the pre-quantization features, computed here
+    torch.testing.assert_close(out.latents, features, rtol=0, atol=0)
+    assert torch.equal(out.codes, model.encode(images))  # what encode gives by default
+    # the codes are the nearest codebook rows (float64 brute force) and `quantized` is those rows, as [B, D, h, w]
+    codebook = model.bottleneck.codebook.double()
+    rows = features.double().permute(0, 2, 3, 1).reshape(-1, codebook.shape[1])
+    assert torch.equal(out.codes.flatten(), torch.cdist(rows, codebook).argmin(dim=1))
+    assert out.quantized.dtype == torch.float32 and out.quantized.shape == (4, 4, 8, 8)
+    assert torch.equal(out.quantized, model.bottleneck.codebook[out.codes].permute(0, 3, 1, 2))
+    decoded = model.decode(out.codes, return_dict=True)
+    assert isinstance(decoded, vqtok.DecoderOutput) and torch.equal(decoded.sample, model.decode(out.codes))
+    forward = model(images)  # the forward's output holds the codes and the loss terms
+    assert torch.equal(forward.bottleneck.codes, out.codes) and set(forward.bottleneck.terms) == {"commitment"}
+    torch.testing.assert_close(forward.bottleneck.terms["commitment"], F.mse_loss(features, out.quantized))
+
+
+def test_encode_return_dict_of_a_gaussian_tokenizer_gives_the_posterior_and_a_sample(gaussian_model, images):
+    out = gaussian_model.encode(images, return_dict=True, generator=torch.Generator().manual_seed(3))
+    assert out.codes is None and out.quantized is None
+    posterior = gaussian_model.encode(images)
+    assert torch.equal(out.posterior.mean, posterior.mean) and torch.equal(out.posterior.logvar, posterior.logvar)
+    noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out.latents, posterior.mean + posterior.std * noise)  # mean + std * eps, by hand
+    decoded = gaussian_model.decode(out.latents, return_dict=True).sample
+    assert torch.equal(decoded, gaussian_model.decode(out.latents))

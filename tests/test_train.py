@@ -491,9 +491,13 @@ def test_cli_eval_and_push(finished_run, tmp_path, capsys):
     assert "code_usage" in capsys.readouterr().out
     with mock.patch("huggingface_hub.HfApi") as api:
         api.return_value.create_repo.return_value.repo_id = "org/tok"
-        api.return_value.upload_folder.return_value = "https://huggingface.co/org/tok/commit/1"
+        api.return_value.create_commit.return_value = "https://huggingface.co/org/tok/commit/1"
         assert main(["push", str(folder), "org/tok"]) == 0
-    assert api.return_value.upload_folder.call_args.kwargs["folder_path"] == str(folder)
+    operations = api.return_value.create_commit.call_args.kwargs["operations"]
+    uploaded = {op.path_in_repo: op.path_or_fileobj for op in operations}
+    assert uploaded["model.safetensors"] == str(folder / "model.safetensors")  # with the run's config and last grid:
+    assert sorted(uploaded) == ["README.md", "config.json", "model.safetensors", "reconstructions.png",
+                                "training_config.yaml"]
     assert main(["push", str(tmp_path), "org/tok"]) == 1  # not a model folder: refused before any upload
 
 

@@ -13,6 +13,8 @@ from vqtok.hub import load
 from vqtok.models import (
     Autoencoder,
     AutoencoderOutput,
+    DecoderOutput,
+    EncoderOutput,
     HierarchicalVAE,
     HierarchicalVAEConfig,
     PriorTokenizerMismatch,
@@ -25,6 +27,8 @@ __all__ = [
     "AutoencoderConfig",
     "AutoencoderOutput",
     "ConfigError",
+    "DecoderOutput",
+    "EncoderOutput",
     "GaussianConfig",
     "HierarchicalVAE",
     "HierarchicalVAEConfig",

@@ -24,7 +24,8 @@ PRIOR_ONLY = {"label": "--class", "top_k": "--top-k", "top_p": "--top-p", "cfg_s
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vqtok", description="Image tokenizers for generative transformers.")
+    parser = argparse.ArgumentParser(prog="vqtok", description="Image tokenizers for generative transformers.",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"vqtok {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -62,11 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--temperature", type=nonnegative_float, default=1.0,
                         help="0: greedy for a prior; for a VAE, the factor on its prior's standard deviations, 0 "
                         "its mean (default 1)")
-    sample.add_argument("--top-k", type=positive_int, default=None)
-    sample.add_argument("--top-p", type=probability, default=None)
+    sample.add_argument("--top-k", type=positive_int, default=None,
+                        help="sample each code from the K most likely only (a prior; default: all)")
+    sample.add_argument("--top-p", type=probability, default=None,
+                        help="sample each code from the smallest set of codes whose probability reaches P (nucleus "
+                        "sampling; a prior; default: all)")
     sample.add_argument("--cfg-scale", type=finite_float, default=None,
                         help="classifier-free guidance scale (needs --class; default 1: none)")
-    sample.add_argument("--seed", type=random_seed, default=0)
+    sample.add_argument("--seed", type=random_seed, default=0,
+                        help="random seed: the same seed, --n and --batch-size give the same images")
     sample.add_argument("--batch-size", type=positive_int, default=SAMPLE_BATCH,
                         help=f"samples generated and decoded at once (default {SAMPLE_BATCH}); the seed's samples "
                         "depend on it")
@@ -82,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="PSNR, SSIM and codebook usage of a tokenizer on a dataset")
     evaluate.add_argument("tokenizer", help="local folder or Hub repo id[@revision]")
     evaluate.add_argument("--data", required=True, help=DATA_HELP)
-    evaluate.add_argument("--split", choices=["train", "test"], default="test")
+    evaluate.add_argument("--split", choices=["train", "test"], default="test",
+                          help="the split of a source that has both")
     evaluate.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N images only")
     _window_options(evaluate)
     evaluate.add_argument("--iwae", type=positive_int, default=None, metavar="K",
@@ -91,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--iwae-batch", type=positive_int, default=None, metavar="N",
                           help="with --iwae: importance samples x images evaluated at once (default 1024: "
                           "vqtok.train.evaluate.IWAE_BATCH)")
-    evaluate.add_argument("--batch-size", type=positive_int, default=64)
+    evaluate.add_argument("--batch-size", type=positive_int, default=64, help="images evaluated at once")
     evaluate.add_argument("--out", default=None, help="also write the metrics as JSON here")
     evaluate.add_argument("--lpips", default=None, metavar="WEIGHTS",
                           help="also report LPIPS, with these LPIPS-VGG16 weights (vqtok convert-lpips)")
@@ -100,12 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
     encode = commands.add_parser("encode", help="encode a dataset into a token store (resumable, multi-process)")
     encode.add_argument("--tokenizer", required=True, help="local folder or Hub repo id[@revision]")
     encode.add_argument("--data", required=True, help=DATA_HELP)
-    encode.add_argument("--split", choices=["train", "test"], default="train")
+    encode.add_argument("--split", choices=["train", "test"], default="train",
+                        help="the split of a source that has both")
     encode.add_argument("--out", required=True, help="the store folder (re-run with the same arguments to resume)")
-    encode.add_argument("--batch-size", type=positive_int, default=256)
-    encode.add_argument("--shard-size", type=positive_int, default=10_000)
+    encode.add_argument("--batch-size", type=positive_int, default=256,
+                        help="images encoded at once; resuming a store needs the same")
+    encode.add_argument("--shard-size", type=positive_int, default=10_000,
+                        help="images per shard file, the unit that is written whole and skipped on resume")
     encode.add_argument("--hflip", action="store_true", help="also store the codes of horizontally flipped images")
-    encode.add_argument("--num-workers", type=nonnegative_int, default=4)
+    encode.add_argument("--num-workers", type=nonnegative_int, default=4,
+                        help="data loader processes reading the images; 0 reads them in the main process")
     encode.add_argument("--limit", type=positive_int, default=None, help="encode the first N images only")
     _window_options(encode)
     encode.set_defaults(run=_encode)
@@ -120,11 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     decode.set_defaults(run=_decode)
 
     push = commands.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
-    push.add_argument("folder")
-    push.add_argument("repo_id")
-    push.add_argument("--private", action="store_true")
-    push.add_argument("--branch", default=None)
-    push.add_argument("--message", default="Upload vqtok model")
+    push.add_argument("folder", help="a saved model folder (a training run's tokenizer/ or prior/ also uploads the "
+                      "run's config.yaml and last image grid)")
+    push.add_argument("repo_id", help="the Hub repository, org/name (created if it does not exist)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--branch", default=None, help="commit to this existing branch (default: main)")
+    push.add_argument("--message", default="Upload vqtok model", help="the commit message")
+    push.add_argument("--license", default=None,
+                      help="the weights' licence for the model card, a Hub licence id (e.g. apache-2.0, mit; "
+                      "default: the card's own, a converted model's original's)")
     push.set_defaults(run=_push)
 
     info = commands.add_parser(
@@ -158,8 +172,22 @@ def build_parser() -> argparse.ArgumentParser:
     debug_help = "on an error, also show the traceback"
     parser.add_argument("--debug", action="store_true", help=debug_help)
     for command in commands.choices.values():  # `vqtok --debug CMD` or `vqtok CMD ... --debug`
+        command.formatter_class = HelpFormatter
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` that ends each option's help with its default, unless the help says it already or there is none to
+    say (an option off by default, or whose absence means "none": None, False, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or not action.option_strings or default is None or default is False or default == []
+                or default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,12 +285,13 @@ def _source_options(parser: argparse.ArgumentParser) -> None:
                         help="the model's YAML: taming's/LDM's (model.params.ddconfig, embed_dim, n_embed) or "
                              "LlamaGen's ModelArgs; default: read off the tensors' shapes")
     ldm = parser.add_argument_group("a taming/LDM ddconfig given as flags (instead of --config)")
-    ldm.add_argument("--ch", type=positive_int)
-    ldm.add_argument("--ch-mult", type=int_list)
-    ldm.add_argument("--num-res-blocks", type=positive_int)
-    ldm.add_argument("--attn-resolutions", type=int_list)
-    ldm.add_argument("--z-channels", type=positive_int)
-    ldm.add_argument("--embed-dim", type=positive_int)
+    ldm.add_argument("--ch", type=positive_int, help="ddconfig ch: the base channel count")
+    ldm.add_argument("--ch-mult", type=int_list, help="ddconfig ch_mult: channel multipliers per level, e.g. 1,1,2,2,4")
+    ldm.add_argument("--num-res-blocks", type=positive_int, help="ddconfig num_res_blocks: residual blocks per level")
+    ldm.add_argument("--attn-resolutions", type=int_list,
+                     help="ddconfig attn_resolutions: feature sizes with attention, e.g. 16 (empty: none)")
+    ldm.add_argument("--z-channels", type=positive_int, help="ddconfig z_channels: the encoder's output channels")
+    ldm.add_argument("--embed-dim", type=positive_int, help="embed_dim: the latent (or code vector) dimension")
     ldm.add_argument("--n-embed", type=positive_int, help="codebook size (a VQ; without it, a KL first stage)")
     parser.add_argument("--resolution", type=positive_int, default=None,
                         help="the image size the config's attention resolutions refer to (default 256)")
@@ -650,18 +679,24 @@ def _decode_images(tokenizer: Any, codes: Any) -> Any:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     import vqtok
+    from vqtok.hub import publication
 
     model = vqtok.load(args.folder)  # refuse to publish what would not load
-    if isinstance(model, vqtok.TransformerPrior):
-        model.load_tokenizer()  # ... or a prior whose tokenizer is missing or not the recorded one
+    if isinstance(model, vqtok.TransformerPrior):  # ... or a prior whose tokenizer is missing or not the recorded one
+        model.attach_tokenizer(model.load_tokenizer())
+    publication(model, args.folder, args.repo_id, license=args.license)  # (its errors before a repo is made)
     api = HfApi()
     repo_id = api.create_repo(args.repo_id, private=args.private, exist_ok=True).repo_id
-    url = api.upload_folder(repo_id=repo_id, folder_path=args.folder, revision=args.branch,
-                            commit_message=args.message, allow_patterns=["config.json", "README.md", "*.safetensors", "tokenizer/config.json", "tokenizer/README.md"])
-    print(f"pushed {args.folder} to {url}")
+    files, notes = publication(model, args.folder, repo_id, license=args.license)
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=what) for name, what in files.items()]
+    url = api.create_commit(repo_id=repo_id, operations=operations, commit_message=args.message,
+                            revision=args.branch)
+    for note in notes:
+        print(note)
+    print(f"pushed {args.folder} to {getattr(url, 'commit_url', url)} ({', '.join(files)})")
     return 0
 
 

@@ -10,22 +10,24 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 import torch
-from huggingface_hub import ModelHubMixin, hf_hub_download
-from huggingface_hub.errors import (
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, ModelHubMixin, hf_hub_download
+from huggingface_hub.utils import (  # (not huggingface_hub.errors: it holds them only from 0.24 on)
     EntryNotFoundError,
     GatedRepoError,
     HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
+    validate_repo_id,
 )
-from huggingface_hub.utils import validate_repo_id
 from packaging.version import InvalidVersion, Version
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -65,11 +67,16 @@ MODEL_CARD = """---
 
 {{ intro }}
 
-```python
-import vqtok
-model = vqtok.load("{{ repo_id }}")
-```
+## Usage
 
+```python
+{{ usage }}
+```
+{% if image %}
+![{{ image_caption }}]({{ image }})
+
+*{{ image_caption }}*
+{% endif %}
 ## Model
 | | |
 |---|---|
@@ -78,14 +85,46 @@ model = vqtok.load("{{ repo_id }}")
 {% endfor %}
 {% if metrics %}
 ## Measured
+{% if eval_dataset %}
+On {{ eval_dataset }}.
+{% endif %}
 | metric | value |
 |---|---|
 {% for key, value in metrics.items() -%}
 | {{ key }} | {{ value }} |
 {% endfor %}
 {% endif %}
-The full configuration is in `config.json`; weights are in `model.safetensors` (no pickles).
+## Intended use
+
+{{ intended_use }}
+
+## Limitations
+
+{{ limitations }}
+
+## Files
+
+- `config.json`: the configuration; `model.safetensors`: the weights (safetensors: no pickles)
+{% for name, what in files.items() -%}
+- `{{ name }}`: {{ what }}
+{% endfor %}
+<!-- vqtok-card {{ inputs }} -->
 """
+# What a card is made from (the keywords of `HubModel.generate_model_card`): recorded in the card's last line, so
+# that `vqtok push` can tell a card vqtok wrote from one a person edited, and remake it naming the real repo.
+CARD_MARKER = "<!-- vqtok-card "
+CARD_KEYS = ("repo_id", "subfolder", "metrics", "license", "datasets", "eval_dataset", "files", "image",
+             "image_caption", "title", "intro", "description", "tags", "pipeline_tag")
+PLACEHOLDER_REPO = "ORG/NAME"
+# Metrics that count what was measured rather than measure the model: in the card's table, not in its model-index.
+COUNT_METRICS = frozenset({"images", "held_out_images", "steps", "processes", "iwae_samples"})
+TOKENIZER_LIMITATIONS = (
+    "Reconstructions are lossy: fine detail, small text and faces are the first to go. The model was trained on the "
+    "data named in its training configuration (`training_config.yaml` when it was published from a vqtok run) at the "
+    "resolution in the table above; on other kinds of images, or other sizes, its quality is unmeasured and can be "
+    "much lower. The measured numbers hold for the data they were measured on, nowhere else. It inherits the biases "
+    "and gaps of its training data and has not been evaluated for any use involving people."
+)
 
 
 class HubModel(
@@ -141,7 +180,8 @@ class HubModel(
         """Write config.json, model.safetensors and (if absent) a model card README.md into `save_directory`.
 
         Both files are written to temporaries first and renamed into place only when both are complete, so a
-        failed save leaves an existing folder as it was. `model_card_kwargs` (e.g. `metrics={...}`) fill the card.
+        failed save leaves an existing folder as it was. `model_card_kwargs` fill the card (`generate_model_card`:
+        metrics, license, datasets, ...); its usage line loads `repo_id` when given, else this folder.
         """
         if config is not None:
             raise ValueError("the config of a vqtok model is its own `config`; do not pass another to save_pretrained")
@@ -151,7 +191,8 @@ class HubModel(
         card_path = save_directory / "README.md"
         # A card vqtok wrote is rewritten (its metrics would go stale); one a person wrote is kept.
         if not card_path.exists() or "library_name: vqtok" in card_path.read_text(errors="replace"):
-            self.generate_model_card(**(model_card_kwargs or {})).save(card_path)
+            card_kwargs = {"repo_id": repo_id or str(save_directory), **(model_card_kwargs or {})}
+            self.generate_model_card(**card_kwargs).save(card_path)
         if push_to_hub:
             return self.push_to_hub(repo_id or save_directory.name, model_card_kwargs=model_card_kwargs,
                                     **push_to_hub_kwargs)
@@ -166,15 +207,124 @@ class HubModel(
             save_file(tensors, weights, metadata={"format": "pt"})
             Path(config).write_text(text)
 
-    def generate_model_card(self, *args: Any, **kwargs: Any):
+    def push_to_hub(  # type: ignore[override]
+        self,
+        repo_id: str,
+        *,
+        config: None = None,
+        commit_message: str = "Upload vqtok model",
+        private: bool | None = None,
+        token: str | None = None,
+        branch: str | None = None,
+        create_pr: bool | None = None,
+        allow_patterns: list[str] | str | None = None,
+        ignore_patterns: list[str] | str | None = None,
+        delete_patterns: list[str] | str | None = None,
+        model_card_kwargs: dict[str, Any] | None = None,
+    ) -> str:
+        """Upload the model to the Hub repo `repo_id` (created if needed) in one commit; returns the commit's URL.
+
+        The model card names the repo as the Hub resolved it (a bare name gets your namespace), so its usage line
+        is `vqtok.load("org/name")`. Other arguments as huggingface_hub's `ModelHubMixin.push_to_hub`."""
+        if config is not None:
+            raise ValueError("the config of a vqtok model is its own `config`; do not pass another to push_to_hub")
+        card_kwargs = dict(model_card_kwargs or {})
+        api = HfApi(token=token)
+        resolved = api.create_repo(repo_id=repo_id, private=private, exist_ok=True).repo_id
+        if card_kwargs.get("repo_id", resolved) not in (repo_id, resolved):
+            raise ValueError(f"model_card_kwargs names the repo {card_kwargs['repo_id']!r} but the model is pushed to "
+                             f"{resolved!r}; leave repo_id out of model_card_kwargs")
+        card_kwargs["repo_id"] = resolved
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, model_card_kwargs=card_kwargs)
+            for subfolder, model in self.card_submodels().items():  # a prior's tokenizer/ names the repo too
+                card_path = Path(tmp) / subfolder / "README.md"
+                card_path.write_text(card_for_push(model, card_path, resolved, subfolder=subfolder)[0])
+            return api.upload_folder(repo_id=resolved, repo_type="model", folder_path=tmp,
+                                     commit_message=commit_message, revision=branch, create_pr=create_pr,
+                                     allow_patterns=allow_patterns, ignore_patterns=ignore_patterns,
+                                     delete_patterns=delete_patterns)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The model card
+
+    card_task: ClassVar[tuple[str, str]] = ("image-to-image", "Image reconstruction")  # model-index's task
+
+    def card_defaults(self, load: str) -> dict[str, Any]:
+        """The parts of the model card that depend on the kind of model (subclasses override): description, tags
+        (besides 'vqtok'), pipeline_tag, usage (Python that loads the model with `load`, e.g. `vqtok.load("org/name")`),
+        intended_use, limitations; optionally title, intro, license and files."""
+        return {
+            "description": self.model_type.replace("_", " "),
+            "tags": [],
+            "pipeline_tag": None,
+            "usage": f"import vqtok\n\nmodel = {load}",
+            "intended_use": "Research on image tokenizers and generative models of images.",
+            "limitations": "Not evaluated beyond the numbers on this card.",
+        }
+
+    def card_submodels(self) -> dict[str, HubModel]:
+        """The models saved in sub-folders of this one's folder, with cards of their own: {subfolder: model}."""
+        return {}
+
+    def card_facts(self) -> dict[str, Any]:
+        """The rows of the card's "Model" table: type, parameters and the facts the config implies."""
         facts = {"model type": self.model_type, "parameters": f"{sum(p.numel() for p in self.parameters()):,}"}
+        if getattr(self.config, "resolution", None) is not None:
+            facts["resolution"] = self.config.resolution
         facts.update({k.replace("_", " "): v for k, v in self.derived_config().items() if v is not None})
-        kwargs.setdefault("title", f"vqtok {self.model_type}")
-        kwargs.setdefault("description", self.model_type)
-        kwargs.setdefault("repo_id", "ORG/NAME")
-        kwargs.setdefault("metrics", {})
-        kwargs.setdefault("intro", f"A {kwargs['description']} made with [vqtok](https://github.com/vqtok/vqtok).")
-        return super().generate_model_card(*args, facts=facts, **kwargs)
+        return facts
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        """The model card (README.md), in the Hub's conventions: a YAML header (library_name, license, tags,
+        pipeline_tag, datasets, and the metrics as a model-index), usage, the model's facts, the measured metrics,
+        intended use, limitations and the files.
+
+        Keywords, all optional: `repo_id` (what the usage line loads: a Hub repo id or a folder; default ORG/NAME),
+        `subfolder` (where in it the model lies), `metrics` ({name: value}), `license` (a Hub licence id such as
+        apache-2.0 or mit: the licence of these weights, which vqtok's own licence does not decide; a converted
+        model's default is the original's), `datasets` (Hub dataset ids of the training data), `eval_dataset` (what
+        the metrics were measured on), `files` ({file: what it holds}: files uploaded beside the model), `image` and
+        `image_caption` (a picture in the repo), `title`, `intro`, `description`, `tags` (added to vqtok's) and
+        `pipeline_tag`. The keywords are recorded in the card's last line (an HTML comment), from which `vqtok push`
+        remakes it for the repo it uploads to."""
+        if args:
+            raise TypeError("generate_model_card takes keyword arguments only")
+        unknown = sorted(set(kwargs) - set(CARD_KEYS))
+        if unknown:
+            raise TypeError(f"unknown model card keyword(s) {', '.join(unknown)}; known: {', '.join(CARD_KEYS)}")
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        name = given.get("repo_id", PLACEHOLDER_REPO)
+        defaults = self.card_defaults(load_call(name, given.get("subfolder")))
+        parts = {**defaults, **given}
+        parts["tags"] = list(dict.fromkeys(["vqtok", *defaults["tags"], *given.get("tags", [])]))
+        parts["files"] = {**defaults.get("files", {}), **given.get("files", {})}
+        description = parts["description"]
+        metrics = dict(parts.get("metrics") or {})
+        datasets = list(parts.get("datasets") or [])
+        results = _eval_results(metrics, self.card_task, datasets, parts.get("eval_dataset"))
+        data = ModelCardData(
+            library_name="vqtok", license=parts.get("license"), tags=parts["tags"],
+            pipeline_tag=parts.get("pipeline_tag"), datasets=datasets or None, eval_results=results or None,
+            model_name=name.rstrip("/").rsplit("/", 1)[-1] if results else None,  # the model-index's name
+        )
+        return ModelCard.from_template(
+            data,
+            template_str=MODEL_CARD,
+            title=parts.get("title", f"{description[:1].upper()}{description[1:]} (vqtok)"),
+            intro=parts.get("intro", f"{indefinite_article(description).capitalize()} {description} made with "
+                                     "[vqtok](https://github.com/vqtok/vqtok)."),
+            usage=parts["usage"],
+            image=parts.get("image"),
+            image_caption=parts.get("image_caption", "An example"),
+            facts=self.card_facts(),
+            metrics=metrics,
+            eval_dataset=parts.get("eval_dataset"),
+            intended_use=parts["intended_use"],
+            limitations=parts["limitations"],
+            files=parts["files"],
+            inputs=json.dumps(given, default=str).replace("-->", "--\\u003e"),
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # Loading
@@ -189,14 +339,22 @@ class HubModel(
         force_download: bool = False,
         token: str | bool | None = None,
         local_files_only: bool = False,
-        map_location: str | torch.device = "cpu",
+        map_location: str | torch.device | None = None,
         subfolder: str | None = None,
+        device: str | torch.device | None = None,
+        torch_dtype: torch.dtype | str | None = None,
     ) -> M:
         """Load from a local folder or a Hub repo id (`revision`: branch, tag or commit), strictly and pickle-free.
 
-        `subfolder` loads a model saved inside another's folder (a prior's `tokenizer/`). The model remembers where
-        it came from in `loaded_from` (the folder or repo id, the commit when it came from the Hub, the subfolder).
+        `device` (or its older name `map_location`; default cpu) is where the weights are loaded. `torch_dtype`
+        (e.g. torch.bfloat16 or "bfloat16") casts the floating-point weights after loading; a VQ codebook and its
+        statistics stay float32 by design (the nearest-code search runs in float32), as integer buffers stay
+        integers. `subfolder` loads a model saved inside another's folder (a prior's `tokenizer/`). The model
+        remembers where it came from in `loaded_from` (the folder or repo id, the commit when it came from the Hub,
+        the subfolder).
         """
+        map_location = _placement(map_location, device)
+        dtype = floating_dtype(torch_dtype)
         source = str(pretrained_model_name_or_path)
         fetch = dict(revision=revision, cache_dir=cache_dir, force_download=force_download, token=token,
                      local_files_only=local_files_only)
@@ -215,7 +373,7 @@ class HubModel(
                     k: v for k, v in fetch.items() if k != "revision"})
                 if cls is not HubModel and not isinstance(model, cls):
                     raise ConfigError(f"{config_path}: holds an image tokenizer, not a {cls.model_type!r}")
-                return model  # type: ignore[return-value]
+                return model if dtype is None else model.to(dtype)  # type: ignore[return-value]
         model_cls = _model_class(raw, config_path)
         if cls is not HubModel and not issubclass(model_cls, cls):
             raise ConfigError(f"{config_path}: holds a {raw['model_type']!r} model, not a {cls.model_type!r}")
@@ -225,6 +383,8 @@ class HubModel(
         weights_path = _resolve(source, prefix + WEIGHTS_NAME, **fetch)
         model.to(map_location)
         load_weights_strict(model, weights_path, map_location=map_location)
+        if dtype is not None:
+            model.to(dtype)
         model.eval()
         model.loaded_from = LoadedFrom(source=source if commit else str(Path(source).resolve()),
                                        commit=commit, subfolder=subfolder)
@@ -240,12 +400,17 @@ def load(
     name_or_path: str | Path,
     *,
     revision: str | None = None,
-    map_location: str | torch.device = "cpu",
+    device: str | torch.device | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    map_location: str | torch.device | None = None,
     **hub_kwargs: Any,
 ) -> HubModel:
     """Load any vqtok model (tokenizer or prior) from a folder or a Hub repo id, e.g. `load("org/name")`.
 
-    A repo id may carry its revision as `org/name@revision`. The class is picked from config.json.
+    A repo id may carry its revision as `org/name@revision`. The class is picked from config.json. As in
+    diffusers and transformers, `device="cuda"` places the weights and `torch_dtype=torch.bfloat16` casts the
+    floating-point ones (a VQ codebook stays float32); `map_location` is `device`'s older name. Other keywords:
+    `HubModel.from_pretrained` (subfolder, cache_dir, token, local_files_only, force_download).
     """
     name = str(name_or_path)
     if "@" in name and not os.path.exists(name):
@@ -253,7 +418,215 @@ def load(
         if revision is not None and revision != at_revision:
             raise ValueError(f"two revisions given: '@{at_revision}' and revision={revision!r}")
         revision = at_revision
-    return HubModel.from_pretrained(name, revision=revision, map_location=map_location, **hub_kwargs)
+    return HubModel.from_pretrained(name, revision=revision, map_location=map_location, device=device,
+                                    torch_dtype=torch_dtype, **hub_kwargs)
+
+
+def floating_dtype(torch_dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """`torch_dtype` as a floating-point torch.dtype (a name such as "bfloat16" or "torch.float16" is accepted)."""
+    if torch_dtype is None:
+        return None
+    dtype = torch_dtype
+    if isinstance(torch_dtype, str):
+        dtype = getattr(torch, torch_dtype.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"torch_dtype must be a floating-point dtype (torch.float32, torch.bfloat16, torch.float16, "
+                         f"or its name), got {torch_dtype!r}")
+    return dtype
+
+
+def _placement(map_location: str | torch.device | None, device: str | torch.device | None) -> str | torch.device:
+    """Where to load: `device`, or `map_location` (its older name), or cpu; both, naming different devices, is an
+    error rather than one silently winning."""
+    if map_location is not None and device is not None and torch.device(map_location) != torch.device(device):
+        raise ValueError(f"device={str(device)!r} and map_location={str(map_location)!r} name different devices; give "
+                         "one (map_location is device's older name)")
+    return device if device is not None else map_location if map_location is not None else "cpu"
+
+
+def load_call(name: str, subfolder: str | None = None) -> str:
+    """The Python that loads a model, for cards: `vqtok.load("org/name")` (with `subfolder=` when it has one)."""
+    return f"vqtok.load({json.dumps(name)}" + (f", subfolder={json.dumps(subfolder)})" if subfolder else ")")
+
+
+def indefinite_article(phrase: str) -> str:
+    """'a' or 'an' for `phrase` as spoken: by its first letter, or for an initialism (VQ, LDM, HVAE) by how its
+    first letter is said ('an LDM', 'a VQ')."""
+    word = phrase.split()[0] if phrase.split() else ""
+    if len(word) > 1 and word.isupper():
+        return "an" if word[0] in "AEFHILMNORSX" else "a"
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def _eval_results(metrics: dict[str, Any], task: tuple[str, str], datasets: list[str],
+                  eval_dataset: str | None) -> list[EvalResult]:
+    """The card's model-index: every numeric metric (not the counts of what was measured, COUNT_METRICS), on the
+    evaluation data (`eval_dataset`, else the first training dataset; 'custom' where no Hub dataset is known)."""
+    dataset_type = datasets[0] if datasets else "custom"
+    dataset_name = eval_dataset or (datasets[0] if datasets else "held-out images")
+    return [
+        EvalResult(task_type=task[0], task_name=task[1], dataset_type=dataset_type, dataset_name=dataset_name,
+                   metric_type=key, metric_name=key, metric_value=value)
+        for key, value in metrics.items()
+        if key not in COUNT_METRICS and isinstance(value, (int, float)) and not isinstance(value, bool)
+        and math.isfinite(value)
+    ]
+
+
+def card_inputs(text: str) -> dict[str, Any] | None:
+    """The keywords a card vqtok wrote was made from (its last line), None for a card without them."""
+    line = text.rstrip().rsplit("\n", 1)[-1]
+    if not (line.startswith(CARD_MARKER) and line.endswith("-->")):
+        return None
+    try:
+        inputs = json.loads(line[len(CARD_MARKER):-3])
+    except json.JSONDecodeError:
+        return None
+    return inputs if isinstance(inputs, dict) and set(inputs) <= set(CARD_KEYS) else None
+
+
+def card_for_push(model: HubModel, card_path: Path, repo_id: str, *, subfolder: str | None = None,
+                  defaults: dict[str, Any] | None = None, license: str | None = None) -> tuple[str, str | None]:
+    """The card to upload with a saved model as `repo_id` (text, and a note for the user or None).
+
+    A card as vqtok wrote it (it is exactly what its recorded keywords make) is made again, naming `repo_id`, with
+    `license` when given and the `defaults` keywords it does not set itself (the training run's files and data).
+    A card a person wrote or edited is uploaded as it is, except that a usage line vqtok wrote (`vqtok.load(...)`
+    of the recorded name or of ORG/NAME) is made to name `repo_id`; a `license` cannot be added to such a card,
+    which is an error rather than a flag silently dropped. No card: a new one."""
+    target = {"repo_id": repo_id, **({"subfolder": subfolder} if subfolder else {})}
+    chosen = {"license": license} if license is not None else {}
+    if not card_path.is_file():
+        card = model.generate_model_card(**{**(defaults or {}), **chosen, **target})
+        return str(card), f"{card_path} is missing: a new card is uploaded"
+    text = card_path.read_text(encoding="utf-8")
+    inputs = card_inputs(text)
+    if inputs is not None and str(model.generate_model_card(**inputs)) == text:
+        return str(model.generate_model_card(**{**(defaults or {}), **inputs, **chosen, **target})), None
+    if license is not None:
+        raise ValueError(f"{card_path} was written or edited by a person, so --license cannot be added to it; put "
+                         f"'license: {license}' in its YAML header")
+    names = {PLACEHOLDER_REPO, *((inputs or {}).get("repo_id", ""),)} - {""}
+    edited = text
+    for name in names:
+        edited = edited.replace(load_call(name, (inputs or {}).get("subfolder")), load_call(repo_id, subfolder))
+    what = "was edited since vqtok wrote it" if inputs is not None else "was not written by vqtok"
+    return edited, f"{card_path} {what}: uploaded as it is" + (
+        f", its usage line now loading {repo_id}" if edited != text else "")
+
+
+# A saved model's files that `vqtok push` uploads (a prior keeps its tokenizer in tokenizer/); README.md is the card.
+MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, f"tokenizer/{CONFIG_NAME}", f"tokenizer/{WEIGHTS_NAME}")
+
+
+def publication(model: HubModel, folder: str | Path, repo_id: str, *,
+                license: str | None = None) -> tuple[dict[str, str | bytes], list[str]]:
+    """What `vqtok push` uploads from the saved `folder` of `model` to `repo_id`: {path in the repo: a local file
+    or the bytes of a model card}, and notes for the user.
+
+    The model's files (MODEL_FILES), its card naming `repo_id` (`card_for_push`, with `license`), the cards of
+    the models in its sub-folders (a prior's tokenizer/), and when the folder is a vqtok training run's export,
+    the run's configuration and last image grid (`training_run_files`), which the card then shows."""
+    folder = Path(folder)
+    files: dict[str, str | bytes] = {name: str(folder / name) for name in MODEL_FILES if (folder / name).is_file()}
+    run_files, run_card = training_run_files(folder)
+    notes = []
+    card, note = card_for_push(model, folder / "README.md", repo_id, defaults=run_card, license=license)
+    files["README.md"] = card.encode()
+    notes += [note] if note else []
+    for subfolder, submodel in model.card_submodels().items():
+        card, note = card_for_push(submodel, folder / subfolder / "README.md", repo_id, subfolder=subfolder)
+        files[f"{subfolder}/README.md"] = card.encode()
+        notes += [note] if note else []
+    files.update({name: str(path) for name, path in run_files.items()})
+    if run_files:
+        notes.append(f"with the training run's {', '.join(f'{path} as {name}' for name, path in run_files.items())}")
+    return files, notes
+
+
+# The Hub datasets of torchvision's datasets (`data.source: torchvision`), for the cards of models trained on them.
+HUB_DATASETS = {"MNIST": "ylecun/mnist", "FashionMNIST": "zalando-datasets/fashion_mnist",
+                "CIFAR10": "uoft-cs/cifar10", "CIFAR100": "uoft-cs/cifar100"}
+# A run's last image grid, uploaded with its model: (name in the repo, what the file holds, the card's caption).
+RUN_IMAGES = {
+    "tokenizer": ("reconstructions.png", "inputs and their reconstructions, from the training run",
+                  "Inputs (top row) and their reconstructions (bottom row)"),
+    "prior": ("samples.png", "samples of the prior decoded by its tokenizer, from the training run",
+              "Samples of the prior decoded by its tokenizer (a row per class when it is class-conditional)"),
+}
+
+
+def training_run_files(folder: Path) -> tuple[dict[str, Path], dict[str, Any]]:
+    """When `folder` is the model a vqtok training run exported (tokenizer/ or prior/ beside the run's
+    `.vqtok-run.json`): the run's files to upload with it ({name in the repo: local file}: training_config.yaml,
+    and reconstructions.png or samples.png, the run's last grid) and the card keywords they give (files, image,
+    datasets and eval_dataset from the config). Otherwise nothing."""
+    from vqtok.train.run_folder import RUN_MARKER
+
+    folder = folder.resolve()
+    run = folder.parent
+    try:
+        kind = json.loads((run / RUN_MARKER).read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        return {}, {}
+    if kind not in RUN_IMAGES or folder.name != kind:
+        return {}, {}
+    files: dict[str, Path] = {}
+    card: dict[str, Any] = {"files": {}}
+    if (run / "config.yaml").is_file():
+        files["training_config.yaml"] = run / "config.yaml"
+        command = "vqtok train" if kind == "tokenizer" else "vqtok train-prior"
+        card["files"]["training_config.yaml"] = f"the configuration of the training run (`{command}`'s YAML)"
+        card.update(_data_card_inputs(run / "config.yaml"))
+    grid = _last_grid(run / "samples", final=kind == "prior")
+    if grid is not None:
+        name, what, caption = RUN_IMAGES[kind]
+        files[name] = grid
+        card["files"][name] = what
+        card.update(image=name, image_caption=f"{caption}, from the training run ({grid.name})")
+    return files, card
+
+
+def _last_grid(samples: Path, *, final: bool) -> Path | None:
+    """A run's newest image grid: samples/final.png (a prior's export), else the step_XXXXXX.png of the last step."""
+    if final and (samples / "final.png").is_file():
+        return samples / "final.png"
+    steps = sorted(samples.glob("step_*.png")) if samples.is_dir() else []
+    return steps[-1] if steps else None
+
+
+def _data_card_inputs(config_yaml: Path) -> dict[str, Any]:
+    """`datasets` (Hub ids, where the training data is a torchvision dataset the Hub holds) and `eval_dataset` (a
+    description of the evaluation data) from a tokenizer run's config.yaml; nothing for what it cannot tell."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(config_yaml.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    if not isinstance(raw, dict) or not isinstance(raw.get("data"), dict):
+        return {}
+    data, held_out = raw["data"], raw.get("eval_data") if isinstance(raw.get("eval_data"), dict) else raw["data"]
+    out: dict[str, Any] = {}
+    if data.get("source") == "torchvision" and data.get("name") in HUB_DATASETS:
+        out["datasets"] = [HUB_DATASETS[data["name"]]]
+    described = _describe_data(held_out)
+    if described:
+        limit = raw.get("eval_images")
+        out["eval_dataset"] = described + (f", at most {limit} images" if isinstance(limit, int) else "")
+    return out
+
+
+def _describe_data(data: dict[str, Any]) -> str | None:
+    split = f"{data.get('split', 'train')} split"
+    source, path = data.get("source", "digits"), data.get("path")
+    if source == "digits":
+        return f"scikit-learn's digits ({split})"
+    if source == "torchvision" and data.get("name"):
+        return f"{data['name']} ({split})"
+    if source in ("folder", "idx", "amat") and isinstance(path, str):
+        return f"the images of {Path(path).name} ({source})"
+    return None
 
 
 def weights_sha256(model: nn.Module) -> str:

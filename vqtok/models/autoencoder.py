@@ -2,6 +2,9 @@
 
 One class for every bottleneck. With a VQ bottleneck `encode` gives integer codes [B, h, w] and `decode` takes them;
 with a Gaussian one `encode` gives the posterior (`.sample()`, `.mode()`, `.kl()`) and `decode` takes latents.
+`encode(x, return_dict=True)` gives an `EncoderOutput` with everything at once (codes, the quantized vectors, the
+features before quantization; or the posterior and a sample), `decode(..., return_dict=True)` a `DecoderOutput`;
+the forward pass's `AutoencoderOutput` holds the loss terms (`.bottleneck.terms`, `.bottleneck.loss`).
 The 1x1 `quant_conv`/`post_quant_conv` are the projections between the encoder/decoder width (`latent_channels`) and
 the bottleneck's `dim` (a low-dimensional code space for the LlamaGen recipe); the layout is taming's and diffusers'.
 """
@@ -19,7 +22,7 @@ from vqtok.bottleneck import Bottleneck, BottleneckOutput, DiagonalGaussian, bui
 from vqtok.bottleneck.gaussian import Noise
 from vqtok.bottleneck.kl import KLObjective
 from vqtok.config import AutoencoderConfig
-from vqtok.hub import HubModel
+from vqtok.hub import TOKENIZER_LIMITATIONS, HubModel, indefinite_article
 from vqtok.models.pixels import PixelModel
 from vqtok.nn import Decoder, Encoder
 
@@ -37,6 +40,33 @@ class AutoencoderOutput:
     def loss(self) -> torch.Tensor:
         """The bottleneck's weighted regulariser (add a reconstruction loss to train)."""
         return self.bottleneck.loss
+
+
+@dataclass
+class EncoderOutput:
+    """What `Autoencoder.encode(x, return_dict=True)` gives.
+
+    latents: VQ: the encoder's features before quantization [B, dim, h, w] (the quantizer's input; with
+        l2_normalize the search compares their unit-norm directions); Gaussian: a sample of the posterior
+        [B, dim, h, w] (drawn with `generator`; `posterior.mode()` is its mean).
+    codes: VQ: the codes LongTensor [B, h, w], what `encode` gives by default; Gaussian: None.
+    quantized: VQ: the code vectors z_q of those codes [B, dim, h, w] in float32 (the decoder's input); Gaussian: None.
+    posterior: Gaussian: the posterior q(z | x), a DiagonalGaussian (`.mean`, `.std`, `.mode()`, `.sample()`,
+        `.kl()`), what `encode` gives by default; VQ: None.
+    """
+
+    latents: torch.Tensor
+    codes: torch.Tensor | None = None
+    quantized: torch.Tensor | None = None
+    posterior: DiagonalGaussian | None = None
+
+
+@dataclass
+class DecoderOutput:
+    """What `Autoencoder.decode(..., return_dict=True)` gives: `sample`, the images [B, C, H, W] in the model's
+    range (the name diffusers uses)."""
+
+    sample: torch.Tensor
 
 
 class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
@@ -79,13 +109,25 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
         out = self.bottleneck(h) if generator is None else self.bottleneck(h, generator=generator)
         return AutoencoderOutput(reconstruction=self._decode_z(out.z), bottleneck=out)
 
-    def encode(self, x: torch.Tensor) -> Any:
-        """Images in the model range [B, C, H, W] -> codes LongTensor [B, h, w] (VQ) or the posterior (Gaussian)."""
-        return self.bottleneck.encode(self._features(x))
+    def encode(self, x: torch.Tensor, return_dict: bool = False, *,
+               generator: torch.Generator | None = None) -> Any:
+        """Images in the model range [B, C, H, W] -> codes LongTensor [B, h, w] (VQ) or the posterior (Gaussian).
 
-    def decode(self, representation: torch.Tensor) -> torch.Tensor:
-        """Codes [B, h, w] (VQ) or latents [B, dim, h, w] (Gaussian) -> images in the model range."""
-        return self.to_image(self._decode_z(self.bottleneck.decode(representation)))
+        `return_dict=True`: an `EncoderOutput` with the codes, their vectors and the features before quantization
+        (VQ), or the posterior and a sample of it drawn with `generator` (Gaussian)."""
+        features = self._features(x)
+        encoded = self.bottleneck.encode(features)
+        if not return_dict:
+            return encoded
+        if self.is_gaussian:
+            return EncoderOutput(latents=encoded.sample(generator), posterior=encoded)
+        return EncoderOutput(latents=features, codes=encoded, quantized=self.bottleneck.decode(encoded))
+
+    def decode(self, representation: torch.Tensor, return_dict: bool = False) -> torch.Tensor | DecoderOutput:
+        """Codes [B, h, w] (VQ) or latents [B, dim, h, w] (Gaussian) -> images in the model range
+        (`return_dict=True`: as a `DecoderOutput`'s `sample`)."""
+        images = self.to_image(self._decode_z(self.bottleneck.decode(representation)))
+        return DecoderOutput(sample=images) if return_dict else images
 
     def code_length(self, x: torch.Tensor, generator: torch.Generator | None = None, *,
                     output: AutoencoderOutput | None = None) -> dict[str, torch.Tensor]:
@@ -190,24 +232,83 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
                 f"resize or crop to a multiple of {f}"
             )
 
-    def generate_model_card(self, *args: Any, **kwargs: Any):
-        """vqtok's card; a converted tokenizer's names the original, its weights' hash and its licence."""
-        origin = self.config.converted_from
-        if origin is None:
-            return super().generate_model_card(*args, **kwargs)
-        where = f"`{origin.source}`" + (f" at {origin.revision}" if origin.revision else "")
-        kwargs.setdefault("title", f"{origin.class_name or 'tokenizer'} converted from {origin.format}")
-        kwargs.setdefault("intro", f"The {origin.format} {origin.class_name or 'tokenizer'} {where}, converted to "
-                                   "[vqtok](https://github.com/vqtok/vqtok)'s format: the same weights, run by vqtok's "
-                                   "modules. The original's licence applies.")
-        card = super().generate_model_card(*args, **kwargs)
-        extra = {"converted from": f"{origin.format} {origin.class_name or 'checkpoint'} {where}",
-                 "original weights sha256": origin.weights_sha256, "licence of the original": origin.license}
-        rows = "".join(f"| {k} | {v} |\n" for k, v in extra.items() if v)
-        card.text = card.text.replace("|---|---|\n", "|---|---|\n" + rows, 1)
-        if origin.license:
-            card.data.license = origin.license
+    # ------------------------------------------------------------------------------------------------------------
+    # The model card (see HubModel.generate_model_card)
+
+    @property
+    def is_generative(self) -> bool:
+        """Whether sampling its own prior is a use of this model: a Gaussian autoencoder trained by vqtok with KL
+        weight beta = 1 (the ELBO: a VAE proper). A latent tokenizer (beta < 1) or a converted one is not."""
+        return self.is_gaussian and self.config.converted_from is None and self.config.bottleneck.beta == 1.0
+
+    def card_defaults(self, load: str) -> dict[str, Any]:
+        """The tokenizer's card: VQ (discrete codes) or Gaussian (latents); a converted tokenizer's names the
+        original, whose licence applies."""
+        c, origin = self.config, self.config.converted_from
+        grid, b = "x".join(str(n) for n in c.latent_grid), c.bottleneck
+        encoded = "posterior = tok.encode(x)  # q(z | x): .mode() its mean, .sample() a draw\nz = posterior.mode()"
+        if not self.is_gaussian:
+            encoded = f"codes = tok.encode(x)  # LongTensor [B, h, w], values in [0, {b.codebook_size})"
+        usage = (f"import vqtok\n\ntok = {load}\nx = tok.preprocess(images)  # PIL images or uint8 arrays -> [B, C, H, "
+                 f"W] in the model's range\n{encoded}\nreconstructions = tok.postprocess(tok.decode("
+                 f"{'z' if self.is_gaussian else 'codes'}), output_type=\"pil\")")
+        if c.scaling_factor != 1.0 or c.shift_factor != 0.0:
+            usage += "\nlatents = tok.scale_latents(z)  # what a latent diffusion model trained on it takes"
+        if self.is_generative:
+            usage += "\nsamples = tok.postprocess(tok.sample(16, seed=0), output_type=\"pil\")  # its own prior"
+        if self.is_gaussian:
+            description = "Gaussian (KL) image autoencoder"
+            what = f"{c.resolution}x{c.resolution} images become latents of {b.dim} channels on a {grid} grid"
+            use = ("Compressing images into continuous latents for latent generative models (diffusion, flow "
+                   "matching) and decoding theirs back into images; research on image autoencoders.")
+        else:
+            description = "VQ image tokenizer"
+            what = (f"{c.resolution}x{c.resolution} images become {grid} grids of codes from a vocabulary of "
+                    f"{b.codebook_size:,}")
+            use = ("Turning images into grids of discrete codes, to train and sample generative models over codes "
+                   "(an autoregressive transformer such as `vqtok train-prior`'s, a masked model), and decoding codes "
+                   "back into images; research on image tokenizers.")
+        limitations = TOKENIZER_LIMITATIONS
+        if not self.is_gaussian:
+            limitations += (" Codes mean something only to this tokenizer: a prior trained on them records its "
+                            "weights' hash and refuses another.")
+        if self.is_generative:
+            use += " As a VAE it also samples images from its own prior (`tok.sample`, `vqtok sample --model`)."
+        card = {
+            "description": description,
+            "intro": f"{indefinite_article(description).capitalize()} {description} made with "
+                     f"[vqtok](https://github.com/vqtok/vqtok): {what}, and back.",
+            "tags": ["image-tokenizer", "vae" if self.is_gaussian else "vq-vae"],
+            "pipeline_tag": "unconditional-image-generation" if self.is_generative else None,
+            "usage": usage,
+            "intended_use": use,
+            "limitations": limitations,
+        }
+        if origin is not None:
+            where = f"`{origin.source}`" + (f" at {origin.revision}" if origin.revision else "")
+            name = origin.class_name or "tokenizer"
+            card.update(
+                title=f"{name} converted from {origin.format}",
+                intro=f"The {origin.format} {name} {where}, converted to [vqtok](https://github.com/vqtok/vqtok)'s "
+                      f"format: the same weights, run by vqtok's modules ({what}). The original's licence applies.",
+                intended_use=f"The original's: encoding images for the generative models trained on its "
+                             f"{'latents' if self.is_gaussian else 'codes'} and decoding theirs, run by vqtok.",
+                limitations="The weights are the original's, converted; vqtok's tests compare its modules with the "
+                            "original library's. The original's licence, limitations and intended uses apply: see "
+                            "its model card.",
+            )
+            if origin.license:
+                card["license"] = origin.license
         return card
+
+    def card_facts(self) -> dict[str, Any]:
+        """The card's facts; a converted tokenizer's first name the original, its weights' hash and its licence."""
+        origin, facts = self.config.converted_from, {}
+        if origin is not None:
+            where = f"`{origin.source}`" + (f" at {origin.revision}" if origin.revision else "")
+            facts = {"converted from": f"{origin.format} {origin.class_name or 'checkpoint'} {where}",
+                     "original weights sha256": origin.weights_sha256, "licence of the original": origin.license}
+        return {**{k: v for k, v in facts.items() if v}, **super().card_facts()}
 
     def derived_config(self) -> dict[str, Any]:
         c = self.config

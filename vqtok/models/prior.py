@@ -411,9 +411,51 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
                                   f"{'on the Hub' if ref else 'not recorded'}; remove it, or save elsewhere")
         super()._save_pretrained(save_directory)
 
-    def generate_model_card(self, *args: Any, **kwargs: Any):
-        kwargs.setdefault("description", "transformer prior over image-tokenizer codes")
-        return super().generate_model_card(*args, **kwargs)
+    card_task = ("unconditional-image-generation", "Code modelling")
+
+    def card_defaults(self, load: str) -> dict[str, Any]:
+        """The prior's model card (see HubModel.generate_model_card): how to sample it and decode the samples."""
+        c = self.config
+        sample = (f"prior.generate(16, labels=3, cfg_scale=2.0, seed=0)  # class 3 of {c.num_classes}"
+                  if c.num_classes else "prior.generate(16, seed=0)")
+        card = {
+            "description": "transformer prior over image-tokenizer codes",
+            "intro": f"An autoregressive transformer prior over the {'x'.join(str(n) for n in c.grid)} code grids of "
+                     f"an image tokenizer (a vocabulary of {c.vocab_size:,}"
+                     f"{f', {c.num_classes} classes' if c.num_classes else ', unconditional'}), made with "
+                     "[vqtok](https://github.com/vqtok/vqtok).",
+            "tags": ["autoregressive-prior"],
+            "pipeline_tag": "unconditional-image-generation",
+            "usage": (f"import vqtok\n\nprior = {load}\ncodes = {sample}  # LongTensor [16, h, w]\ntokenizer = "
+                      "prior.load_tokenizer()  # the recorded tokenizer, checked by its weights' hash\nimages = "
+                      "tokenizer.postprocess(tokenizer.decode(codes), output_type=\"pil\")"),
+            "intended_use": "Sampling new images code by code (of a chosen class when it is class-conditional, with "
+                            "classifier-free guidance), completing images from their first codes (`prefix=`), and "
+                            "measuring the bits per code of held-out images; research on generative models of "
+                            "images.",
+            "limitations": "It models the codes of one tokenizer, recorded by its weights' hash, and means nothing "
+                           "with another. Its samples are no better than that tokenizer's reconstructions and "
+                           "reflect its training data, biases and gaps included, and may reproduce training images. "
+                           "The measured numbers hold for the held-out codes they were measured on. It has not been "
+                           "evaluated for generating images of people.",
+        }
+        ref = c.tokenizer
+        if ref is not None and ref.repo_id is None:
+            card["files"] = {f"{TOKENIZER_SUBFOLDER}/": "the tokenizer whose codes it models "
+                                                        "(`prior.load_tokenizer()`)"}
+        return card
+
+    def card_submodels(self) -> dict[str, HubModel]:
+        """The tokenizer, when it is saved in the prior's tokenizer/ (not on the Hub)."""
+        ref = self.config.tokenizer
+        return {TOKENIZER_SUBFOLDER: self.tokenizer} if ref is not None and ref.repo_id is None else {}
+
+    def card_facts(self) -> dict[str, Any]:
+        """The card's facts, with the tokenizer it models."""
+        ref = self.config.tokenizer
+        where = None if ref is None else (f"{ref.repo_id} at {ref.revision}" if ref.repo_id else
+                                          f"`{TOKENIZER_SUBFOLDER}/` in this repo")
+        return {**super().card_facts(), **({"tokenizer": where} if where else {})}
 
     def derived_config(self) -> dict[str, Any]:
         return {"seq_len": self.config.seq_len}

@@ -40,6 +40,29 @@ def test_attention_matches_float64_softmax_reference():
     torch.testing.assert_close(block(x), reference, rtol=1e-10, atol=1e-10)
 
 
+def test_large_maps_run_channels_last_with_the_values_of_nchw(monkeypatch):
+    """From 64x64 up the CPU runs a level channels-last (a speed choice, `cpu_layout`): the values are those of the
+    same modules run in NCHW, attention included, and what comes out is an ordinary contiguous tensor."""
+    torch.manual_seed(0)
+    config = tiny_config(GaussianConfig(dim=4), resolution=64, attn_resolutions=(64,))
+    enc, dec = Encoder(config, out_channels=8).double(), Decoder(config, in_channels=8).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    seen = []  # whether the 64x64 levels' inputs (f = 2) are channels-last, call by call
+    for level in (enc.levels[0], dec.levels[0]):
+        level.register_forward_pre_hook(
+            lambda _, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    with torch.no_grad():
+        h = enc(x)
+        y = dec(h)
+        assert seen == [True, True] and not x.is_contiguous(memory_format=torch.channels_last)
+        assert h.is_contiguous() and y.is_contiguous()
+        for module in ("blocks", "encoder", "decoder"):
+            monkeypatch.setattr(f"vqtok.nn.{module}.cpu_layout", lambda t, scale=1: t)
+        torch.testing.assert_close(h, enc(x), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(y, dec(h), rtol=1e-12, atol=1e-12)
+    assert seen[2:] == [False, False]
+
+
 @pytest.mark.parametrize("bottleneck", [VQConfig(codebook_size=8, dim=4), GaussianConfig(dim=4)])
 def test_any_size_divisible_by_f_works(bottleneck):
     model = Autoencoder(tiny_config(bottleneck)).eval()

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqtok.config import AutoencoderConfig
-from vqtok.nn.blocks import AttnBlock, Level, MidBlock, ResBlock, Upsample, group_norm
+from vqtok.nn.blocks import AttnBlock, Level, MidBlock, ResBlock, Upsample, cpu_layout, group_norm
 
 
 class Decoder(nn.Module):
@@ -39,7 +39,7 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(width, out_channels or c.in_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
+        h = self.mid(self.conv_in(cpu_layout(z)))
         for level in reversed(self.levels):
-            h = level(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+            h = level(cpu_layout(h))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()

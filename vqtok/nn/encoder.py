@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqtok.config import AutoencoderConfig
-from vqtok.nn.blocks import AttnBlock, Downsample, Level, MidBlock, ResBlock, group_norm
+from vqtok.nn.blocks import AttnBlock, Downsample, Level, MidBlock, ResBlock, cpu_layout, group_norm
 
 
 class Encoder(nn.Module):
@@ -34,8 +34,8 @@ class Encoder(nn.Module):
         self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
+        h = self.conv_in(cpu_layout(x))
         for level in self.levels:
-            h = level(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+            h = level(cpu_layout(h))
+        h = self.mid(cpu_layout(h))
+        return self.conv_out(F.silu(self.norm_out(h))).contiguous()

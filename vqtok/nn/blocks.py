@@ -15,7 +15,7 @@ from torch import nn
 # On the CPU, oneDNN's convolutions run large feature maps faster channels-last (NCHW activations are reordered on
 # every call) and small ones faster in NCHW (channels-last reorders the weights on every call, and at 16x16 they
 # outweigh the activations). Measured on 2 AVX-512 cores (BENCHMARKS.md, scripts/bench_pretrained.py): encoders and
-# decoders of SD-VAE/VQGAN size run 10-15% faster at 256x256 than in NCHW throughout, and keeping the maps below 64x64
+# decoders of SD-VAE/VQGAN size run 7-15% faster at 256x256 than in NCHW throughout, and keeping the maps below 64x64
 # in NCHW gains another 2-5% at 128x128 over channels-last throughout. Decided by positions per image, so an image's
 # result does not depend on the batch it is in.
 CHANNELS_LAST_MIN_POSITIONS = 64 * 64

@@ -327,17 +327,12 @@ def _conversion_options(args: argparse.Namespace) -> dict[str, Any]:
         resolution = None
     else:
         resolution = args.resolution
-    source, revision = _split_revision(args.source)
+    from vqtok.hub import split_revision
+
+    source, revision = split_revision(args.source)
     return dict(source=source, revision=revision, subfolder=args.subfolder, format=args.format if not flags else "ldm",
                 config=config, resolution=resolution, norm_groups=args.norm_groups, l2_normalize=args.l2_normalize,
                 scaling_factor=args.scaling_factor, shift_factor=args.shift_factor)
-
-
-def _split_revision(name: str) -> tuple[str, str | None]:
-    if "@" in name and not os.path.exists(name):
-        name, revision = name.rsplit("@", 1)
-        return name, revision
-    return name, None
 
 
 def _window_options(parser: argparse.ArgumentParser) -> None:

@@ -412,14 +412,21 @@ def load(
     floating-point ones (a VQ codebook stays float32); `map_location` is `device`'s older name. Other keywords:
     `HubModel.from_pretrained` (subfolder, cache_dir, token, local_files_only, force_download).
     """
-    name = str(name_or_path)
-    if "@" in name and not os.path.exists(name):
-        name, at_revision = name.rsplit("@", 1)
+    name, at_revision = split_revision(str(name_or_path))
+    if at_revision is not None:
         if revision is not None and revision != at_revision:
             raise ValueError(f"two revisions given: '@{at_revision}' and revision={revision!r}")
         revision = at_revision
     return HubModel.from_pretrained(name, revision=revision, map_location=map_location, device=device,
                                     torch_dtype=torch_dtype, **hub_kwargs)
+
+
+def split_revision(name: str) -> tuple[str, str | None]:
+    """`org/name@revision` -> ("org/name", "revision"); a name without '@', or an existing path, -> (name, None)."""
+    if "@" in name and not os.path.exists(name):
+        name, revision = name.rsplit("@", 1)
+        return name, revision
+    return name, None
 
 
 def floating_dtype(torch_dtype: torch.dtype | str | None) -> torch.dtype | None:

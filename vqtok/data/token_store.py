@@ -58,7 +58,7 @@ from vqtok.data.sources import (
     build_dataset,
 )
 from vqtok.files import staged, write_text_atomically
-from vqtok.hub import load, weights_sha256
+from vqtok.hub import load, split_revision, weights_sha256
 from vqtok.images import uint8_to_range
 from vqtok.models import Autoencoder, HierarchicalVAE
 from vqtok.version import __version__
@@ -230,9 +230,8 @@ def encode_dataset(
     rank, world = state.process_index, state.num_processes
     source = None
     if isinstance(tokenizer, (str, Path)):
-        source = str(tokenizer)
-        if "@" in source and not os.path.exists(source):
-            source, revision = source.rsplit("@", 1)
+        source, at_revision = split_revision(str(tokenizer))
+        revision = at_revision if at_revision is not None else revision
         tokenizer = load(source, revision=revision)
     if not isinstance(tokenizer, (Autoencoder, HierarchicalVAE)):
         raise TypeError("a token store needs an image tokenizer (Autoencoder or HierarchicalVAE), got "

@@ -103,6 +103,36 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also report LPIPS, with these LPIPS-VGG16 weights (vqtok convert-lpips)")
     evaluate.set_defaults(run=_eval)
 
+    score = commands.add_parser(
+        "score", help="per-image anomaly scores of a tokenizer on a dataset (reconstruction error, likelihood bounds, "
+                      "a prior's bits) as a CSV; with --reference-data, each score's AUROC and a histogram PNG")
+    score.add_argument("tokenizer", help="local folder or Hub repo id[@revision]")
+    score.add_argument("--data", required=True,
+                       help=f"the images to score (with --reference-data: the suspected anomalies): {DATA_HELP}")
+    score.add_argument("--reference-data", default=None, metavar="SPEC",
+                       help="in-distribution images (the same forms as --data): scored too, and each score's AUROC "
+                       "of telling --data from them is printed and drawn")
+    score.add_argument("--split", choices=["train", "test"], default="test",
+                       help="the split of a source that has both (both sets)")
+    score.add_argument("--prior", default=None,
+                       help="a transformer prior over this VQ tokenizer's codes (folder or Hub id[@revision]): adds "
+                       "prior_bits, the codes' -log2 p under its unconditional pass")
+    score.add_argument("--iwae", type=positive_int, default=None, metavar="K",
+                       help="also score the importance-weighted bound with K samples per image, iwae_nats (VAEs with a "
+                       "discrete likelihood)")
+    score.add_argument("--limit", type=positive_int, default=None,
+                       help="score the first N images of each set only (of --data and of --reference-data)")
+    _window_options(score)
+    score.add_argument("--batch-size", type=positive_int, default=64, help="images scored at once")
+    score.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    score.add_argument("--out", required=True,
+                       help="CSV file to write, a row per image: set (data, reference), index in its source, each "
+                       "score; must not exist")
+    score.add_argument("--histogram", default=None, metavar="PNG",
+                       help="with --reference-data, the PNG of both sets' score distributions (default: beside --out, "
+                       "NAME_histogram.png); must not exist")
+    score.set_defaults(run=_score)
+
     encode = commands.add_parser("encode", help="encode a dataset into a token store (resumable, multi-process)")
     encode.add_argument("--tokenizer", required=True, help="local folder or Hub repo id[@revision]")
     encode.add_argument("--data", required=True, help=DATA_HELP)
@@ -565,6 +595,65 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    """Score --data (and --reference-data) image by image; write the CSV (and the histograms), print each score's
+    mean per set and, with a reference, its AUROC: lines `auroc  KIND  VALUE` that a person and grep both read."""
+    import vqtok
+    from vqtok.anomaly import auroc_by_kind, check_scoring, save_histograms, score_images, scores_csv
+    from vqtok.data import build_dataset
+    from vqtok.files import write_text_atomically
+
+    if args.histogram is not None and args.reference_data is None:
+        raise ValueError("--histogram draws the scores of both sets: it needs --reference-data")
+    out = _output_file(args.out, "--out", new=True)
+    histogram = None
+    if args.reference_data is not None:
+        histogram = _output_file(args.histogram or str(out.with_name(f"{out.stem}_histogram.png")), "--histogram",
+                                 image=True, new=True)
+        if histogram.resolve() == out.resolve():
+            raise ValueError(f"--histogram {histogram}: the same file as --out")
+    device = _device(args.device)
+    model = _load_image_model(args.tokenizer, map_location=device)
+    prior = None
+    if args.prior is not None:
+        prior = vqtok.load(args.prior, map_location=device)
+        if not isinstance(prior, vqtok.TransformerPrior):
+            raise ValueError(f"{args.prior} holds a {prior.model_type}, not a transformer prior")
+    check_scoring(model, prior=prior, iwae=args.iwae)  # before any image is read
+    specs = {"data": args.data, **({"reference": args.reference_data} if args.reference_data else {})}
+    c = model.config
+    sets = {}
+    with _skip_flag_hint():
+        datasets = {name: build_dataset(parse_data_spec(spec, args.split, args.limit, offset=args.offset,
+                                                        binarize_seed=args.binarize,
+                                                        skip_unreadable=args.skip_unreadable),
+                                        channels=c.in_channels, preprocess=c.preprocess, size=None,
+                                        multiple=model.size_multiple())
+                    for name, spec in specs.items()}
+        for name, dataset in datasets.items():
+            sets[name] = score_images(model, dataset, prior=prior, iwae=args.iwae, batch_size=args.batch_size,
+                                      progress=True, desc=name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(out, scores_csv(sets, index_offset=args.offset))
+    kinds = list(sets["data"].scores)
+    width = max(len(k) for k in kinds)
+    print(f"images {'  '.join(f'{name} {len(s)}' for name, s in sets.items())}")
+    for kind in kinds:
+        means = "  ".join(f"{name} {float(s.scores[kind].mean()):.6g}" for name, s in sets.items())
+        print(f"mean   {kind:<{width}}  {means}")
+    written = [f"{out} ({sum(len(s) for s in sets.values())} rows)"]
+    if histogram is not None:
+        aurocs = auroc_by_kind(sets["reference"], sets["data"])
+        print("# auroc: the probability that a --data image scores as more anomalous than a --reference-data image "
+              "(1: separated, 0.5: chance, below 0.5: the data look MORE typical); psnr's is that of -psnr")
+        for kind, value in aurocs.items():
+            print(f"auroc  {kind:<{width}}  {value:.4f}")
+        save_histograms({"reference": sets["reference"], "data": sets["data"]}, histogram, aurocs=aurocs)
+        written.append(str(histogram))
+    print(f"wrote {', '.join(written)}")
+    return 0
+
+
 def _load_image_model(name: str, *, autoencoder_only: bool = False, **load_kwargs: Any):
     """A model of images: an autoencoder (VQ or Gaussian) or a hierarchical VAE (`autoencoder_only`: the former)."""
     import vqtok
@@ -795,12 +884,15 @@ def _info_vqtok(model: Any) -> int:
 # Outputs, devices and errors
 
 
-def _output_file(path: str, flag: str, *, image: bool = False) -> Path:
+def _output_file(path: str, flag: str, *, image: bool = False, new: bool = False) -> Path:
     """Check an output file's place before any work is done: not a folder, under folders (or nothing yet), and for
-    an image a suffix PIL can write. Missing folders are made when the file is written."""
+    an image a suffix PIL can write; with `new`, not an existing file (refused, never replaced). Missing folders are
+    made when the file is written."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path}: is a folder; give a file name")
+    if new and (path.exists() or path.is_symlink()):
+        raise FileExistsError(f"{flag} {path}: exists; remove it or choose another name (it is never replaced)")
     for ancestor in path.parents:
         if ancestor.exists():
             if not ancestor.is_dir():

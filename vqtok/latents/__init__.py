@@ -1,0 +1,1 @@
+"""Working in a tokenizer's latent space."""

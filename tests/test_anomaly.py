@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import math
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -307,14 +308,17 @@ def test_vqtok_score_refuses_with_one_line(capsys, saved, tmp_path):
 
 def test_the_iwae_bound_passes_each_images_labels_with_it_chunk_by_chunk():
     """A class-conditional model's labels follow their images into every call of `log_weights` (a test double that
-    records them); without labels none are passed, so an unconditional model's signature is enough."""
+    records them); without labels a conditional model gets None (its null label), and an unconditional model no
+    labels argument at all."""
 
     class Recorder:
-        def __init__(self):
-            self.calls = []
+        def __init__(self, num_classes: int = 10):
+            self.calls, self.config = [], SimpleNamespace(num_classes=num_classes)
 
         def log_weights(self, x, num_samples, generator=None, **given):
-            self.calls.append((x[:, 0, 0, 0].tolist(), num_samples, given.get("labels", torch.tensor([])).tolist()))
+            labels = given.get("labels", "absent")
+            labels = labels.tolist() if torch.is_tensor(labels) else labels
+            self.calls.append((x[:, 0, 0, 0].tolist(), num_samples, labels))
             return torch.zeros(x.shape[0], num_samples)
 
     x = torch.arange(5.0)[:, None, None, None].expand(5, 1, 2, 2)
@@ -324,4 +328,7 @@ def test_the_iwae_bound_passes_each_images_labels_with_it_chunk_by_chunk():
     assert model.calls == [([0.0, 1.0, 2.0, 3.0], 1, [7, 8, 9, 7])] * 3 + [([4.0], 3, [8])]
     model.calls.clear()
     iwae_bound(model, x, 2, batch=4)
-    assert [labels for *_, labels in model.calls] == [[]] * 3
+    assert [labels for *_, labels in model.calls] == [None] * 3
+    unconditional = Recorder(num_classes=0)
+    iwae_bound(unconditional, x, 2, batch=4)
+    assert [labels for *_, labels in unconditional.calls] == ["absent"] * 3

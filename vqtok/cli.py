@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--codes", default=None, help="also write the sampled codes [n, h, w] to this .npy file")
     sample.set_defaults(run=_sample)
 
-    evaluate = commands.add_parser("eval", help="PSNR, SSIM and codebook usage of a tokenizer on a dataset")
+    evaluate = commands.add_parser("eval", help="PSNR, SSIM, codebook usage (VQ), likelihood bounds and "
+                                                "posterior-collapse diagnostics (VAEs) of a tokenizer on a dataset")
     evaluate.add_argument("tokenizer", help="local folder or Hub repo id[@revision]")
     evaluate.add_argument("--data", required=True, help=DATA_HELP)
     evaluate.add_argument("--split", choices=["train", "test"], default="test",
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="also write the metrics as JSON here")
     evaluate.add_argument("--lpips", default=None, metavar="WEIGHTS",
                           help="also report LPIPS, with these LPIPS-VGG16 weights (vqtok convert-lpips)")
+    evaluate.add_argument("--diagnostics", default=None, metavar="FILE.json",
+                          help="also write the per-element statistics as JSON here (a new file): for VAEs the KL of "
+                          "every latent element, the variance of its posterior mean, whether it is active, and the "
+                          "elements ordered by KL; for VQ tokenizers the count of every code")
     evaluate.set_defaults(run=_eval)
 
     score = commands.add_parser(
@@ -134,6 +139,32 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --reference-data, the PNG of both sets' score distributions (default: beside --out, "
                        "NAME_histogram.png); must not exist")
     score.set_defaults(run=_score)
+
+    traverse = commands.add_parser(
+        "traverse", help="a latent traversal grid of one image: one latent element of a Gaussian autoencoder or "
+                         "hierarchical VAE varied at a time (rows, by KL), over prior standard deviations (columns)")
+    traverse.add_argument("tokenizer", help="a Gaussian autoencoder or hierarchical VAE: local folder or Hub repo "
+                          "id[@revision]")
+    traverse.add_argument("image", help="the image file (resized and cropped as the model's config says)")
+    traverse.add_argument("--out", required=True, help="the PNG grid to write (a new file)")
+    traverse.add_argument("--dims", type=positive_int, default=8, metavar="K",
+                          help="rows: the elements of largest average KL (a hierarchical VAE: per group)")
+    traverse.add_argument("--steps", type=int_at_least_2, default=7, metavar="S",
+                          help="columns: values evenly spaced over [-range, range] prior standard deviations")
+    traverse.add_argument("--range", dest="span", type=positive_float, default=3.0, metavar="R",
+                          help="the largest change, in prior standard deviations")
+    traverse.add_argument("--data", default=None,
+                          help="order the elements by their average KL over these images (default: the image's own "
+                          "KL); " + DATA_HELP)
+    traverse.add_argument("--split", choices=["train", "test"], default=None,
+                          help="with --data: the split of a source that has both (default test)")
+    traverse.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                          help="with --data: the first N images only (default: all)")
+    traverse.add_argument("--class", dest="label", type=nonnegative_int, default=None,
+                          help="the image's class, for a class-conditional model (default: its null label)")
+    traverse.add_argument("--batch-size", type=positive_int, default=None,
+                          help="with --data: images encoded at once (default 64)")
+    traverse.set_defaults(run=_traverse)
 
     encode = commands.add_parser("encode", help="encode a dataset into a token store (resumable, multi-process)")
     encode.add_argument("--tokenizer", required=True, help="local folder or Hub repo id[@revision]")
@@ -327,6 +358,22 @@ def nonnegative_float(text: str) -> float:
     value = finite_float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def int_at_least_2(text: str) -> int:
+    """An integer >= 2."""
+    value = _integer(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 2, got {text}")
     return value
 
 
@@ -642,6 +689,7 @@ def _eval(args: argparse.Namespace) -> int:
     if args.iwae_batch is not None and args.iwae is None:
         raise ValueError("--iwae-batch sizes the importance-weighted bound's batches: it needs --iwae K")
     out = _output_file(args.out, "--out") if args.out else None
+    diagnostics_path = _output_file(args.diagnostics, "--diagnostics", new=True) if args.diagnostics else None
     model = _load_image_model(args.tokenizer)
     perceptual = LPIPS.from_file(args.lpips) if args.lpips else None
     c = model.config
@@ -653,11 +701,18 @@ def _eval(args: argparse.Namespace) -> int:
         bound = {} if args.iwae is None else {"iwae": args.iwae}
         if args.iwae_batch is not None:
             bound["iwae_batch"] = args.iwae_batch
-        metrics = evaluate(model, dataset, batch_size=args.batch_size, perceptual=perceptual, progress=True, **bound)
+        collected = _diagnostics_collector(model) if diagnostics_path else {}
+        metrics = evaluate(model, dataset, batch_size=args.batch_size, perceptual=perceptual, progress=True, **bound,
+                           **collected)
     print(format_table(metrics))
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomically(out, json.dumps(metrics, indent=2) + "\n")
+    if diagnostics_path:
+        report = _diagnostics_report(model, args, metrics, *collected.values())
+        diagnostics_path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(diagnostics_path, json.dumps(report) + "\n")
+        print(f"wrote the per-element diagnostics to {diagnostics_path}")
     return 0
 
 
@@ -717,6 +772,63 @@ def _score(args: argparse.Namespace) -> int:
         save_histograms({"reference": sets["reference"], "data": sets["data"]}, histogram, aurocs=aurocs)
         written.append(str(histogram))
     print(f"wrote {', '.join(written)}")
+    return 0
+
+
+def _diagnostics_collector(model: Any) -> dict[str, Any]:
+    """evaluate()'s keyword that keeps the per-element statistics: a VAE's latents, or a VQ tokenizer's codes."""
+    from vqtok.diagnostics import CodeCounts, LatentStatistics
+
+    if model.kl_objective is not None:
+        return {"latents": LatentStatistics()}
+    return {"codes": CodeCounts(model.vocab_size)}
+
+
+def _diagnostics_report(model: Any, args: argparse.Namespace, metrics: dict[str, Any],
+                        collected: Any) -> dict[str, Any]:
+    """What `vqtok eval --diagnostics` writes: what was evaluated, the metrics, and the per-element arrays."""
+    import vqtok
+
+    report: dict[str, Any] = {"tokenizer": args.tokenizer, "data": args.data, "split": args.split,
+                              "offset": args.offset, "limit": args.limit, "metrics": metrics}
+    if isinstance(model, vqtok.HierarchicalVAE):
+        report["kl_against"] = ("each group's learned prior p(z_l | z_<l), with the groups above at their posterior "
+                                "means")
+    elif model.kl_objective is not None:
+        report["kl_against"] = "the prior N(0, 1) of every element"
+    return {**report, **collected.to_dict()}
+
+
+def _traverse(args: argparse.Namespace) -> int:
+    from vqtok.data import build_dataset
+    from vqtok.diagnostics import is_conditional, latent_statistics
+    from vqtok.latents.traversal import check_traversable, save_traversal_grid, traverse
+
+    data_options = {"--split": args.split, "--limit": args.limit, "--batch-size": args.batch_size}
+    given = [flag for flag, value in data_options.items() if value is not None]
+    if given and args.data is None:
+        raise ValueError(f"{', '.join(given)}: for reading --data, whose KL orders the rows; give --data")
+    out = _output_file(args.out, "--out", image=True, new=True)
+    model = _load_image_model(args.tokenizer)
+    check_traversable(model)
+    if args.label is not None and not is_conditional(model):
+        raise ValueError(f"--class {args.label}: {args.tokenizer} is not a class-conditional model")
+    x = _read_images(model, [args.image])
+    statistics = None
+    if args.data is not None:
+        c = model.config
+        data = parse_data_spec(args.data, args.split or "test", args.limit)
+        with _skip_flag_hint():
+            dataset = build_dataset(data, channels=c.in_channels, preprocess=c.preprocess, size=None,
+                                    multiple=model.size_multiple())
+            statistics = latent_statistics(model, dataset, batch_size=args.batch_size or 64, progress=True)
+    traversal = traverse(model, x, statistics=statistics, dims=args.dims, steps=args.steps, span=args.span,
+                         labels=args.label)
+    save_traversal_grid(model, traversal, out)
+    ordered_by = f"their average KL over {statistics.count} images of {args.data}" if statistics else "this image's KL"
+    print(traversal.legend())
+    print(f"wrote {out}: {len(traversal.elements)} rows (elements ordered by {ordered_by}) x {args.steps} columns "
+          f"({-args.span:g} .. {args.span:g} prior standard deviations)")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Image-quality and codebook metrics: PSNR, SSIM, code usage and perplexity."""
+"""Image-quality and codebook metrics: PSNR, SSIM, code usage, perplexity and unused codes."""
 
 from __future__ import annotations
 
@@ -77,5 +77,7 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
 
 
 def code_usage(counts: torch.Tensor) -> dict[str, float]:
-    """From code counts over a dataset: fraction of codes used at least once, and perplexity."""
-    return {"usage": float((counts > 0).float().mean()), "perplexity": float(perplexity(counts))}
+    """From code counts over a dataset: the fraction of codes used at least once, the perplexity, and the fraction
+    never used (dead codes on this data: they carry no information about it)."""
+    return {"usage": float((counts > 0).float().mean()), "perplexity": float(perplexity(counts)),
+            "unused": float((counts == 0).double().mean())}

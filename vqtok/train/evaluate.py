@@ -1,6 +1,6 @@
-"""Evaluating a tokenizer on images: PSNR, SSIM, code usage and perplexity (VQ), likelihood bounds (the negative ELBO
-and the IWAE bound), KL per group and active units (VAEs), and the PNG grids a person looks at (inputs above
-reconstructions; prior samples for VAEs)."""
+"""Evaluating a tokenizer on images: PSNR, SSIM, code usage, perplexity and unused codes (VQ), likelihood bounds (the
+negative ELBO and the IWAE bound), the posterior-collapse diagnostics of VAEs (KL per channel or group, active units;
+vqtok.diagnostics), and the PNG grids a person looks at (inputs above reconstructions; prior samples for VAEs)."""
 
 from __future__ import annotations
 
@@ -13,13 +13,21 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from vqtok.diagnostics import (
+    ACTIVE_UNIT_THRESHOLD,
+    CodeCounts,
+    LatentStatistics,
+    dataset_labels,
+    label_arguments,
+    posterior_passes,
+    posterior_terms,
+)
 from vqtok.images import uint8_to_range
 from vqtok.losses import DISCRETE_LIKELIHOODS
 from vqtok.metrics import code_usage, psnr_from_mse, squared_error, ssim
 from vqtok.models import Autoencoder, HierarchicalVAE
 from vqtok.nn.perceptual import LPIPS
 
-ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: a latent dimension is active if Cov_x(E_q[z]) > 0.01
 IWAE_BATCH = 1024  # images x importance samples decoded at once by the IWAE bound
 MIN_CODE_USAGE = 0.10
 """A VQ tokenizer that used fewer than this fraction of its codes over the last `usage_window` training steps ends
@@ -32,7 +40,7 @@ run that never initialised its codebook uses almost none (e.g. 0.1%)."""
 def evaluate(
     model: Autoencoder | HierarchicalVAE, dataset: Dataset, *, limit: int | None = None, batch_size: int = 64,
     num_workers: int = 0, perceptual: LPIPS | None = None, iwae: int | None = None, iwae_batch: int = IWAE_BATCH,
-    progress: bool = False,
+    progress: bool = False, latents: LatentStatistics | None = None, codes: CodeCounts | None = None,
 ) -> dict[str, float]:
     """Reconstruction metrics of `model` (in eval mode, so nothing is accumulated or communicated) on the first
     `limit` images of `dataset`. PSNR, SSIM and, given `perceptual`, the mean LPIPS distance compare 8-bit images,
@@ -44,9 +52,21 @@ def evaluate(
     dimension and, for VAEs (Gaussian and hierarchical), likelihood bounds with beta 1 and no free bits, whatever the
     training objective: the negative ELBO (one posterior sample per image, the KL analytic) and, with `iwae` = k, the
     IWAE bound -log (1/k) sum_i p(x, z_i) / q(z_i | x), computed in log space, `iwae_batch` images x samples at a
-    time, in nats per image and bits per dimension. VAEs also report the KL of every group and the active units
-    (Burda et al.: latent dimensions whose posterior mean varies over the images by more than 0.01), so that
-    posterior collapse is visible. `progress` shows a progress bar over the images (on stderr; `vqtok eval`)."""
+    time, in nats per image and bits per dimension.
+
+    VAEs also report the posterior-collapse diagnostics (vqtok.diagnostics), so that collapse is visible:
+    `kl_nats_per_image`, the active units (Burda et al.: latent elements whose posterior mean varies over the images
+    by more than 0.01; `active_units` of `latent_units`) and, for a Gaussian autoencoder, the KL and active units of
+    every latent channel (`kl_nats/channel_C`, `active_units/channel_C`), for a hierarchical VAE of every group
+    (`kl_nats/group_L`, `active_units/group_L`). The KL per channel or group sums to `kl_nats_per_image`: with a
+    discrete likelihood, the hierarchical VAE's are the negative ELBO's, at one posterior sample of the groups above;
+    otherwise at their posterior means (the forward pass's). VQ tokenizers report the usage, perplexity and unused
+    fraction of their codes (`code_usage`, `code_perplexity`, `code_unused`). To keep the per-element arrays, pass an
+    empty LatentStatistics as `latents` (VAEs) or an empty CodeCounts as `codes` (VQ: the count of every code): this
+    fills them.
+
+    A class-conditional model is given each image's label (an image without one: the null label). `progress` shows a
+    progress bar over the images (on stderr; `vqtok eval`)."""
     was_training = model.training
     model.eval()
     if limit is not None:
@@ -55,18 +75,18 @@ def evaluate(
     perceptual = perceptual.to(device) if perceptual is not None else None
     value_range = model.config.value_range
     totals: dict[str, float] = {"squared_error": 0.0, "ssim": 0.0, "kl": 0.0, "nll": 0.0, "lpips": 0.0, "iwae": 0.0}
-    counts = torch.zeros(model.vocab_size or 1, dtype=torch.long, device=device)
     discrete = model.config.decoder_output in DISCRETE_LIKELIHOODS
     variational = model.kl_objective is not None
     if iwae is not None and not (variational and discrete):
         raise ValueError("the IWAE bound needs a VAE (Gaussian or hierarchical) with a discrete likelihood (bernoulli_logits "
                          "on binary images, or logistic_mixture)")
     generator = torch.Generator(device).manual_seed(0)  # the posterior samples of the code length and the bounds
-    kl_groups, posterior_means = 0.0, LatentVariance()
+    kl_groups, statistics = 0.0, latents if latents is not None else LatentStatistics()
+    codes = codes if codes is not None else CodeCounts(model.vocab_size or 0)
     n = dims = values = 0
     bar = tqdm(total=len(dataset), unit="img", desc="eval", disable=not progress)
-    for images, _ in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
-        images = images.to(device)
+    for images, labels in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+        images, conditioning = images.to(device), dataset_labels(model, labels)
         x = uint8_to_range(images, value_range)
         if model.config.decoder_output == "bernoulli_logits":  # a code length only for binary images
             binary = bool(((images == 0) | (images == 255)).all())
@@ -77,18 +97,18 @@ def evaluate(
                 raise ValueError("the images are binary in part and grey in part: a Bernoulli likelihood's code length "
                                  "needs all of them binary (binarize them, e.g. vqtok eval --binarize SEED)")
             discrete = binary
-        out = model(x)
+        out = model(x, **conditioning)
         if discrete:
-            terms = model.code_length(x, generator, output=out)
+            terms = model.code_length(x, generator, output=out, **conditioning)
             totals["nll"] += terms["nll"].sum().item()
             dims = images[0].numel()
             if variational:
                 totals["kl"] += terms["kl"].sum().item()
                 kl_groups = kl_groups + terms["kl_groups"].double().sum(dim=0)
         if iwae is not None:
-            totals["iwae"] += iwae_bound(model, x, iwae, generator, batch=iwae_batch).sum().item()
+            totals["iwae"] += iwae_bound(model, x, iwae, generator, batch=iwae_batch, **conditioning).sum().item()
         if variational:
-            posterior_means.add([q.mode() for q in _posteriors(out)])
+            statistics.add(*posterior_terms(posterior_passes(model, out)))
             if not discrete:
                 totals["kl"] += out.bottleneck.terms["kl"].item() * images.shape[0]
         recon = model.postprocess(model.to_image(out.reconstruction)).float()
@@ -98,7 +118,7 @@ def evaluate(
             pair = (uint8_to_range(recon, (-1.0, 1.0)), uint8_to_range(images, (-1.0, 1.0)))
             totals["lpips"] += perceptual(*pair).sum().item()
         if out.bottleneck.codes is not None:
-            counts += torch.bincount(out.bottleneck.codes.flatten(), minlength=counts.numel())
+            codes.add(out.bottleneck.codes)
         n += images.shape[0]
         values += images.numel()
         bar.update(images.shape[0])
@@ -121,18 +141,30 @@ def evaluate(
             metrics["iwae_bits_per_dim"] = bits(metrics["iwae_nats"])
             metrics["iwae_samples"] = iwae
     if model.vocab_size:
-        metrics.update({f"code_{k}": v for k, v in code_usage(counts).items()})
+        metrics.update({f"code_{k}": v for k, v in code_usage(codes.counts).items()})
         if (initialized := getattr(getattr(model, "bottleneck", None), "initialized", None)) is not None:
             metrics["codebook_initialized"] = bool(initialized)
     if variational:
-        metrics["kl_nats_per_image"] = totals["kl"] / n
-        if discrete and isinstance(model, HierarchicalVAE):
-            metrics.update({f"kl_nats/group_{i}": v / n for i, v in enumerate(kl_groups.tolist())})
-        active = posterior_means.active_units(ACTIVE_UNIT_THRESHOLD)
-        metrics["active_units"] = int(sum(active))
-        metrics["latent_units"] = int(posterior_means.units)
-        if isinstance(model, HierarchicalVAE):
-            metrics.update({f"active_units/group_{i}": int(a) for i, a in enumerate(active)})
+        metrics.update(collapse_metrics(model, statistics, totals["kl"] / n,
+                                        [v / n for v in kl_groups.tolist()] if discrete else None))
+    return metrics
+
+
+def collapse_metrics(model: Autoencoder | HierarchicalVAE, statistics: LatentStatistics, kl_per_image: float,
+                     sampled_group_kl: list[float] | None = None) -> dict[str, Any]:
+    """evaluate()'s posterior-collapse metrics of a VAE from its LatentStatistics; a hierarchical VAE's KL per group
+    is `sampled_group_kl` when given (the negative ELBO's, at posterior samples), else at the posterior means."""
+    metrics: dict[str, Any] = {"kl_nats_per_image": kl_per_image}
+    if isinstance(model, HierarchicalVAE):
+        group_kl = sampled_group_kl if sampled_group_kl is not None else statistics.kl_per_group()
+        metrics.update({f"kl_nats/group_{i}": v for i, v in enumerate(group_kl)})
+    metrics["active_units"] = statistics.active_units(ACTIVE_UNIT_THRESHOLD)
+    metrics["latent_units"] = statistics.units
+    if isinstance(model, HierarchicalVAE):
+        metrics.update({f"active_units/group_{i}": a for i, a in enumerate(statistics.active_per_group())})
+    else:
+        metrics.update({f"kl_nats/channel_{c}": v for c, v in enumerate(statistics.kl_per_channel())})
+        metrics.update({f"active_units/channel_{c}": a for c, a in enumerate(statistics.active_per_channel())})
     return metrics
 
 
@@ -168,55 +200,23 @@ def codebook_warnings(health: dict[str, Any], vq: Any, steps: int | None = None)
 
 
 def iwae_bound(model: Autoencoder | HierarchicalVAE, x: torch.Tensor, k: int, generator: torch.Generator | None = None,
-               *, batch: int = IWAE_BATCH, labels: torch.Tensor | None = None) -> torch.Tensor:
+               *, batch: int = IWAE_BATCH, labels: Any = None) -> torch.Tensor:
     """The IWAE bound's negative, -log (1/k) sum_i p(x, z_i) / q(z_i | x), in nats per image [B] (Burda et al. 2016),
     from k importance samples drawn in chunks of about `batch` images x samples, combined with logsumexp in
-    float64. `labels` [B], the classes of a class-conditional model's images, go to its `log_weights` with them
-    (None: none are passed)."""
+    float64 (`labels`: a class-conditional model's, None, an int or one per image)."""
     if x.shape[0] > batch:  # fewer images than a batch at a time
-        label_parts = labels.split(batch) if labels is not None else [None] * -(-x.shape[0] // batch)
-        return torch.cat([iwae_bound(model, part, k, generator, batch=batch, labels=part_labels)
-                          for part, part_labels in zip(x.split(batch), label_parts)])
+        parts = x.split(batch)
+        per_image = labels is not None and not isinstance(labels, int)
+        part_labels = torch.as_tensor(labels).split(batch) if per_image else [labels] * len(parts)
+        return torch.cat([iwae_bound(model, part, k, generator, batch=batch, labels=part_labels[i])
+                          for i, part in enumerate(parts)])
     per_call = max(1, batch // x.shape[0])
-    given = {} if labels is None else {"labels": labels}
+    conditioning = label_arguments(model, labels)
     log_weights = []
     for start in range(0, k, per_call):
-        log_weights.append(model.log_weights(x, min(per_call, k - start), generator, **given).double())
+        log_weights.append(model.log_weights(x, min(per_call, k - start), generator, **conditioning).double())
     log_w = torch.cat(log_weights, dim=1)
     return -(torch.logsumexp(log_w, dim=1) - math.log(k))
-
-
-class LatentVariance:
-    """Running per-dimension variance over images of posterior means, one tensor per latent group (float64)."""
-
-    def __init__(self) -> None:
-        self.count, self.sums, self.squares = 0, None, None
-
-    def add(self, means: list[torch.Tensor]) -> None:
-        flat = [m.double().flatten(1) for m in means]
-        if self.sums is None:
-            self.sums, self.squares = [f.sum(0) for f in flat], [f.pow(2).sum(0) for f in flat]
-        else:
-            self.sums = [s + f.sum(0) for s, f in zip(self.sums, flat)]
-            self.squares = [q + f.pow(2).sum(0) for q, f in zip(self.squares, flat)]
-        self.count += flat[0].shape[0]
-
-    @property
-    def units(self) -> int:
-        return sum(s.numel() for s in self.sums)
-
-    def active_units(self, threshold: float) -> list[int]:
-        """Per group, the number of dimensions whose variance over images (unbiased) exceeds `threshold`."""
-        if self.count < 2:
-            return [0 for _ in self.sums]
-        variances = [(q - s.pow(2) / self.count) / (self.count - 1) for s, q in zip(self.sums, self.squares)]
-        return [int((v > threshold).sum()) for v in variances]
-
-
-def _posteriors(out: Any) -> list[Any]:
-    """The posterior of every latent group of a forward's output (one for a Gaussian autoencoder)."""
-    posterior = out.bottleneck.posterior
-    return list(posterior) if isinstance(posterior, (list, tuple)) else [posterior]
 
 
 @torch.inference_mode()

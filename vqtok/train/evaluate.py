@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from vqtok.data.labels import check_batch_labels
 from vqtok.images import uint8_to_range
 from vqtok.losses import DISCRETE_LIKELIHOODS
 from vqtok.metrics import code_usage, psnr_from_mse, squared_error, ssim
@@ -46,7 +47,10 @@ def evaluate(
     IWAE bound -log (1/k) sum_i p(x, z_i) / q(z_i | x), computed in log space, `iwae_batch` images x samples at a
     time, in nats per image and bits per dimension. VAEs also report the KL of every group and the active units
     (Burda et al.: latent dimensions whose posterior mean varies over the images by more than 0.01), so that
-    posterior collapse is visible. `progress` shows a progress bar over the images (on stderr; `vqtok eval`)."""
+    posterior collapse is visible. `progress` shows a progress bar over the images (on stderr; `vqtok eval`).
+
+    A class-conditional model (config.num_classes > 0) is evaluated with each image's label from the dataset (its
+    reconstructions, code lengths and bounds are those of p(x | y)); an image without one (-1) is an error."""
     was_training = model.training
     model.eval()
     if limit is not None:
@@ -64,8 +68,13 @@ def evaluate(
     generator = torch.Generator(device).manual_seed(0)  # the posterior samples of the code length and the bounds
     kl_groups, posterior_means = 0.0, LatentVariance()
     n = dims = values = 0
+    num_classes = getattr(model.config, "num_classes", 0)
     bar = tqdm(total=len(dataset), unit="img", desc="eval", disable=not progress)
-    for images, _ in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+    for images, labels in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+        given = {}  # a conditional model's labels, the keyword of all its calls
+        if num_classes:
+            check_batch_labels(labels, num_classes, lambda j: f"evaluate: image {n + j} of the dataset")
+            given = {"labels": labels.to(device)}
         images = images.to(device)
         x = uint8_to_range(images, value_range)
         if model.config.decoder_output == "bernoulli_logits":  # a code length only for binary images
@@ -77,16 +86,16 @@ def evaluate(
                 raise ValueError("the images are binary in part and grey in part: a Bernoulli likelihood's code length "
                                  "needs all of them binary (binarize them, e.g. vqtok eval --binarize SEED)")
             discrete = binary
-        out = model(x)
+        out = model(x, **given)
         if discrete:
-            terms = model.code_length(x, generator, output=out)
+            terms = model.code_length(x, generator, output=out, **given)
             totals["nll"] += terms["nll"].sum().item()
             dims = images[0].numel()
             if variational:
                 totals["kl"] += terms["kl"].sum().item()
                 kl_groups = kl_groups + terms["kl_groups"].double().sum(dim=0)
         if iwae is not None:
-            totals["iwae"] += iwae_bound(model, x, iwae, generator, batch=iwae_batch).sum().item()
+            totals["iwae"] += iwae_bound(model, x, iwae, generator, batch=iwae_batch, **given).sum().item()
         if variational:
             posterior_means.add([q.mode() for q in _posteriors(out)])
             if not discrete:
@@ -168,16 +177,19 @@ def codebook_warnings(health: dict[str, Any], vq: Any, steps: int | None = None)
 
 
 def iwae_bound(model: Autoencoder | HierarchicalVAE, x: torch.Tensor, k: int, generator: torch.Generator | None = None,
-               *, batch: int = IWAE_BATCH) -> torch.Tensor:
+               *, batch: int = IWAE_BATCH, labels: torch.Tensor | None = None) -> torch.Tensor:
     """The IWAE bound's negative, -log (1/k) sum_i p(x, z_i) / q(z_i | x), in nats per image [B] (Burda et al. 2016),
     from k importance samples drawn in chunks of about `batch` images x samples, combined with logsumexp in
-    float64."""
+    float64. `labels` [B]: each image's class, for a class-conditional model (that of p(x | y))."""
     if x.shape[0] > batch:  # fewer images than a batch at a time
-        return torch.cat([iwae_bound(model, part, k, generator, batch=batch) for part in x.split(batch)])
+        parts = labels.split(batch) if labels is not None else [None] * -(-x.shape[0] // batch)
+        return torch.cat([iwae_bound(model, part, k, generator, batch=batch, labels=y)
+                          for part, y in zip(x.split(batch), parts)])
     per_call = max(1, batch // x.shape[0])
+    given = {} if labels is None else {"labels": labels}
     log_weights = []
     for start in range(0, k, per_call):
-        log_weights.append(model.log_weights(x, min(per_call, k - start), generator).double())
+        log_weights.append(model.log_weights(x, min(per_call, k - start), generator, **given).double())
     log_w = torch.cat(log_weights, dim=1)
     return -(torch.logsumexp(log_w, dim=1) - math.log(k))
 
@@ -216,13 +228,16 @@ def _posteriors(out: Any) -> list[Any]:
 
 
 @torch.inference_mode()
-def save_reconstruction_grid(model: Autoencoder, images: torch.Tensor, path: str | Path) -> Path:
-    """PNG: a row of uint8 inputs [B, C, H, W] above their reconstructions (posterior mean for Gaussian models)."""
+def save_reconstruction_grid(model: Autoencoder, images: torch.Tensor, path: str | Path, *,
+                             labels: torch.Tensor | None = None) -> Path:
+    """PNG: a row of uint8 inputs [B, C, H, W] above their reconstructions (posterior mean for Gaussian models;
+    `labels` [B]: each image's class, for a class-conditional model)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     x = uint8_to_range(images.to(device), model.config.value_range)
-    recon = model.postprocess(model.to_image(model(x).reconstruction))
+    given = {} if labels is None else {"labels": labels.to(device)}
+    recon = model.postprocess(model.to_image(model(x, **given).reconstruction))
     model.train(was_training)
     tiles = _enlarge(torch.cat([images.to(device), recon]).float() / 255.0)
     return _save(make_grid(tiles, nrow=images.shape[0], padding=2), path)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from mnist_classifier import accuracy, cached_classifier, mnist_test, predict  # scripts/, beside this file
 from torch import nn
 
 import vqtok
@@ -187,69 +188,10 @@ def bench_throughput(args: argparse.Namespace) -> dict:
     return result
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Class-conditional accuracy on MNIST
-
-
-class Classifier(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Dropout(0.25), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), nn.Linear(128, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
-def _to_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, 1, 28, 28] -> normalised float."""
-    return (images.float() / 255.0 - 0.1307) / 0.3081
-
-
-def train_classifier(mnist: Path, epochs: int, seed: int = 0) -> tuple[Classifier, float]:
-    from vqtok.data.sources import read_idx
-
-    train_x = torch.from_numpy(read_idx(mnist / "train-images-idx3-ubyte.gz")).unsqueeze(1)
-    train_y = torch.from_numpy(read_idx(mnist / "train-labels-idx1-ubyte.gz")).long()
-    torch.manual_seed(seed)
-    model = Classifier()
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for epoch in range(epochs):
-        order = torch.randperm(len(train_x))
-        for i in range(0, len(order), 128):
-            idx = order[i : i + 128]
-            loss = F.cross_entropy(model(_to_input(train_x[idx])), train_y[idx])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        print(f"classifier epoch {epoch + 1}/{epochs}: last batch loss {loss.item():.4f}")
-    model.eval()
-    return model, accuracy(model, *mnist_test(mnist))
-
-
-def mnist_test(mnist: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from vqtok.data.sources import read_idx
-
-    x = torch.from_numpy(read_idx(mnist / "t10k-images-idx3-ubyte.gz")).unsqueeze(1)
-    y = torch.from_numpy(read_idx(mnist / "t10k-labels-idx1-ubyte.gz")).long()
-    return x, y
-
-
-@torch.no_grad()
-def predict(model: Classifier, images: torch.Tensor) -> torch.Tensor:
-    return torch.cat([model(_to_input(chunk)).argmax(-1) for chunk in images.split(1000)])
-
-
-def accuracy(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> float:
-    return (predict(model, images) == labels).float().mean().item()
-
-
 def bench_class_accuracy(args: argparse.Namespace) -> dict:
     mnist = Path(args.mnist)
     start = time.perf_counter()
-    classifier, test_accuracy = train_classifier(mnist, args.epochs)
+    classifier, test_accuracy = cached_classifier(mnist, args.epochs, args.cache)
     print(f"classifier: {test_accuracy * 100:.2f}% on the MNIST test images ({time.perf_counter() - start:.0f} s)")
     prior = vqtok.load(args.prior)
     tokenizer = prior.tokenizer
@@ -307,6 +249,7 @@ def main() -> None:
     acc.add_argument("--prior", required=True)
     acc.add_argument("--mnist", default="../shared/datasets/mnist")
     acc.add_argument("--epochs", type=int, default=2)
+    acc.add_argument("--cache", default=None, help="keep the trained classifier's weights in this file and reuse them")
     acc.add_argument("--per-class", type=int, default=100)
     acc.add_argument("--cfg-scale", type=float, default=2.0)
     acc.add_argument("--temperature", type=float, default=1.0)

@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import traceback
 from contextlib import ExitStack, contextmanager
@@ -17,6 +18,7 @@ from vqtok.version import __version__
 MAX_GRID_IMAGES = 1024  # a PNG grid shows at most this many images (sample: the first ones; decode: --n)
 SAMPLE_BATCH = 64  # vqtok sample's default batch: codes sampled, decoded and written this many at a time
 DECODE_BATCH = 256  # codes decoded at once
+ARITHMETIC_ROWS = 8  # vqtok arithmetic --apply-data: images moved by default
 DATA_HELP = ("the images: digits (built in) | DIR or folder:PATH (an image folder; class sub-folders give labels) | "
              "idx:IMAGES[,LABELS] | amat:PATH | torchvision:NAME:ROOT")
 PRIOR_ONLY = {"top_k": "--top-k", "top_p": "--top-p", "cfg_scale": "--cfg-scale", "tokenizer": "--tokenizer",
@@ -106,6 +108,36 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also report LPIPS, with these LPIPS-VGG16 weights (vqtok convert-lpips)")
     evaluate.set_defaults(run=_eval)
 
+    score = commands.add_parser(
+        "score", help="per-image anomaly scores of a tokenizer on a dataset (reconstruction error, likelihood bounds, "
+                      "a prior's bits) as a CSV; with --reference-data, each score's AUROC and a histogram PNG")
+    score.add_argument("tokenizer", help="local folder or Hub repo id[@revision]")
+    score.add_argument("--data", required=True,
+                       help=f"the images to score (with --reference-data: the suspected anomalies): {DATA_HELP}")
+    score.add_argument("--reference-data", default=None, metavar="SPEC",
+                       help="in-distribution images (the same forms as --data): scored too, and each score's AUROC "
+                       "of telling --data from them is printed and drawn")
+    score.add_argument("--split", choices=["train", "test"], default="test",
+                       help="the split of a source that has both (both sets)")
+    score.add_argument("--prior", default=None,
+                       help="a transformer prior over this VQ tokenizer's codes (folder or Hub id[@revision]): adds "
+                       "prior_bits, the codes' -log2 p under its unconditional pass")
+    score.add_argument("--iwae", type=positive_int, default=None, metavar="K",
+                       help="also score the importance-weighted bound with K samples per image, iwae_nats (VAEs with a "
+                       "discrete likelihood)")
+    score.add_argument("--limit", type=positive_int, default=None,
+                       help="score the first N images of each set only (of --data and of --reference-data)")
+    _window_options(score)
+    score.add_argument("--batch-size", type=positive_int, default=64, help="images scored at once")
+    score.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    score.add_argument("--out", required=True,
+                       help="CSV file to write, a row per image: set (data, reference), index in its source, each "
+                       "score; must not exist")
+    score.add_argument("--histogram", default=None, metavar="PNG",
+                       help="with --reference-data, the PNG of both sets' score distributions (default: beside --out, "
+                       "NAME_histogram.png); must not exist")
+    score.set_defaults(run=_score)
+
     encode = commands.add_parser("encode", help="encode a dataset into a token store (resumable, multi-process)")
     encode.add_argument("--tokenizer", required=True, help="local folder or Hub repo id[@revision]")
     encode.add_argument("--data", required=True, help=DATA_HELP)
@@ -133,6 +165,59 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("--n", type=grid_count, default=64,
                         help=f"number of images (default 64, at most {MAX_GRID_IMAGES})")
     decode.set_defaults(run=_decode)
+
+    interpolate = commands.add_parser(
+        "interpolate", help="a PNG strip from image A to image B through the latent space: A, the steps, B")
+    interpolate.add_argument("tokenizer", help="local folder or Hub repo id[@revision] (a Gaussian or VQ tokenizer, or "
+                             "a hierarchical VAE)")
+    interpolate.add_argument("a", metavar="A", help="the image at the strip's left end (any format PIL reads; "
+                             "preprocessed as the model's preprocess does)")
+    interpolate.add_argument("b", metavar="B", help="the image at the strip's right end")
+    interpolate.add_argument("--steps", type=grid_count, default=8, metavar="K",
+                             help="decoded steps between the inputs, both latents included (t = 0 and 1: the "
+                             "reconstructions of A and B); the strip shows input A, the steps, input B")
+    interpolate.add_argument("--method", choices=("slerp", "linear"), default=None,
+                             help="the path between the latents (default: slerp for Gaussian latents, linear for a "
+                             "VQ tokenizer's features, whose steps are quantized)")
+    interpolate.add_argument("--label", type=nonnegative_int, default=None, metavar="N",
+                             help="the class for a class-conditional model (default: its unconditional pass)")
+    interpolate.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    interpolate.add_argument("--out", required=True, help="PNG strip to write (a new file: an existing one is refused)")
+    interpolate.set_defaults(run=_interpolate)
+
+    arithmetic = commands.add_parser(
+        "arithmetic", help="move images along an attribute vector (the mean latent of one class minus another's): "
+                           "a PNG grid, one row per image, its input then one column per strength")
+    arithmetic.add_argument("tokenizer", help="local folder or Hub repo id[@revision]")
+    arithmetic.add_argument("--data", required=True, metavar="SPEC",
+                            help="the labelled images the class means come from: digits (built in) | DIR or "
+                            "folder:PATH with class sub-folders | idx:IMAGES,LABELS | torchvision:NAME:ROOT")
+    arithmetic.add_argument("--split", choices=["train", "test"], default="test",
+                            help="the split of a source that has both (--data and --apply-data)")
+    arithmetic.add_argument("--from-class", type=nonnegative_int, required=True, metavar="A",
+                            help="the vector points away from this class's mean latent")
+    arithmetic.add_argument("--to-class", type=nonnegative_int, required=True, metavar="B",
+                            help="... towards this class's mean latent")
+    arithmetic.add_argument("--limit", type=positive_int, default=None, metavar="N",
+                            help="average at most N images of each class (default: all)")
+    apply_to = arithmetic.add_mutually_exclusive_group(required=True)
+    apply_to.add_argument("--images", nargs="+", metavar="IMG", help="image files to move (one row each)")
+    apply_to.add_argument("--apply-data", metavar="SPEC", help="move the first images of this source (one row each; "
+                          "the same forms as --data)")
+    arithmetic.add_argument("--apply-limit", type=grid_count, default=None, metavar="N",
+                            help=f"with --apply-data: how many of its images (default {ARITHMETIC_ROWS})")
+    arithmetic.add_argument("--strengths", type=float_list, default=[-1.0, 0.0, 1.0, 2.0], metavar="S,S,...",
+                            help="the multiples of the vector added to each image's latents, one column each "
+                            "(default -1,0,1,2; 0 is the reconstruction)")
+    arithmetic.add_argument("--skip-unreadable", action="store_true",
+                            help="skip the files of an image folder (--data, --apply-data) that cannot be decoded, "
+                            "instead of stopping at the first")
+    arithmetic.add_argument("--batch-size", type=positive_int, default=64, help="images encoded at once")
+    arithmetic.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    arithmetic.add_argument("--out", required=True, help="PNG grid to write (a new file: an existing one is refused)")
+    arithmetic.set_defaults(run=_arithmetic)
+    # "--strengths -1,0,1" is a value, not an unknown option: let argparse take a comma list that starts with a minus
+    arithmetic._negative_number_matcher = re.compile(r"^-\.?\d[\d.,eE+-]*$")
 
     push = commands.add_parser("push", help="upload a saved model folder to the Hugging Face Hub")
     push.add_argument("folder", help="a saved model folder (a training run's tokenizer/ or prior/ also uploads the "
@@ -326,6 +411,17 @@ def int_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def float_list(text: str) -> list[float]:
+    """Comma-separated finite numbers, at least one, e.g. -1,0,1,2."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected one or more finite numbers, got {text!r}")
+    return values
 
 
 def _conversion_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -621,6 +717,65 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    """Score --data (and --reference-data) image by image; write the CSV (and the histograms), print each score's
+    mean per set and, with a reference, its AUROC: lines `auroc  KIND  VALUE` that a person and grep both read."""
+    import vqtok
+    from vqtok.anomaly import auroc_by_kind, check_scoring, save_histograms, score_images, scores_csv
+    from vqtok.data import build_dataset
+    from vqtok.files import write_text_atomically
+
+    if args.histogram is not None and args.reference_data is None:
+        raise ValueError("--histogram draws the scores of both sets: it needs --reference-data")
+    out = _output_file(args.out, "--out", new=True)
+    histogram = None
+    if args.reference_data is not None:
+        histogram = _output_file(args.histogram or str(out.with_name(f"{out.stem}_histogram.png")), "--histogram",
+                                 image=True, new=True)
+        if histogram.resolve() == out.resolve():
+            raise ValueError(f"--histogram {histogram}: the same file as --out")
+    device = _device(args.device)
+    model = _load_image_model(args.tokenizer, map_location=device)
+    prior = None
+    if args.prior is not None:
+        prior = vqtok.load(args.prior, map_location=device)
+        if not isinstance(prior, vqtok.TransformerPrior):
+            raise ValueError(f"{args.prior} holds a {prior.model_type}, not a transformer prior")
+    check_scoring(model, prior=prior, iwae=args.iwae)  # before any image is read
+    specs = {"data": args.data, **({"reference": args.reference_data} if args.reference_data else {})}
+    c = model.config
+    sets = {}
+    with _skip_flag_hint():
+        datasets = {name: build_dataset(parse_data_spec(spec, args.split, args.limit, offset=args.offset,
+                                                        binarize_seed=args.binarize,
+                                                        skip_unreadable=args.skip_unreadable),
+                                        channels=c.in_channels, preprocess=c.preprocess, size=None,
+                                        multiple=model.size_multiple())
+                    for name, spec in specs.items()}
+        for name, dataset in datasets.items():
+            sets[name] = score_images(model, dataset, prior=prior, iwae=args.iwae, batch_size=args.batch_size,
+                                      progress=True, desc=name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomically(out, scores_csv(sets, index_offset=args.offset))
+    kinds = list(sets["data"].scores)
+    width = max(len(k) for k in kinds)
+    print(f"images {'  '.join(f'{name} {len(s)}' for name, s in sets.items())}")
+    for kind in kinds:
+        means = "  ".join(f"{name} {float(s.scores[kind].mean()):.6g}" for name, s in sets.items())
+        print(f"mean   {kind:<{width}}  {means}")
+    written = [f"{out} ({sum(len(s) for s in sets.values())} rows)"]
+    if histogram is not None:
+        aurocs = auroc_by_kind(sets["reference"], sets["data"])
+        print("# auroc: the probability that a --data image scores as more anomalous than a --reference-data image "
+              "(1: separated, 0.5: chance, below 0.5: the data look MORE typical); psnr's is that of -psnr")
+        for kind, value in aurocs.items():
+            print(f"auroc  {kind:<{width}}  {value:.4f}")
+        save_histograms({"reference": sets["reference"], "data": sets["data"]}, histogram, aurocs=aurocs)
+        written.append(str(histogram))
+    print(f"wrote {', '.join(written)}")
+    return 0
+
+
 def _load_image_model(name: str, *, autoencoder_only: bool = False, **load_kwargs: Any):
     """A model of images: an autoencoder (VQ or Gaussian) or a hierarchical VAE (`autoencoder_only`: the former)."""
     import vqtok
@@ -730,6 +885,121 @@ def _decode_images(tokenizer: Any, codes: Any, **labels: Any) -> Any:
     chunks = zip(*(c.split(DECODE_BATCH) for c in codes)) if isinstance(codes, tuple) else codes.split(DECODE_BATCH)
     with torch.inference_mode():
         return torch.cat([decoded(chunk, i * DECODE_BATCH) for i, chunk in enumerate(chunks)])
+
+
+def _interpolate(args: argparse.Namespace) -> int:
+    """A one-row strip: input A, the decoded steps from A's latents to B's, input B (see vqtok.latents)."""
+    import torch
+
+    from vqtok.latents import default_method, interpolate
+    from vqtok.train.evaluate import save_image_grid
+
+    if args.steps < 2:
+        raise ValueError(f"--steps {args.steps}: at least 2 (the latents of A and of B)")
+    out = _output_file(args.out, "--out", image=True, new=True)
+    model = _load_image_model(args.tokenizer, map_location=_device(args.device))
+    label = _class_label(model, args.label, args.tokenizer)
+    a, b = _read_images(model, [args.a, args.b]).split(1)
+    method = args.method or default_method(model)
+    steps = interpolate(model, a, b, args.steps, method=method, labels=label)[0]
+    strip = model.postprocess(torch.cat([a, steps, b]))
+    save_image_grid(strip.cpu(), out, nrow=len(strip))
+    quantized = " (each quantized to codes)" if getattr(model, "vocab_size", None) else ""
+    print(f"wrote {out}: input A, {args.steps} {method} steps{quantized}, input B")
+    return 0
+
+
+def _arithmetic(args: argparse.Namespace) -> int:
+    """A grid: one row per image, its input then the decoded z + s v for each strength s, v the difference of the
+    mean latents of --to-class and --from-class in --data (see vqtok.latents)."""
+    import torch
+
+    from vqtok.latents import apply_attribute, attribute_vector, class_means
+    from vqtok.train.evaluate import save_image_grid
+
+    out = _output_file(args.out, "--out", image=True, new=True)
+    if args.apply_limit is not None and args.apply_data is None:
+        raise ValueError("--apply-limit counts the images of --apply-data; with --images every file given is a row")
+    if args.from_class == args.to_class:
+        raise ValueError(f"--from-class and --to-class are both {args.from_class}: the attribute vector would be zero")
+    rows, columns = len(args.images) if args.images else args.apply_limit or ARITHMETIC_ROWS, len(args.strengths) + 1
+    if rows * columns > MAX_GRID_IMAGES:
+        raise ValueError(f"{rows} images x ({len(args.strengths)} strengths + the input) = {rows * columns} tiles: "
+                         f"a grid shows at most {MAX_GRID_IMAGES}")
+    model = _load_image_model(args.tokenizer, map_location=_device(args.device))
+    with _skip_flag_hint():
+        x = _read_images(model, args.images) if args.images else _first_images(model, args.apply_data, args, rows)
+        data = parse_data_spec(args.data, args.split, skip_unreadable=args.skip_unreadable)
+        means = class_means(model, _model_dataset(model, data), [args.from_class, args.to_class], limit=args.limit,
+                            batch_size=args.batch_size)
+    vector = attribute_vector(means, args.from_class, args.to_class)
+    moved = torch.cat([apply_attribute(model, part, vector, args.strengths) for part in x.split(args.batch_size)])
+    grid = torch.cat([x[:, None], moved], dim=1).flatten(0, 1)  # row by row: the input, then each strength
+    save_image_grid(model.postprocess(grid).cpu(), out, nrow=columns)
+    norm = math.sqrt(sum(float(v.pow(2).sum()) for v in vector))
+    counts = means.counts
+    print(f"attribute vector: mean latent of class {args.to_class} ({counts[args.to_class]} images) - class "
+          f"{args.from_class}'s ({counts[args.from_class]} images), norm {norm:.4g}")
+    print(f"wrote {out}: {len(x)} rows (input, then strengths {', '.join(f'{s:g}' for s in args.strengths)})")
+    return 0
+
+
+def _class_label(model: Any, label: int | None, name: str) -> int | None:
+    """--label checked against the model: a class of a class-conditional model, or None."""
+    if label is None:
+        return None
+    classes = getattr(model.config, "num_classes", 0)
+    if classes == 0:
+        raise ValueError(f"--label {label}: {name} is not a class-conditional model")
+    if label >= classes:
+        raise ValueError(f"--label {label}: {name} has classes 0 to {classes - 1}")
+    return label
+
+
+def _read_images(model: Any, paths: list[str]) -> Any:
+    """Image files (PIL) as one batch in the model's range, preprocessed as the model does; a file that cannot be
+    read or preprocessed, or images of different sizes after preprocessing, are errors naming the file(s)."""
+    import torch
+
+    from vqtok.data.sources import SKIP_HINT, UnreadableImageError, _open_image
+
+    batch = []
+    for path in paths:
+        try:
+            image = _open_image(Path(path))
+        except UnreadableImageError as e:
+            raise UnreadableImageError(str(e).replace(f" ({SKIP_HINT})", "")) from None
+        try:
+            batch.append(model.preprocess(image))
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    sizes = {f"{x.shape[-2]}x{x.shape[-1]}": path for x, path in zip(batch, paths)}
+    if len(sizes) > 1:
+        named = ", ".join(f"{path} is {size}" for size, path in sizes.items())
+        raise ValueError(f"the images differ in size after preprocessing ({named}); give images of one size, or a "
+                         "model whose preprocess resizes and crops")
+    return torch.cat(batch)
+
+
+def _first_images(model: Any, spec: str, args: argparse.Namespace, n: int) -> Any:
+    """The first n images of a data spec as one batch in the model's range, on its device."""
+    import torch
+
+    from vqtok.images import uint8_to_range
+
+    data = parse_data_spec(spec, args.split, n, skip_unreadable=args.skip_unreadable)
+    dataset = _model_dataset(model, data)
+    images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    return uint8_to_range(images, model.config.value_range).to(next(model.parameters()).device)
+
+
+def _model_dataset(model: Any, data: Any) -> Any:
+    """The images of a DataConfig preprocessed as `model.preprocess` does (any size that it encodes)."""
+    from vqtok.data import build_dataset
+
+    c = model.config
+    return build_dataset(data, channels=c.in_channels, preprocess=c.preprocess, size=None,
+                         multiple=model.size_multiple())
 
 
 def _push(args: argparse.Namespace) -> int:
@@ -854,12 +1124,15 @@ def _info_vqtok(model: Any) -> int:
 # Outputs, devices and errors
 
 
-def _output_file(path: str, flag: str, *, image: bool = False) -> Path:
+def _output_file(path: str, flag: str, *, image: bool = False, new: bool = False) -> Path:
     """Check an output file's place before any work is done: not a folder, under folders (or nothing yet), and for
-    an image a suffix PIL can write. Missing folders are made when the file is written."""
+    an image a suffix PIL can write; with `new`, not an existing file (refused, never replaced). Missing folders are
+    made when the file is written."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{flag} {path}: is a folder; give a file name")
+    if new and (path.exists() or path.is_symlink()):
+        raise FileExistsError(f"{flag} {path}: exists; remove it or choose another name (it is never replaced)")
     for ancestor in path.parents:
         if ancestor.exists():
             if not ancestor.is_dir():

@@ -180,11 +180,12 @@ def iwae_bound(model: Autoencoder | HierarchicalVAE, x: torch.Tensor, k: int, ge
                *, batch: int = IWAE_BATCH, labels: torch.Tensor | None = None) -> torch.Tensor:
     """The IWAE bound's negative, -log (1/k) sum_i p(x, z_i) / q(z_i | x), in nats per image [B] (Burda et al. 2016),
     from k importance samples drawn in chunks of about `batch` images x samples, combined with logsumexp in
-    float64. `labels` [B]: each image's class, for a class-conditional model (that of p(x | y))."""
+    float64. `labels` [B], the classes of a class-conditional model's images, go to its `log_weights` with them
+    (None: none are passed)."""
     if x.shape[0] > batch:  # fewer images than a batch at a time
-        parts = labels.split(batch) if labels is not None else [None] * -(-x.shape[0] // batch)
-        return torch.cat([iwae_bound(model, part, k, generator, batch=batch, labels=y)
-                          for part, y in zip(x.split(batch), parts)])
+        label_parts = labels.split(batch) if labels is not None else [None] * -(-x.shape[0] // batch)
+        return torch.cat([iwae_bound(model, part, k, generator, batch=batch, labels=part_labels)
+                          for part, part_labels in zip(x.split(batch), label_parts)])
     per_call = max(1, batch // x.shape[0])
     given = {} if labels is None else {"labels": labels}
     log_weights = []

@@ -395,3 +395,25 @@ def test_a_conditional_tokenizer_decodes_a_priors_samples_with_their_labels(tmp_
     other = TransformerPrior(replace(prior.config, num_classes=2))
     assert decode_labels(other, tok, 1) == {"labels": None}
     assert decode_labels(prior, Autoencoder(replace(tok.config, num_classes=0)), labels) == {}
+
+
+def test_the_other_uses_of_a_vae_take_a_cvaes_labels():
+    """Anomaly scores given each image's label average to evaluate's negative ELBO (which reads the labels from the
+    dataset), and an interpolation with a label starts and ends at the reconstructions given that label."""
+    from vqtok.anomaly import score_images
+    from vqtok.latents import interpolate
+
+    model = cvae(num_classes=10, decoder_output="logistic_mixture", num_mixtures=1)
+    dataset = build_dataset(DataConfig(limit=6), channels=1, preprocess=model.config.preprocess, size=16)
+    labels = torch.tensor(dataset.labels)
+    scores = score_images(model, dataset, labels=labels, batch_size=4)
+    assert scores.scores["neg_elbo_nats"].mean() == pytest.approx(evaluate(model, dataset, batch_size=4)["neg_elbo_nats"],
+                                                                  rel=1e-6)
+    unconditional = score_images(model, dataset, batch_size=4).scores["neg_elbo_nats"]
+    assert not np.allclose(unconditional, scores.scores["neg_elbo_nats"])
+    x = uint8_to_range(torch.stack([dataset[i][0] for i in range(2)]), model.config.value_range)
+    with torch.no_grad():
+        path = interpolate(model, x[:1], x[1:], 3, labels=4)
+        ends = model.decode(model.encode(x, labels=4).mode(), labels=4)
+    torch.testing.assert_close(path[0, 0], ends[0])
+    torch.testing.assert_close(path[0, -1], ends[1])

@@ -410,7 +410,6 @@ def test_sample_model_draws_from_a_vaes_own_prior_batch_by_batch(capsys, folders
 
 
 @pytest.mark.parametrize("flags, named", [
-    (["--class", "3"], "--class"),
     (["--top-k", "5", "--top-p", "0.9"], "--top-k, --top-p"),
     (["--cfg-scale", "1"], "--cfg-scale"),
     (["--tokenizer", "t"], "--tokenizer"),

@@ -181,9 +181,10 @@ def _elements(model: torch.nn.Module) -> int:
     bottleneck=st.sampled_from(["gaussian", "ema", "trained"]),
     output=st.sampled_from(["image", "bernoulli_logits", "logistic_mixture"]),
     channels=st.integers(1, 3),
+    num_classes=st.sampled_from([0, 3]),
 )
 def test_an_autoencoders_element_count_is_exact(mult, blocks, width, attn, mid_attention, bottleneck, output,
-                                                channels):
+                                                channels, num_classes):
     """`num_elements` (from the config alone) equals the parameters and buffers of the built model."""
     dims = {"gaussian": GaussianConfig(dim=3), "ema": VQConfig(codebook_size=5, dim=3),
             "trained": VQConfig(codebook_size=5, dim=3, ema=False, codebook_weight=1.0)}
@@ -194,7 +195,7 @@ def test_an_autoencoders_element_count_is_exact(mult, blocks, width, attn, mid_a
         attn_resolutions=(resolution // 2 ** (len(mult) - 1),) if attn else (),
         mid_attention=mid_attention, latent_channels=5, norm_groups=2, decoder_output=output,
         input_range="0,1" if output == "bernoulli_logits" else "-1,1",
-        num_mixtures=2 if output == "logistic_mixture" else None,
+        num_mixtures=2 if output == "logistic_mixture" else None, num_classes=num_classes,
     )
     assert config.num_elements == _elements(Autoencoder(config))
 

@@ -21,8 +21,8 @@ DECODE_BATCH = 256  # codes decoded at once
 ARITHMETIC_ROWS = 8  # vqtok arithmetic --apply-data: images moved by default
 DATA_HELP = ("the images: digits (built in) | DIR or folder:PATH (an image folder; class sub-folders give labels) | "
              "idx:IMAGES[,LABELS] | amat:PATH | torchvision:NAME:ROOT")
-PRIOR_ONLY = {"label": "--class", "top_k": "--top-k", "top_p": "--top-p", "cfg_scale": "--cfg-scale",
-              "tokenizer": "--tokenizer", "codes": "--codes"}  # vqtok sample's options for a transformer prior
+PRIOR_ONLY = {"top_k": "--top-k", "top_p": "--top-p", "cfg_scale": "--cfg-scale", "tokenizer": "--tokenizer",
+              "codes": "--codes"}  # vqtok sample's options for a transformer prior
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,13 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
         "sample", help="sample codes from a prior and decode them into images, or sample a VAE's own prior")
     model = sample.add_mutually_exclusive_group(required=True)
     model.add_argument("--prior", help="a transformer prior: local folder or Hub repo id[@revision]")
-    model.add_argument("--model", help="a VAE (Gaussian autoencoder or hierarchical VAE), sampled from its own prior: "
-                                       "local folder or Hub repo id[@revision]")
+    model.add_argument("--model", help="a VAE (Gaussian autoencoder, class-conditional or not, or hierarchical VAE), "
+                                       "sampled from its own prior: local folder or Hub repo id[@revision]")
     sample.add_argument("--n", type=positive_int, default=64,
                         help=f"number of images (default 64); more than {MAX_GRID_IMAGES} need --images-dir (or "
                         "--codes)")
-    sample.add_argument("--class", dest="label", type=nonnegative_int, default=None,
-                        help="class of every sample (conditional priors; default: unconditional)")
+    sample.add_argument("--class", dest="label", type=class_choice, default=None, metavar="C[,C...]|all",
+                        help="the class of every sample (a class-conditional prior or VAE), or a list of classes "
+                        "(or 'all': every class), n / k samples of each of the k in turn, one grid row per class; "
+                        "default: unconditional (the null class). A class-conditional tokenizer decodes a prior's "
+                        "samples with their class when the prior has its number of classes, else with its null label")
     sample.add_argument("--temperature", type=nonnegative_float, default=1.0,
                         help="0: greedy for a prior; for a VAE, the factor on its prior's standard deviations, 0 "
                         "its mean (default 1)")
@@ -185,7 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     decode = commands.add_parser("decode", help="decode stored codes back to images (a PNG grid)")
     decode.add_argument("codes", help="a token store folder, or a .npy file of codes [n, h, w] (latents [n, dim, h, w] "
-                        "for a Gaussian tokenizer; needs --tokenizer; not for a hierarchical VAE: decode its store)")
+                        "for a Gaussian tokenizer; needs --tokenizer; not for a hierarchical VAE: decode its store). A "
+                        "class-conditional tokenizer decodes a store's codes with the store's labels, a .npy file's "
+                        "with its null label")
     decode.add_argument("--out", required=True, help="PNG file to write")
     decode.add_argument("--tokenizer", default=None, help="for a .npy file: the tokenizer folder or Hub id")
     decode.add_argument("--n", type=grid_count, default=64,
@@ -332,6 +337,16 @@ def random_seed(text: str) -> int:
     if value >= 2**64:
         raise argparse.ArgumentTypeError(f"must be below 2^64, got {text}")
     return value
+
+
+def class_choice(text: str) -> int | list[int] | str:
+    """vqtok sample's --class: a class (an integer >= 0), a comma-separated list of them, or 'all'."""
+    if text == "all":
+        return text
+    values = [nonnegative_int(part) for part in text.split(",")]
+    if len(set(values)) != len(values):
+        raise argparse.ArgumentTypeError(f"names a class twice: {text}")
+    return values[0] if len(values) == 1 and "," not in text else values
 
 
 def grid_count(text: str) -> int:
@@ -590,7 +605,8 @@ def _sample(args: argparse.Namespace) -> int:
     if args.prior is not None:
         _sample_prior(args, device, out, codes_path, images_dir)
     else:
-        _write_images(_vae_samples(args, device), out, images_dir, total=args.n)
+        batches, nrow = _vae_samples(args, device)
+        _write_images(batches, out, images_dir, total=args.n, nrow=nrow)
     written = [f"{out}" + (f" (the first {MAX_GRID_IMAGES})" if args.n > MAX_GRID_IMAGES else "")]
     if codes_path:
         written.append(str(codes_path))
@@ -609,21 +625,48 @@ def _sample_prior(args: argparse.Namespace, device: Any, out: Path, codes_path: 
         raise ValueError(f"{args.prior} holds a {prior.model_type}, not a transformer prior")
     if args.tokenizer:
         prior.attach_tokenizer(_load_image_model(args.tokenizer, autoencoder_only=True))  # refused unless it is the recorded tokenizer
+    from vqtok.models.prior import decode_labels
+
     tokenizer = prior.tokenizer.to(device)
     shape = (args.n, *prior.config.grid)
     if codes_path:
         _check_free_space(codes_path, math.prod(shape) * 8, "--codes")
     cfg_scale = 1.0 if args.cfg_scale is None else args.cfg_scale
-    batches = prior.generate_batches(args.n, labels=args.label, temperature=args.temperature, top_k=args.top_k,
+    labels, nrow = _class_labels(args.label, args.n, prior.config.num_classes, f"the prior {args.prior}")
+    batches = prior.generate_batches(args.n, labels=labels, temperature=args.temperature, top_k=args.top_k,
                                      top_p=args.top_p, cfg_scale=cfg_scale, seed=args.seed,
                                      batch_size=args.batch_size)
-    _write_samples(batches, tokenizer, shape, out, codes_path, images_dir)
+    _write_samples(batches, tokenizer, shape, out, codes_path, images_dir, nrow=nrow,
+                   **decode_labels(prior, tokenizer, labels))
 
 
-def _vae_samples(args: argparse.Namespace, device: Any) -> Iterator[Any]:
-    """uint8 images from a VAE's own prior (`model.sample`), `--batch-size` at a time; batch j is drawn with the
-    seed keyed by (--seed, j), so a seed's images depend on the batch size, as a prior's do. The model is loaded
-    and checked before the first batch is asked for."""
+def _class_labels(choice: int | list[int] | str | None, n: int, num_classes: int, name: str) -> tuple[Any, int | None]:
+    """--class as the labels of n samples of a model of num_classes classes, and the grid's row length: None
+    (unconditional), one class for all (rows as usual), or for a list of k classes (or 'all', every class) n / k
+    samples of each in turn, one row per class."""
+    import torch
+
+    if choice is None:
+        return None, None
+    if not num_classes:
+        raise ValueError(f"--class: {name} is unconditional (num_classes 0); leave --class out")
+    classes = list(range(num_classes)) if choice == "all" else [choice] if isinstance(choice, int) else choice
+    beyond = [c for c in classes if c >= num_classes]
+    if beyond:
+        raise ValueError(f"--class {beyond[0]}: {name} has {num_classes} classes, 0 to {num_classes - 1}")
+    if isinstance(choice, int):
+        return choice, None
+    if n % len(classes):
+        raise ValueError(f"--n {n}: --class gives {len(classes)} classes, one grid row each, so --n must be a multiple "
+                         f"of {len(classes)}")
+    return torch.tensor(classes).repeat_interleave(n // len(classes)), n // len(classes)
+
+
+def _vae_samples(args: argparse.Namespace, device: Any) -> tuple[Iterator[Any], int | None]:
+    """uint8 images from a VAE's own prior (`model.sample`; of the --class classes for a class-conditional one),
+    `--batch-size` at a time, and the grid's row length; batch j is drawn with the seed keyed by (--seed, j), so a
+    seed's images depend on the batch size, as a prior's do. The model is loaded and checked before the first batch
+    is asked for."""
     import torch
 
     from vqtok.seeds import keyed_seed
@@ -632,38 +675,51 @@ def _vae_samples(args: argparse.Namespace, device: Any) -> Iterator[Any]:
     if not model.is_gaussian:
         raise ValueError(f"{args.model} is a VQ tokenizer, which has no prior of its own: sample codes with a "
                          "transformer prior (--prior)")
+    labels, nrow = _class_labels(args.label, args.n, getattr(model.config, "num_classes", 0), args.model)
     model.eval()
 
     def batches() -> Iterator[Any]:
         for j, start in enumerate(range(0, args.n, args.batch_size)):
             count = min(args.batch_size, args.n - start)
+            given = {} if labels is None else {"labels": _rows(labels, start, count)}
             with torch.inference_mode():
-                yield model.postprocess(model.sample(count, temperature=args.temperature, seed=keyed_seed(args.seed, j)))
+                yield model.postprocess(model.sample(count, temperature=args.temperature, seed=keyed_seed(args.seed, j),
+                                                     **given))
 
-    return batches()
+    return batches(), nrow
+
+
+def _rows(labels: Any, start: int, count: int) -> Any:
+    """Labels of items start .. start + count - 1: a slice of per-item labels, or the one label of all."""
+    return labels[start : start + count] if getattr(labels, "ndim", 0) else labels
 
 
 def _write_samples(batches: Iterator[Any], tokenizer: Any, shape: tuple[int, ...], out: Path, codes_path: Path | None,
-                   images_dir: Path | None) -> None:
+                   images_dir: Path | None, *, nrow: int | None = None, **labels: Any) -> None:
     """Decode and write each batch of codes as it comes: its codes appended to the .npy file (renamed into place
-    once complete), its images written by `_write_images`."""
+    once complete), its images written by `_write_images`. `labels`: a conditional tokenizer's `labels=` for all n
+    codes (see `_decode_images`)."""
     import numpy as np
 
     with ExitStack() as stack:
         codes_file = stack.enter_context(_npy_rows(codes_path, shape, np.int64)) if codes_path else None
 
         def decoded() -> Iterator[Any]:
+            start = 0
             for codes in batches:
                 if codes_file is not None:
                     codes_file.write(codes.cpu().numpy())
-                yield _decode_images(tokenizer, codes)
+                yield _decode_images(tokenizer, codes, **{k: _rows(v, start, len(codes)) for k, v in labels.items()})
+                start += len(codes)
 
-        _write_images(decoded(), out, images_dir, total=shape[0])
+        _write_images(decoded(), out, images_dir, total=shape[0], nrow=nrow)
 
 
-def _write_images(batches: Iterator[Any], out: Path, images_dir: Path | None, total: int) -> None:
+def _write_images(batches: Iterator[Any], out: Path, images_dir: Path | None, total: int,
+                  nrow: int | None = None) -> None:
     """Write each batch of uint8 images as it comes: as PNG files into `images_dir`, the first MAX_GRID_IMAGES kept
-    for the grid `out`, written last. A progress bar (stderr) counts the `total` images as they are sampled."""
+    for the grid `out` (rows of `nrow`; None: about square), written last. A progress bar (stderr) counts the
+    `total` images as they are sampled."""
     import torch
     from tqdm.auto import tqdm
 
@@ -677,7 +733,7 @@ def _write_images(batches: Iterator[Any], out: Path, images_dir: Path | None, to
                 _write_pngs(images, images_dir, first=done)
             done += len(images)
             bar.update(len(images))
-    _save_grid(torch.cat(shown), out)
+    _save_grid(torch.cat(shown), out, nrow)
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -870,7 +926,8 @@ def _decode(args: argparse.Namespace) -> int:
         tokenizer = _load_image_model(args.tokenizer) if args.tokenizer else store.load_tokenizer()
         store.check_tokenizer(tokenizer)
         step = len(store.augmentations)
-        codes, _ = store.gather(range(0, min(args.n * step, len(store)), step))  # the un-augmented views
+        codes, labels = store.gather(range(0, min(args.n * step, len(store)), step))  # the un-augmented views
+        given = {"labels": labels} if getattr(tokenizer.config, "num_classes", 0) else {}  # the store's labels
     else:
         if not path.is_file():
             raise FileNotFoundError(f"no token store folder or .npy file {path}")
@@ -880,8 +937,8 @@ def _decode(args: argparse.Namespace) -> int:
         if isinstance(tokenizer, vqtok.HierarchicalVAE):
             raise ValueError(f"{path}: a .npy file holds one grid, but {args.tokenizer} is a hierarchical VAE "
                              "(latents in groups): decode its token store folder instead")
-        codes = _read_codes(path, tokenizer, args.n)
-    images = _decode_images(tokenizer, codes)
+        codes, given = _read_codes(path, tokenizer, args.n), {}  # no labels: a conditional tokenizer's null label
+    images = _decode_images(tokenizer, codes, **given)
     _save_grid(images, out)
     print(f"wrote {len(images)} decoded images to {out}")
     return 0
@@ -920,9 +977,10 @@ def _read_codes(path: Path, tokenizer: Any, n: int) -> Any:
     return torch.from_numpy(first.astype(np.int64))
 
 
-def _decode_images(tokenizer: Any, codes: Any) -> Any:
+def _decode_images(tokenizer: Any, codes: Any, **labels: Any) -> Any:
     """uint8 images [n, C, H, W] of codes (or a Gaussian tokenizer's latents, or a tuple of a hierarchical VAE's
-    latents of every group), decoded DECODE_BATCH at a time."""
+    latents of every group), decoded DECODE_BATCH at a time; `labels=` (a class-conditional tokenizer's: one for all,
+    [n], or None for its null label) is passed on to `decode`."""
     import torch
 
     device = next(tokenizer.parameters()).device
@@ -930,14 +988,15 @@ def _decode_images(tokenizer: Any, codes: Any) -> Any:
     def placed(chunk: torch.Tensor) -> torch.Tensor:
         return chunk.to(device, torch.float32) if tokenizer.is_gaussian else chunk.to(device)
 
-    def decoded(chunk: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def decoded(chunk: torch.Tensor | tuple[torch.Tensor, ...], start: int) -> torch.Tensor:
         latents = [placed(group) for group in chunk] if isinstance(chunk, tuple) else placed(chunk)
-        return tokenizer.postprocess(tokenizer.decode(latents))
+        given = {k: _rows(v, start, DECODE_BATCH) for k, v in labels.items()}
+        return tokenizer.postprocess(tokenizer.decode(latents, **given))
 
     # a tuple holds one tensor per group: each chunk is every group's rows, decoded from a list
     chunks = zip(*(c.split(DECODE_BATCH) for c in codes)) if isinstance(codes, tuple) else codes.split(DECODE_BATCH)
     with torch.inference_mode():
-        return torch.cat([decoded(chunk) for chunk in chunks])
+        return torch.cat([decoded(chunk, i * DECODE_BATCH) for i, chunk in enumerate(chunks)])
 
 
 def _interpolate(args: argparse.Namespace) -> int:
@@ -1262,10 +1321,10 @@ def _write_pngs(images: Any, folder: Path, first: int) -> None:
             image.save(tmp, format="PNG")
 
 
-def _save_grid(images: Any, out: Path) -> None:
+def _save_grid(images: Any, out: Path, nrow: int | None = None) -> None:
     from vqtok.train.evaluate import save_image_grid
 
-    save_image_grid(images.cpu(), out)
+    save_image_grid(images.cpu(), out, nrow=nrow)
 
 
 def _device(name: str | None) -> Any:

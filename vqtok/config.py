@@ -260,6 +260,12 @@ class AutoencoderConfig:
     this VAE's latents expects, z' = (z - shift_factor) * scaling_factor (`Autoencoder.scale_latents`): recorded,
     never applied by `encode`/`decode`. `force_upcast` runs the model in float32 even under autocast (diffusers' flag
     for VAEs that overflow in float16). `converted_from` records a converted checkpoint's origin.
+
+    `num_classes` N > 0 makes a class-conditional autoencoder (a CVAE for a Gaussian bottleneck): a learned label
+    embedding of width `base_channels` is added to the encoder's conv_in output, and one of the decoder's deepest
+    width to the decoder's conv_in output (before its mid block), each broadcast over positions. Their tables have
+    N + 1 rows; the last, label N, is the null label, fixed at zero, so a pass with it is exactly the unconditional
+    architecture (see vqtok.nn.conditioning). 0 (the default) is unconditional, as before: no label tensors.
     """
 
     bottleneck: BottleneckConfig = field(default_factory=VQConfig)
@@ -283,10 +289,12 @@ class AutoencoderConfig:
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
     converted_from: ConvertedFrom | None = None
+    num_classes: int = 0
 
     def __post_init__(self) -> None:
         _freeze_lists(self)
         check_pixel_likelihood(self)
+        _require(self.num_classes >= 0, f"num_classes must be >= 0 (0: unconditional), got {self.num_classes}")
         _require(self.use_quant_conv or self.bottleneck.dim == self.latent_channels,
                  f"use_quant_conv is false, so the bottleneck's dim ({self.bottleneck.dim}) must equal latent_channels "
                  f"({self.latent_channels}), the encoder's output")
@@ -344,7 +352,10 @@ class AutoencoderConfig:
         projections = (_conv_elements(encoder_out, 2 * dim if gaussian else dim, 1) * self.use_quant_conv
                        + _conv_elements(dim, self.latent_channels, 1) * self.use_post_quant_conv)
         bottleneck = 0 if gaussian else self.bottleneck.num_elements
-        return self._encoder_elements(encoder_out) + projections + bottleneck + self._decoder_elements(decoder_out)
+        labels = (self.num_classes + 1) * (self.base_channels + self.base_channels * self.channel_mult[-1]) \
+            if self.num_classes else 0  # the encoder's and the decoder's label embeddings
+        return (self._encoder_elements(encoder_out) + projections + bottleneck + self._decoder_elements(decoder_out)
+                + labels)
 
     def _encoder_elements(self, out_channels: int) -> int:
         """The Encoder's: conv_in, per level its residual blocks (and attention) and a downsampling step but the
@@ -601,6 +612,11 @@ class TrainConfig(RunConfig):
     `adversarial` and `perceptual` add the VQGAN terms (absent: not used). `init_from` starts from a saved
     tokenizer (a folder or Hub repo id) whose config must equal `model`, to fine-tune it. `model` is an autoencoder's
     config, or a hierarchical VAE's with `kind: hierarchical_vae`.
+
+    A class-conditional autoencoder (model.num_classes > 0) trains on each image's label, so `data` (and `eval_data`)
+    must give one per image (see vqtok.data.labels). `class_dropout` p replaces a training image's label by the null
+    label with probability p, a coin per (seed, step, image) like the flips, so that the model's unconditional pass
+    (labels=None) is trained too; 0 (the default) trains the conditional passes only.
     """
 
     model: ModelConfig = field(default_factory=AutoencoderConfig)
@@ -617,6 +633,7 @@ class TrainConfig(RunConfig):
     adversarial: AdversarialConfig | None = None
     perceptual: PerceptualConfig | None = None
     init_from: str | None = None
+    class_dropout: float = 0.0
 
     @property
     def variational(self) -> bool:
@@ -660,6 +677,7 @@ class TrainConfig(RunConfig):
                  "eval_data (with binarize 'once')")
         _require(self.eval_images >= 1, f"eval_images must be >= 1, got {self.eval_images}")
         _require(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
+        self._check_labels()
         gaussian = self.variational
         _require(
             gaussian or self.kl_schedule == "constant",
@@ -687,6 +705,24 @@ class TrainConfig(RunConfig):
             f"loss '{self.loss}' is a mean over pixels but a VAE's KL is in nats per image, which would scale beta by "
             "the number of pixels; use loss 'gaussian', 'bernoulli' or 'logistic_mixture' and set beta",
         )
+
+    def _check_labels(self) -> None:
+        """class_dropout needs a conditional model, and a conditional model data whose source can have labels."""
+        classes = getattr(self.model, "num_classes", 0)
+        _require(0.0 <= self.class_dropout < 1.0, f"class_dropout must be in [0, 1), got {self.class_dropout}")
+        _require(self.class_dropout == 0 or classes > 0,
+                 f"class_dropout ({self.class_dropout}) drops labels, but the model is unconditional "
+                 "(model.num_classes 0): set model.num_classes or remove class_dropout")
+        if not classes:
+            return
+        for name in ("data", "eval_data"):
+            data = getattr(self, name)
+            _require(data is None or data.source != "amat",
+                     f"model.num_classes is {classes} (class-conditional), but {name}.source 'amat' (binarized "
+                     "MNIST's .amat files) has no labels")
+            _require(data is None or data.source != "idx" or data.labels is not None,
+                     f"model.num_classes is {classes} (class-conditional), but {name} gives no labels: set "
+                     f"{name}.labels to the IDX labels file")
 
 
 # ----------------------------------------------------------------------------------------------------------------

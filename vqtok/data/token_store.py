@@ -13,7 +13,8 @@ Layout of a store folder:
     shards/latents-g1-00000.npy   first), [n, A, C_g, h_g, w_g] float16 posterior means (each group's given the means
     ...                           of the groups above, as `encode` gives them); the manifest gives `groups`, every
                                   group's [C_g, h_g, w_g], in place of item_shape and grid
-    shards/labels-00000.npy       [n] int64 labels (-1 where the source has none)
+    shards/labels-00000.npy       [n] int64 labels (-1 where the source has none); a class-conditional tokenizer
+                                  encodes each image with its label, so its store has every image's
     shards/00000.json             the shard's record (index, start, count, the hash of its inputs, its codes' range,
                                   each file's bytes and sha256, and a hash of the record itself); written last, so its
                                   presence means the shard is complete
@@ -49,6 +50,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 from tqdm.auto import tqdm
 
 from vqtok.config import DataConfig, to_dict
+from vqtok.data.labels import check_batch_labels, check_dataset_labels
 from vqtok.data.sources import (
     ArraySource,
     FolderSource,
@@ -222,7 +224,9 @@ def encode_dataset(
     `tokenizer` is a loaded model (an autoencoder, or a hierarchical VAE: one latent array per group) or a folder /
     Hub id (`org/name@revision` works; the commit it resolves to is recorded). `data` is a DataConfig or an
     `ImageDataset`-like dataset of (uint8 [C, H, W], label); every image must have the size of the first after
-    preprocessing (one store, one code grid). Returns the store folder.
+    preprocessing (one store, one code grid). A class-conditional tokenizer (config.num_classes > 0) encodes each
+    image with its label (`tokenizer.encode(x, labels=y)`), so every image needs one in [0, num_classes): a dataset
+    that lists its labels is checked before anything is written, others batch by batch. Returns the store folder.
     """
     from accelerate import PartialState
 
@@ -256,6 +260,9 @@ def encode_dataset(
         dataset = data
     if len(dataset) == 0:
         raise TokenStoreError("the dataset holds no images")
+    num_classes = getattr(c, "num_classes", 0)
+    if num_classes:
+        check_dataset_labels(dataset, num_classes, "data")
     out = Path(out_dir)
     args = EncodeArgs(tokenizer_identity(tokenizer, source, revision, out), data_record, tuple(augmentations),
                       shard_size, batch_size)
@@ -283,7 +290,11 @@ def encode_dataset(
         for _ in range(-(-count // batch_size)):
             indices, images, label = next(batches)
             _check_images(dataset, indices, images, image_shape)
-            encoded = _encode_batch(tokenizer, images.to(device, non_blocking=True), augmentations)
+            given = None  # a conditional tokenizer's labels
+            if num_classes:
+                check_batch_labels(label, num_classes, lambda j: _describe(dataset, indices[j]))
+                given = label.to(device)
+            encoded = _encode_batch(tokenizer, images.to(device, non_blocking=True), augmentations, given)
             _check_finite(dataset, indices, encoded)
             for parts, array in zip(arrays, encoded):
                 parts.append(array)
@@ -333,14 +344,16 @@ def _shape_text(shape: Sequence[int]) -> str:
 
 
 @torch.inference_mode()
-def _encode_batch(tokenizer: Tokenizer, images: torch.Tensor, augmentations: tuple[str, ...]) -> list[np.ndarray]:
+def _encode_batch(tokenizer: Tokenizer, images: torch.Tensor, augmentations: tuple[str, ...],
+                  labels: torch.Tensor | None = None) -> list[np.ndarray]:
     """uint8 [B, C, H, W] -> [codes [B, A, h, w]] (or [float16 latents [B, A, C, h, w]], or a hierarchical VAE's
-    float16 latents of every group, top first)."""
+    float16 latents of every group, top first); `labels` [B]: a conditional tokenizer's, the same for every view."""
     x = uint8_to_range(images, tokenizer.config.value_range)
     views = [x if aug == "none" else x.flip(-1) for aug in augmentations]
+    given = {} if labels is None else {"labels": labels}
     outputs = []  # per view, per array
     for view in views:
-        rep = tokenizer.encode(view)
+        rep = tokenizer.encode(view, **given)
         if isinstance(tokenizer, HierarchicalVAE):
             outputs.append([q.mode().to(torch.float16) for q in rep])
         elif tokenizer.is_gaussian:

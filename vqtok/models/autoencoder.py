@@ -7,6 +7,11 @@ features before quantization; or the posterior and a sample), `decode(..., retur
 the forward pass's `AutoencoderOutput` holds the loss terms (`.bottleneck.terms`, `.bottleneck.loss`).
 The 1x1 `quant_conv`/`post_quant_conv` are the projections between the encoder/decoder width (`latent_channels`) and
 the bottleneck's `dim` (a low-dimensional code space for the LlamaGen recipe); the layout is taming's and diffusers'.
+
+A class-conditional autoencoder (`config.num_classes` N > 0; a CVAE when Gaussian) takes `labels=` in every method
+that runs the encoder or the decoder: a label embedding is added to the encoder's conv_in output and another to the
+decoder's conv_in output (vqtok.nn.conditioning). Label N is the null label (`null_class`), whose embeddings are
+zero: labels=None means it, and gives exactly the unconditional network's outputs.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from vqtok.config import AutoencoderConfig
 from vqtok.hub import TOKENIZER_LIMITATIONS, HubModel, indefinite_article
 from vqtok.models.pixels import PixelModel
 from vqtok.nn import Decoder, Encoder
+from vqtok.nn.conditioning import Labels, label_tensor
 
 
 @dataclass
@@ -92,6 +98,22 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
         return self.config.bottleneck.kind == "gaussian"
 
     @property
+    def is_conditional(self) -> bool:
+        """Whether it is class-conditional (config.num_classes > 0): its methods then take `labels=`."""
+        return self.config.num_classes > 0
+
+    @property
+    def null_class(self) -> int:
+        """The null label, num_classes: the unconditional pass of a conditional model (what labels=None means)."""
+        return self.config.num_classes
+
+    def check_labels(self, labels: Labels, n: int) -> torch.Tensor | None:
+        """`labels` for n images as a LongTensor [n] on the model's device (None stays None): one int for all, or
+        one per image, in [0, num_classes]; a one-line ValueError names what is wrong (labels for an unconditional
+        model, a float or bool type, a wrong shape, a value out of range)."""
+        return label_tensor(labels, n, self.config.num_classes, self._device())
+
+    @property
     def downsampling_factor(self) -> int:
         return self.config.downsampling_factor
 
@@ -102,20 +124,23 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
     # ------------------------------------------------------------------------------------------------------------
     # The pipeline
 
-    def forward(self, x: torch.Tensor, generator: Noise = None) -> AutoencoderOutput:
+    def forward(self, x: torch.Tensor, generator: Noise = None, *, labels: Labels = None) -> AutoencoderOutput:
         """Reconstruct x; the bottleneck samples (Gaussian, drawn with `generator`: see DiagonalGaussian.sample) or
-        accumulates codebook statistics (VQ) in training."""
-        h = self._features(x)
+        accumulates codebook statistics (VQ) in training. `labels`: each image's class (conditional models; one int
+        for all, or [B]; None: the null label)."""
+        labels = self.check_labels(labels, x.shape[0])
+        h = self._features(x, labels)
         out = self.bottleneck(h) if generator is None else self.bottleneck(h, generator=generator)
-        return AutoencoderOutput(reconstruction=self._decode_z(out.z), bottleneck=out)
+        return AutoencoderOutput(reconstruction=self._decode_z(out.z, labels), bottleneck=out)
 
-    def encode(self, x: torch.Tensor, return_dict: bool = False, *,
+    def encode(self, x: torch.Tensor, return_dict: bool = False, *, labels: Labels = None,
                generator: torch.Generator | None = None) -> Any:
         """Images in the model range [B, C, H, W] -> codes LongTensor [B, h, w] (VQ) or the posterior (Gaussian).
 
+        `labels`: each image's class, for a conditional model (one int for all, or [B]; None: the null label).
         `return_dict=True`: an `EncoderOutput` with the codes, their vectors and the features before quantization
         (VQ), or the posterior and a sample of it drawn with `generator` (Gaussian)."""
-        features = self._features(x)
+        features = self._features(x, self.check_labels(labels, x.shape[0]))
         encoded = self.bottleneck.encode(features)
         if not return_dict:
             return encoded
@@ -123,30 +148,36 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
             return EncoderOutput(latents=encoded.sample(generator), posterior=encoded)
         return EncoderOutput(latents=features, codes=encoded, quantized=self.bottleneck.decode(encoded))
 
-    def decode(self, representation: torch.Tensor, return_dict: bool = False) -> torch.Tensor | DecoderOutput:
+    def decode(self, representation: torch.Tensor, return_dict: bool = False, *,
+               labels: Labels = None) -> torch.Tensor | DecoderOutput:
         """Codes [B, h, w] (VQ) or latents [B, dim, h, w] (Gaussian) -> images in the model range
-        (`return_dict=True`: as a `DecoderOutput`'s `sample`)."""
-        images = self.to_image(self._decode_z(self.bottleneck.decode(representation)))
+        (`return_dict=True`: as a `DecoderOutput`'s `sample`). `labels`: the class to decode each as (conditional
+        models; one int for all, or [B]; None: the null label)."""
+        labels = self.check_labels(labels, representation.shape[0])
+        images = self.to_image(self._decode_z(self.bottleneck.decode(representation), labels))
         return DecoderOutput(sample=images) if return_dict else images
 
-    def code_length(self, x: torch.Tensor, generator: torch.Generator | None = None, *,
+    def code_length(self, x: torch.Tensor, generator: torch.Generator | None = None, *, labels: Labels = None,
                     output: AutoencoderOutput | None = None) -> dict[str, torch.Tensor]:
         """The negative ELBO's terms in nats per image [B] for a discrete pixel likelihood (Bernoulli on binary
         images, the logistic mixture on 8-bit ones): 'nll' = -log p(x | z) at one z ~ q(z | x) (the code, for VQ)
         and, for Gaussian models, 'kl' = KL(q(z | x) || N(0, I)) with beta 1 and no free bits. `output`, an
-        eval-mode forward of the same x, saves encoding it again. Gaussian models also give 'kl_groups' [B, 1] (the
-        hierarchical VAE's signature)."""
+        eval-mode forward of the same x (with the same `labels`), saves encoding it again. Gaussian models also give
+        'kl_groups' [B, 1] (the hierarchical VAE's signature). A conditional model's terms are those of
+        p(x | y) with each image's label y (`labels`; None: the null label)."""
         self.discrete_likelihood()
+        labels = self.check_labels(labels, x.shape[0])
         terms = {}
         if self.is_gaussian:
-            posterior = output.bottleneck.posterior if output is not None else self.bottleneck.encode(self._features(x))
-            params = self._decode_z(posterior.sample(generator))
+            posterior = (output.bottleneck.posterior if output is not None
+                         else self.bottleneck.encode(self._features(x, labels)))
+            params = self._decode_z(posterior.sample(generator), labels)
             terms["kl"] = posterior.kl().sum(dim=(1, 2, 3))
             terms["kl_groups"] = terms["kl"][:, None]  # one group
         elif output is not None:  # the decoder's output at the code already is -log p(x | z)'s parameters
             params = output.reconstruction
         else:
-            params = self._decode_z(self.bottleneck.decode(self.bottleneck.encode(self._features(x))))
+            params = self._decode_z(self.bottleneck.decode(self.bottleneck.encode(self._features(x, labels))), labels)
         terms["nll"] = self.pixel_nll(params, x)
         return terms
 
@@ -165,31 +196,39 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
         return self.kl_objective.loss(out.bottleneck.kl_units, step_kl_mean, kl_weight=kl_weight)
 
     @torch.no_grad()
-    def sample(self, n: int, *, temperature: float = 1.0, seed: int | None = None) -> torch.Tensor:
+    def sample(self, n: int, *, labels: Labels = None, temperature: float = 1.0,
+               seed: int | None = None) -> torch.Tensor:
         """n images (model range) decoded from latents drawn from the prior N(0, t^2 I) at the model's latent grid
-        (Gaussian models)."""
+        (Gaussian models). A conditional model (a CVAE) decodes them as `labels` (one class for all, or one per
+        image; None: the null label, its unconditional pass): p(x | y) = E_z p(x | z, y), z ~ N(0, I). The latents
+        depend on `seed` and n only, so the same seed with other labels gives the same z decoded as other classes."""
         if not self.is_gaussian:
             raise ValueError("a VQ tokenizer has no prior of its own; sample codes with a transformer prior")
+        labels = self.check_labels(labels, n)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         z = torch.randn(n, self.bottleneck.dim, *self.config.latent_grid, generator=generator) * temperature
-        return self.decode(z.to(self._device()))
+        return self.decode(z.to(self._device()), labels=labels)
 
-    def log_weights(self, x: torch.Tensor, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def log_weights(self, x: torch.Tensor, num_samples: int, generator: torch.Generator | None = None, *,
+                    labels: Labels = None) -> torch.Tensor:
         """Importance log-weights log p(x, z_i) - log q(z_i | x) [B, num_samples] of a Gaussian model with a discrete
-        pixel likelihood, z_i ~ q(z | x) (the IWAE bound's terms), in float32 (float64 stays float64)."""
+        pixel likelihood, z_i ~ q(z | x) (the IWAE bound's terms), in float32 (float64 stays float64). A
+        conditional model's are those of p(x, z | y) / q(z | x, y) with each image's label y (`labels`)."""
         if not self.is_gaussian:
             raise ValueError("importance weights need a Gaussian (VAE) tokenizer")
         self.discrete_likelihood()
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        posterior = self.bottleneck.encode(self._features(x))
+        labels = self.check_labels(labels, x.shape[0])
+        posterior = self.bottleneck.encode(self._features(x, labels))
         b = x.shape[0]
         mean, logvar = (t.repeat_interleave(num_samples, dim=0) for t in (posterior.mean, posterior.logvar))
         q = DiagonalGaussian(mean, logvar)
         z = q.sample(generator)
         prior = DiagonalGaussian(torch.zeros_like(mean), torch.zeros_like(logvar))
         log_pz_minus_log_qz = (prior.log_prob(z) - q.log_prob(z)).flatten(1).sum(dim=1)
-        log_px = -self.pixel_nll(self._decode_z(z), x.repeat_interleave(num_samples, dim=0))
+        repeated = labels.repeat_interleave(num_samples) if labels is not None else None
+        log_px = -self.pixel_nll(self._decode_z(z, repeated), x.repeat_interleave(num_samples, dim=0))
         return (log_px + log_pz_minus_log_qz).view(b, num_samples)
 
     def on_optimizer_step(self, skipped: bool = False) -> dict[str, torch.Tensor]:
@@ -205,14 +244,16 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
         """The inverse of `scale_latents`: z / scaling_factor + shift_factor, what `decode` takes."""
         return z / self.config.scaling_factor + self.config.shift_factor
 
-    def _features(self, x: torch.Tensor) -> torch.Tensor:
+    def _features(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The bottleneck's input; `labels` checked already (`check_labels`)."""
         self.check_images(x)
         with self._precision():
-            return self.quant_conv(self.encoder(x.to(self.encoder.conv_in.weight.dtype)))
+            return self.quant_conv(self.encoder(x.to(self.encoder.conv_in.weight.dtype), labels))
 
-    def _decode_z(self, z: torch.Tensor) -> torch.Tensor:
+    def _decode_z(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The decoder's output at the bottleneck's output z; `labels` checked already (`check_labels`)."""
         with self._precision():
-            return self.decoder(self.post_quant_conv(z.to(self.decoder.conv_in.weight.dtype)))
+            return self.decoder(self.post_quant_conv(z.to(self.decoder.conv_in.weight.dtype)), labels)
 
     def _precision(self) -> contextlib.AbstractContextManager:
         """With `force_upcast` (a VAE that overflows in half precision), autocast is turned off: the model runs in
@@ -242,19 +283,27 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
         return self.is_gaussian and self.config.converted_from is None and self.config.bottleneck.beta == 1.0
 
     def card_defaults(self, load: str) -> dict[str, Any]:
-        """The tokenizer's card: VQ (discrete codes) or Gaussian (latents); a converted tokenizer's names the
-        original, whose licence applies."""
+        """The tokenizer's card: VQ (discrete codes) or Gaussian (latents), class-conditional or not; a converted
+        tokenizer's names the original, whose licence applies."""
         c, origin = self.config, self.config.converted_from
         grid, b = "x".join(str(n) for n in c.latent_grid), c.bottleneck
-        encoded = "posterior = tok.encode(x)  # q(z | x): .mode() its mean, .sample() a draw\nz = posterior.mode()"
+        given = ", labels=y" if self.is_conditional else ""  # a conditional model's calls take each image's class
+        encoded = (f"posterior = tok.encode(x{given})  # q(z | x): .mode() its mean, .sample() a draw\n"
+                   "z = posterior.mode()")
         if not self.is_gaussian:
-            encoded = f"codes = tok.encode(x)  # LongTensor [B, h, w], values in [0, {b.codebook_size})"
+            encoded = f"codes = tok.encode(x{given})  # LongTensor [B, h, w], values in [0, {b.codebook_size})"
+        if self.is_conditional:
+            encoded = (f"y = [3] * len(x)  # each image's class in [0, {c.num_classes}); labels=None (or "
+                       f"{c.num_classes}, the null label) is the unconditional pass\n{encoded}")
         usage = (f"import vqtok\n\ntok = {load}\nx = tok.preprocess(images)  # PIL images or uint8 arrays -> [B, C, H, "
                  f"W] in the model's range\n{encoded}\nreconstructions = tok.postprocess(tok.decode("
-                 f"{'z' if self.is_gaussian else 'codes'}), output_type=\"pil\")")
+                 f"{'z' if self.is_gaussian else 'codes'}{given}), output_type=\"pil\")")
         if c.scaling_factor != 1.0 or c.shift_factor != 0.0:
             usage += "\nlatents = tok.scale_latents(z)  # what a latent diffusion model trained on it takes"
-        if self.is_generative:
+        if self.is_generative and self.is_conditional:
+            usage += ("\nsamples = tok.postprocess(tok.sample(16, labels=3, seed=0), output_type=\"pil\")  # class 3, "
+                      "from its own prior")
+        elif self.is_generative:
             usage += "\nsamples = tok.postprocess(tok.sample(16, seed=0), output_type=\"pil\")  # its own prior"
         if self.is_gaussian:
             description = "Gaussian (KL) image autoencoder"
@@ -274,11 +323,18 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
                             "weights' hash and refuses another.")
         if self.is_generative:
             use += " As a VAE it also samples images from its own prior (`tok.sample`, `vqtok sample --model`)."
+        if self.is_conditional:
+            description = f"class-conditional {description}"
+            what += f", given each image's class (one of {c.num_classes}; label {c.num_classes} is the null label)"
+            use += " It is class-conditional: encode and decode take each image's class (`labels=`)"
+            use += (", and it samples images of a chosen class (`vqtok sample --model DIR --class C`)."
+                    if self.is_generative else ".")
         card = {
             "description": description,
             "intro": f"{indefinite_article(description).capitalize()} {description} made with "
                      f"[vqtok](https://github.com/vqtok/vqtok): {what}, and back.",
-            "tags": ["image-tokenizer", "vae" if self.is_gaussian else "vq-vae"],
+            "tags": ["image-tokenizer", "vae" if self.is_gaussian else "vq-vae"]
+                    + (["class-conditional"] if self.is_conditional else []),
             "pipeline_tag": "unconditional-image-generation" if self.is_generative else None,
             "usage": usage,
             "intended_use": use,
@@ -302,13 +358,17 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
         return card
 
     def card_facts(self) -> dict[str, Any]:
-        """The card's facts; a converted tokenizer's first name the original, its weights' hash and its licence."""
+        """The card's facts; a converted tokenizer's first name the original, its weights' hash and its licence; a
+        class-conditional one's end with its classes."""
         origin, facts = self.config.converted_from, {}
         if origin is not None:
             where = f"`{origin.source}`" + (f" at {origin.revision}" if origin.revision else "")
             facts = {"converted from": f"{origin.format} {origin.class_name or 'checkpoint'} {where}",
                      "original weights sha256": origin.weights_sha256, "licence of the original": origin.license}
-        return {**{k: v for k, v in facts.items() if v}, **super().card_facts()}
+        facts = {**{k: v for k, v in facts.items() if v}, **super().card_facts()}
+        if self.is_conditional:
+            facts["classes"] = f"{self.config.num_classes} (label {self.null_class}: the null label, unconditional)"
+        return facts
 
     def derived_config(self) -> dict[str, Any]:
         c = self.config

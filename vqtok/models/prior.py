@@ -461,6 +461,18 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
         return {"seq_len": self.config.seq_len}
 
 
+def decode_labels(prior: TransformerPrior, tokenizer: Autoencoder,
+                  labels: int | Sequence[int] | torch.Tensor | None) -> dict[str, Any]:
+    """The keywords with which `tokenizer` decodes codes that `prior` sampled with `labels`: none for an unconditional
+    tokenizer; for a class-conditional one, those labels when the prior is class-conditional with as many classes
+    (a prior trained on the tokenizer's store, whose labels the codes were encoded with), else labels None - the
+    tokenizer's null label, its unconditional pass."""
+    classes = getattr(tokenizer.config, "num_classes", 0)
+    if not classes:
+        return {}
+    return {"labels": labels if prior.config.num_classes == classes else None}
+
+
 def tokenizer_ref(tokenizer: Autoencoder) -> TokenizerRef:
     """How a prior records `tokenizer`: its Hub repo at the loaded commit, or (a local or in-memory tokenizer) a copy
     kept in the prior's tokenizer/ sub-folder."""

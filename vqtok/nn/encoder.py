@@ -8,16 +8,20 @@ from torch import nn
 
 from vqtok.config import AutoencoderConfig
 from vqtok.nn.blocks import AttnBlock, Downsample, Level, MidBlock, ResBlock, cpu_layout, group_norm
+from vqtok.nn.conditioning import LabelEmbedding
 
 
 class Encoder(nn.Module):
-    """conv_in, one `Level` per entry of channel_mult (downsampling between levels), mid block, norm, conv_out."""
+    """conv_in, one `Level` per entry of channel_mult (downsampling between levels), mid block, norm, conv_out.
+
+    A class-conditional config (num_classes > 0) adds `label_embedding` (base_channels wide) to conv_in's output."""
 
     def __init__(self, config: AutoencoderConfig, out_channels: int):
         super().__init__()
         c = config
         widths = [c.base_channels * m for m in c.channel_mult]
         self.conv_in = nn.Conv2d(c.in_channels, c.base_channels, 3, padding=1)
+        self.label_embedding = LabelEmbedding(c.num_classes, c.base_channels) if c.num_classes else None
         levels, size, width = [], c.resolution, c.base_channels
         for i, out_width in enumerate(widths):
             blocks, attns = [], []
@@ -33,8 +37,11 @@ class Encoder(nn.Module):
         self.norm_out = group_norm(width, c.norm_groups)
         self.conv_out = nn.Conv2d(width, out_channels, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """`labels` LongTensor [B] for a conditional encoder (None: the null label, as for an unconditional one)."""
         h = self.conv_in(cpu_layout(x))
+        if self.label_embedding is not None:
+            h = self.label_embedding(h, labels)
         for level in self.levels:
             h = level(cpu_layout(h))
         h = self.mid(cpu_layout(h))

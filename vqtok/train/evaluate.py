@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from vqtok.data.labels import check_batch_labels
 from vqtok.diagnostics import (
     ACTIVE_UNIT_THRESHOLD,
     CodeCounts,
@@ -65,8 +66,9 @@ def evaluate(
     empty LatentStatistics as `latents` (VAEs) or an empty CodeCounts as `codes` (VQ: the count of every code): this
     fills them.
 
-    A class-conditional model is given each image's label (an image without one: the null label). `progress` shows a
-    progress bar over the images (on stderr; `vqtok eval`)."""
+    A class-conditional model is given each image's label (its reconstructions, code lengths and bounds are those of
+    p(x | y)); an image without one (-1) is an error. `progress` shows a progress bar over the images (on stderr;
+    `vqtok eval`)."""
     was_training = model.training
     model.eval()
     if limit is not None:
@@ -84,8 +86,11 @@ def evaluate(
     kl_groups, statistics = 0.0, latents if latents is not None else LatentStatistics()
     codes = codes if codes is not None else CodeCounts(model.vocab_size or 0)
     n = dims = values = 0
+    num_classes = getattr(model.config, "num_classes", 0)
     bar = tqdm(total=len(dataset), unit="img", desc="eval", disable=not progress)
     for images, labels in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
+        if num_classes:
+            check_batch_labels(labels, num_classes, lambda j: f"evaluate: image {n + j} of the dataset")
         images, conditioning = images.to(device), dataset_labels(model, labels)
         x = uint8_to_range(images, value_range)
         if model.config.decoder_output == "bernoulli_logits":  # a code length only for binary images
@@ -220,13 +225,16 @@ def iwae_bound(model: Autoencoder | HierarchicalVAE, x: torch.Tensor, k: int, ge
 
 
 @torch.inference_mode()
-def save_reconstruction_grid(model: Autoencoder, images: torch.Tensor, path: str | Path) -> Path:
-    """PNG: a row of uint8 inputs [B, C, H, W] above their reconstructions (posterior mean for Gaussian models)."""
+def save_reconstruction_grid(model: Autoencoder, images: torch.Tensor, path: str | Path, *,
+                             labels: torch.Tensor | None = None) -> Path:
+    """PNG: a row of uint8 inputs [B, C, H, W] above their reconstructions (posterior mean for Gaussian models;
+    `labels` [B]: each image's class, for a class-conditional model)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     x = uint8_to_range(images.to(device), model.config.value_range)
-    recon = model.postprocess(model.to_image(model(x).reconstruction))
+    given = {} if labels is None else {"labels": labels.to(device)}
+    recon = model.postprocess(model.to_image(model(x, **given).reconstruction))
     model.train(was_training)
     tiles = _enlarge(torch.cat([images.to(device), recon]).float() / 255.0)
     return _save(make_grid(tiles, nrow=images.shape[0], padding=2), path)

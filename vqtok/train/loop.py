@@ -4,7 +4,8 @@ One optimizer step: `grad_accum` micro-batches (gradients synchronised on the la
 (with the VQGAN recipe's perceptual and adversarial terms when configured, `adversarial.py`) plus the bottleneck's
 regulariser (times the KL schedule), then the engine's update-or-skip (`engine.finish_step`), which calls the
 bottleneck's once-per-step hook (EMA codebook, restarts) or tells it that the step was skipped; then the
-discriminator's own step, if there is one.
+discriminator's own step, if there is one. A class-conditional model (model.num_classes > 0) gets each image's label,
+replaced by the null label with probability `class_dropout` (a coin per (seed, step, image), like the flips).
 
 Artefacts under output_dir: config.yaml, run_info.json (versions, git commit, command line; run_info.py),
 metrics.jsonl (and the logs of the trackers named in `log_with`, e.g. TensorBoard's under vqtok/),
@@ -34,6 +35,7 @@ from tqdm.auto import tqdm
 from vqtok.bottleneck import image_noise
 from vqtok.config import ConfigError, DataConfig, TrainConfig, to_dict
 from vqtok.data import build_dataset
+from vqtok.data.labels import check_batch_labels, check_dataset_labels
 from vqtok.data.sources import WithIndex, dynamic_binarize
 from vqtok.images import uint8_to_range
 from vqtok.losses import reconstruction_loss
@@ -67,6 +69,7 @@ from vqtok.train.schedules import kl_weight
 from vqtok.train.user_data import UserImages
 
 logger = logging.getLogger(__name__)
+CLASS_GRID_ROWS, CLASS_GRID_COLUMNS = 16, 8  # a conditional VAE's prior-sample grid: its first 16 classes, 8 each
 
 
 def train(config: TrainConfig, *, dataset: Dataset | None = None, trackers: Sequence[GeneralTracker] = (),
@@ -75,10 +78,11 @@ def train(config: TrainConfig, *, dataset: Dataset | None = None, trackers: Sequ
 
     `dataset`: your own map-style torch Dataset to train on instead of `config.data` (which must then be left at
     its default): item i an image tensor [C, H, W] of the model's channels and resolution, uint8 or float in [0, 1],
-    or a tuple (image, label, ...) - see vqtok.train.user_data. It is also the evaluation set unless
-    `config.eval_data` names one. The run records it as 'user dataset CLASS, N items' (run_info.json, a comment in
-    config.yaml, the checkpoints), and a resume must be given the same dataset. `trackers`: Accelerate tracker
-    objects (GeneralTracker subclasses) to log to, beside those `config.log_with` names.
+    or a tuple (image, label, ...), which a class-conditional model needs - see vqtok.train.user_data. It is also
+    the evaluation set unless `config.eval_data` names one. The run records it as 'user dataset CLASS, N items'
+    (run_info.json, a comment in config.yaml, the checkpoints), and a resume must be given the same dataset.
+    `trackers`: Accelerate tracker objects (GeneralTracker subclasses) to log to, beside those `config.log_with`
+    names.
 
     A fresh run needs a new or empty output_dir; `overwrite` starts afresh in the folder of an earlier vqtok run,
     deleting that run's artefacts (files vqtok did not write stay). `resume` continues from the newest complete
@@ -101,8 +105,10 @@ def _train(config: TrainConfig, *, dataset: Dataset | None, trackers: Sequence[G
     accelerator = make_accelerator(config, out, trackers)
     config = resolve_precision(config, accelerator)
     model_config = config.model
+    num_classes = getattr(model_config, "num_classes", 0)
     if dataset is not None:
-        dataset = UserImages(dataset, channels=model_config.in_channels, size=model_config.resolution)
+        dataset = UserImages(dataset, channels=model_config.in_channels, size=model_config.resolution,
+                             labels=num_classes > 0)
     run = RunFolder(accelerator, config, "tokenizer", resume=resume, overwrite=overwrite,
                     data=dataset.describe() if dataset is not None else None)
     set_seed(config.seed)  # the same on every rank while the model is built: DDP with broadcast_buffers=False does
@@ -115,6 +121,9 @@ def _train(config: TrainConfig, *, dataset: Dataset | None, trackers: Sequence[G
         size=model_config.resolution)
     if dataset.skipped:
         accelerator.print(f"skipped {dataset.skipped} unreadable images")
+    if num_classes:  # before the run writes anything; a user's dataset is checked as it is read
+        check_dataset_labels(dataset, num_classes, "data")
+        check_dataset_labels(eval_dataset, num_classes, "eval_data")
 
     model = initial_model(config)
     image_losses = ImageLosses(config, accelerator, model)
@@ -138,7 +147,8 @@ def _train(config: TrainConfig, *, dataset: Dataset | None, trackers: Sequence[G
                         pin_memory=accelerator.device.type == "cuda", persistent_workers=config.num_workers > 0,
                         generator=torch.Generator().manual_seed(config.seed))
     run.start()
-    fixed_images = torch.stack([eval_dataset[i][0] for i in range(min(8, len(eval_dataset)))])
+    fixed = [eval_dataset[i] for i in range(min(8, len(eval_dataset)))]
+    fixed_images, fixed_labels = torch.stack([image for image, _ in fixed]), torch.tensor([y for _, y in fixed])
 
     batches = iter(loader)
     started = time.perf_counter()
@@ -164,7 +174,8 @@ def _train(config: TrainConfig, *, dataset: Dataset | None, trackers: Sequence[G
                 log_metrics(accelerator, out, step, logs, progress, started,
                             shown=("loss", "vq/usage", "kl", "d_loss"))
             if step % config.eval_every == 0 or step == config.max_steps:
-                _evaluate(accelerator, raw, image_losses, eval_dataset, fixed_images, config, out, step)
+                _evaluate(accelerator, raw, image_losses, eval_dataset, (fixed_images, fixed_labels), config, out,
+                          step)
             stopping = stop.requested()
             if step % config.checkpoint_every == 0 or step == end or stopping:
                 transient = raw.bottleneck.transient_state() if hasattr(raw, "bottleneck") and hasattr(
@@ -207,17 +218,20 @@ def _accumulate_step(config, accelerator, model, image_losses: ImageLosses, batc
     factor = kl_weight(config.kl_schedule, step, warmup_steps=config.kl_warmup_steps, cycle_steps=config.kl_cycle_steps)
     micro_batches = [_micro_batch(config, accelerator, next(batches), step) for _ in range(config.grad_accum)]
     objective = raw.kl_objective
-    noise = lambda indices: _posterior_noise(raw, config.seed, step, indices)  # noqa: E731
+
+    def inputs(indices: list[int], labels: torch.Tensor | None) -> dict[str, Any]:  # the forward's keywords
+        return {**_posterior_noise(raw, config.seed, step, indices), **({} if labels is None else {"labels": labels})}
+
     step_kl_mean = None
     if objective is not None and objective.needs_step_mean(factor) and config.grad_accum * accelerator.num_processes > 1:
-        step_kl_mean = _step_kl_mean(accelerator, raw, [(x, noise(indices)) for x, indices in micro_batches])
+        step_kl_mean = _step_kl_mean(accelerator, raw, [(x, inputs(*rest)) for x, *rest in micro_batches])
     logs: dict[str, Any] = {}
-    for micro, (x, indices) in enumerate(micro_batches):
+    for micro, (x, indices, labels) in enumerate(micro_batches):
         last = micro == config.grad_accum - 1
         gan = image_losses.active(step)
         with nullcontext() if last else accelerator.no_sync(model):
             with accelerator.autocast():
-                out = model(x, **noise(indices))
+                out = model(x, **inputs(indices, labels))
             recon = reconstruction_loss(config.loss, out.reconstruction, x)
             objective_value, image_terms = image_losses.generator_loss(x, out.reconstruction, recon, step)
             regulariser = raw.regularisation(out, kl_weight=factor, step_kl_mean=step_kl_mean)
@@ -237,12 +251,14 @@ def _accumulate_step(config, accelerator, model, image_losses: ImageLosses, batc
     return logs
 
 
-def _micro_batch(config: TrainConfig, accelerator, batch, step: int) -> tuple[torch.Tensor, list[int]]:
-    """One micro-batch in the model's range on the device, and its images' indices: flipped (a coin per (seed, step,
-    image), the same flips whatever the world size) and, for dynamically binarized data, binarized afresh (seeded
-    the same way). VAEs draw their posterior samples per image too (`image_noise`), so one process equals several
-    and accumulated micro-batches equal one batch."""
-    images, _, indices = batch
+def _micro_batch(config: TrainConfig, accelerator, batch, step: int
+                 ) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
+    """One micro-batch in the model's range on the device, its images' indices and, for a class-conditional model,
+    their labels (else None): flipped (a coin per (seed, step, image), the same flips whatever the world size), for
+    dynamically binarized data binarized afresh, and labels replaced by the null label with probability
+    class_dropout (both seeded the same way). VAEs draw their posterior samples per image too (`image_noise`), so
+    one process equals several and accumulated micro-batches equal one batch."""
+    images, labels, indices = batch
     images = images.to(accelerator.device, non_blocking=True)
     if config.data.binarize == "dynamic":
         images = dynamic_binarize(images, config.data.binarize_seed, step, [int(i) for i in indices])
@@ -250,7 +266,22 @@ def _micro_batch(config: TrainConfig, accelerator, batch, step: int) -> tuple[to
     if config.hflip:
         flip = torch.tensor([_coin(config.seed, step, int(i)) for i in indices], device=x.device)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return x, [int(i) for i in indices]
+    return x, [int(i) for i in indices], _labels(config, labels, indices, step, x.device)
+
+
+def _labels(config: TrainConfig, labels: torch.Tensor, indices: torch.Tensor, step: int,
+            device: torch.device) -> torch.Tensor | None:
+    """A conditional model's labels for a micro-batch (None for an unconditional one), each checked (a user's
+    dataset is checked only here) and replaced by the null label when its coin (seed, step, image) falls below
+    class_dropout."""
+    num_classes = getattr(config.model, "num_classes", 0)
+    if not num_classes:
+        return None
+    check_batch_labels(labels, num_classes, lambda j: f"data: item {int(indices[j])}")
+    if config.class_dropout > 0:
+        dropped = torch.tensor([_label_dropped(config.seed, step, int(i), config.class_dropout) for i in indices])
+        labels = labels.masked_fill(dropped, num_classes)
+    return labels.to(device, non_blocking=True)
 
 
 def _posterior_noise(raw, seed: int, step: int, indices: list[int]) -> dict[str, Any]:
@@ -263,13 +294,14 @@ def _posterior_noise(raw, seed: int, step: int, indices: list[int]) -> dict[str,
 def _step_kl_mean(accelerator, raw, micro_batches: list[tuple[torch.Tensor, dict[str, Any]]]) -> torch.Tensor:
     """The average KL per unit over the optimizer step's whole batch (every micro-batch, every process), from a
     forward pass without gradients that draws the same posterior samples (the same per-image noise, and with the
-    random state restored afterwards the same dropout) as the training pass that follows."""
+    random state restored afterwards the same dropout) as the training pass that follows; `micro_batches` are
+    (x, the forward's keywords: the noise, and the labels of a conditional model)."""
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     total = None
     with torch.random.fork_rng(devices=devices):
-        for x, noise in micro_batches:
+        for x, inputs in micro_batches:
             with accelerator.autocast():
-                kl_units = raw(x, **noise).bottleneck.kl_units
+                kl_units = raw(x, **inputs).bottleneck.kl_units
             total = kl_units.float().sum(dim=0) if total is None else total + kl_units.float().sum(dim=0)
     count = torch.tensor(float(sum(len(x) for x, _ in micro_batches)), device=total.device)
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
@@ -280,16 +312,36 @@ def _coin(seed: int, step: int, index: int) -> bool:
     return torch.rand((), generator=torch.Generator().manual_seed(keyed_seed(seed, step, index))) < 0.5
 
 
-def _evaluate(accelerator, raw: Autoencoder, image_losses: ImageLosses, dataset, fixed_images, config: TrainConfig,
-              out: Path, step: int):
+LABEL_DROPOUT_KEY = 3  # keys the class-dropout coins apart from the flips (no key) and posterior noise (NOISE_KEY 2)
+
+
+def _label_dropped(seed: int, step: int, index: int, p: float) -> bool:
+    """Whether image `index`'s label is replaced by the null label at `step`: a coin of probability p keyed by
+    (seed, step, index), the same whatever the process, micro-batch or resume point the image is drawn in."""
+    key = keyed_seed(seed, step, index, LABEL_DROPOUT_KEY)
+    return bool(torch.rand((), generator=torch.Generator().manual_seed(key)) < p)
+
+
+def _evaluate(accelerator, raw: Autoencoder, image_losses: ImageLosses, dataset,
+              fixed: tuple[torch.Tensor, torch.Tensor], config: TrainConfig, out: Path, step: int):
+    """Metrics on the evaluation set, the reconstructions of the `fixed` (images, labels) and, for Gaussian models,
+    a grid of prior samples: 16, or for a class-conditional model one row of 8 per class (the first 16 classes)."""
     if not accelerator.is_main_process:
         return None
     metrics = evaluate(raw, dataset, limit=config.eval_images, num_workers=0, perceptual=image_losses.perceptual)
-    grid = save_reconstruction_grid(raw, fixed_images, out / "samples" / f"step_{step:06d}.png")
+    conditional = getattr(raw.config, "num_classes", 0) > 0
+    images, labels = fixed
+    grid = save_reconstruction_grid(raw, images, out / "samples" / f"step_{step:06d}.png",
+                                    labels=labels if conditional else None)
     grids = {"eval/reconstructions": grid}
     if raw.is_gaussian:
-        grids["eval/prior_samples"] = save_image_grid(raw.postprocess(raw.sample(16, seed=0)),
-                                                      out / "samples" / f"prior_step_{step:06d}.png")
+        if conditional:  # the class-conditional grid: row c holds samples of class c
+            rows = torch.arange(min(raw.config.num_classes, CLASS_GRID_ROWS)).repeat_interleave(CLASS_GRID_COLUMNS)
+            samples, nrow = raw.sample(len(rows), labels=rows, seed=0), CLASS_GRID_COLUMNS
+        else:
+            samples, nrow = raw.sample(16, seed=0), None
+        grids["eval/prior_samples"] = save_image_grid(raw.postprocess(samples),
+                                                      out / "samples" / f"prior_step_{step:06d}.png", nrow=nrow)
     accelerator.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
     log_images(accelerator, grids, step)
     append_metrics(out, {"step": step, "split": "eval", **metrics})

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from vqtok.config import ConfigError, PriorConfig, PriorTrainConfig
 from vqtok.data.token_store import TokenDataset, TokenStoreError
 from vqtok.models import Autoencoder, TransformerPrior
-from vqtok.models.prior import code_nll, tokenizer_ref
+from vqtok.models.prior import code_nll, decode_labels, tokenizer_ref
 from vqtok.train.batches import StepBatchSampler
 from vqtok.train.engine import (
     WeightsEMA,
@@ -279,7 +279,8 @@ def held_out_bits(model: TransformerPrior, store: TokenDataset, items: np.ndarra
 def save_sample_grid(model: TransformerPrior, tokenizer: Autoencoder, n: int, path: str | Path, *, seed: int = 0,
                      **sampling: Any) -> Path:
     """PNG of about n images sampled from the prior and decoded by the tokenizer; a conditional prior gets one row
-    per class for its first min(classes, n) classes, ceil(n / rows) samples each."""
+    per class for its first min(classes, n) classes, ceil(n / rows) samples each. A class-conditional tokenizer
+    decodes them with their labels, or the null label (see `vqtok.models.prior.decode_labels`)."""
     classes = min(model.config.num_classes, n)
     if classes:
         per_class = -(-n // classes)
@@ -287,8 +288,9 @@ def save_sample_grid(model: TransformerPrior, tokenizer: Autoencoder, n: int, pa
         codes = model.generate(len(labels), labels=labels, seed=seed, **sampling)
         nrow = per_class
     else:
-        codes, nrow = model.generate(n, seed=seed, **sampling), None
-    images = tokenizer.postprocess(tokenizer.decode(codes.to(next(tokenizer.parameters()).device)))
+        codes, nrow, labels = model.generate(n, seed=seed, **sampling), None, None
+    device = next(tokenizer.parameters()).device
+    images = tokenizer.postprocess(tokenizer.decode(codes.to(device), **decode_labels(model, tokenizer, labels)))
     return save_image_grid(images, path, nrow=nrow)
 
 

@@ -857,8 +857,9 @@ def _diagnostics_report(model: Any, args: argparse.Namespace, metrics: dict[str,
 
 def _traverse(args: argparse.Namespace) -> int:
     from vqtok.data import build_dataset
-    from vqtok.diagnostics import is_conditional, latent_statistics
+    from vqtok.diagnostics import latent_statistics
     from vqtok.latents.traversal import check_traversable, save_traversal_grid, traverse
+    from vqtok.nn.conditioning import is_conditional
 
     data_options = {"--split": args.split, "--limit": args.limit, "--batch-size": args.batch_size}
     given = [flag for flag, value in data_options.items() if value is not None]

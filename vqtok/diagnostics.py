@@ -35,6 +35,7 @@ from vqtok.bottleneck.kl import gaussian_kl
 from vqtok.images import uint8_to_range
 from vqtok.metrics import code_usage
 from vqtok.models.hierarchical_vae import GroupPass
+from vqtok.nn.conditioning import dataset_labels
 
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016: a latent dimension is active if Cov_x(E_q[z]) > 0.01
 
@@ -236,31 +237,3 @@ def latent_statistics(model: Any, dataset: Dataset, *, limit: int | None = None,
     if statistics.count == 0:
         raise ValueError("latent_statistics: no images (an empty dataset or limit 0)")
     return statistics
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Labels for class-conditional models (AutoencoderConfig.num_classes > 0; unconditional models take none)
-
-
-def label_arguments(model: Any, labels: Any = None) -> dict[str, Any]:
-    """The keyword arguments that pass `labels` (None, an int, or one per image) to `model`'s methods: {'labels':
-    labels} for a class-conditional model (None: its null label, the unconditional pass), {} for an unconditional
-    one, which refuses labels."""
-    if is_conditional(model):
-        return {"labels": labels}
-    if labels is not None:
-        raise ValueError("labels were given, but the model is not class-conditional (num_classes 0)")
-    return {}
-
-
-def dataset_labels(model: Any, labels: torch.Tensor) -> dict[str, Any]:
-    """Label arguments from a batch of dataset labels: a class-conditional model gets them (an image without a
-    label, -1, gets the null label), an unconditional model nothing."""
-    if not is_conditional(model):
-        return {}
-    labels = torch.as_tensor(labels).long().to(next(model.parameters()).device)
-    return {"labels": torch.where(labels < 0, model.config.num_classes, labels)}
-
-
-def is_conditional(model: Any) -> bool:
-    return getattr(model.config, "num_classes", 0) > 0

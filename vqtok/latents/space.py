@@ -27,7 +27,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-Labels = Any  # None, an int, or a sequence / integer tensor [B] of class indices (see the module docstring)
+from vqtok.nn.conditioning import Labels, label_arguments
 
 
 @runtime_checkable
@@ -44,17 +44,6 @@ class LatentSpace(Protocol):
     def decode(self, latents: Sequence[torch.Tensor], labels: Labels = None) -> torch.Tensor:
         """Latents (one tensor [B, ...] per group) -> images [B, C, H, W] in `value_range`."""
         ...
-
-
-def conditioning(model: Any, labels: Labels) -> dict[str, Any]:
-    """The keyword arguments that give `labels` to a model: {} for None; {'labels': labels} for a class-conditional
-    autoencoder (config.num_classes > 0); an error for any other model, which would ignore them."""
-    if labels is None:
-        return {}
-    if getattr(model.config, "num_classes", 0) > 0:
-        return {"labels": labels}
-    raise ValueError(f"labels were given, but this {type(model).__name__} is not class-conditional "
-                     "(config.num_classes is 0); leave the labels out")
 
 
 class ModelLatents:
@@ -88,10 +77,10 @@ class GaussianLatents(ModelLatents):
     interpolation (the prior is N(0, I))."""
 
     def encode(self, x: torch.Tensor, labels: Labels = None) -> list[torch.Tensor]:
-        return [self.model.encode(x.to(self.device), **conditioning(self.model, labels)).mean]
+        return [self.model.encode(x.to(self.device), **label_arguments(self.model, labels)).mean]
 
     def decode(self, latents: Sequence[torch.Tensor], labels: Labels = None) -> torch.Tensor:
-        return self.model.decode(self._checked(latents)[0], **conditioning(self.model, labels))
+        return self.model.decode(self._checked(latents)[0], **label_arguments(self.model, labels))
 
 
 class VQFeatures(ModelLatents):
@@ -102,7 +91,7 @@ class VQFeatures(ModelLatents):
     default_method = "linear"
 
     def encode(self, x: torch.Tensor, labels: Labels = None) -> list[torch.Tensor]:
-        return [self.model.encode(x.to(self.device), return_dict=True, **conditioning(self.model, labels)).latents]
+        return [self.model.encode(x.to(self.device), return_dict=True, **label_arguments(self.model, labels)).latents]
 
     def quantize(self, features: torch.Tensor) -> torch.Tensor:
         """Features [B, dim, h, w] -> the codes [B, h, w] of their nearest code vectors (the bottleneck's exact
@@ -110,7 +99,7 @@ class VQFeatures(ModelLatents):
         return self.model.bottleneck.encode(features.to(self.device))
 
     def decode(self, latents: Sequence[torch.Tensor], labels: Labels = None) -> torch.Tensor:
-        return self.model.decode(self.quantize(self._checked(latents)[0]), **conditioning(self.model, labels))
+        return self.model.decode(self.quantize(self._checked(latents)[0]), **label_arguments(self.model, labels))
 
 
 class HierarchicalLatents(ModelLatents):
@@ -121,11 +110,11 @@ class HierarchicalLatents(ModelLatents):
         return self.model.config.num_groups
 
     def encode(self, x: torch.Tensor, labels: Labels = None) -> list[torch.Tensor]:
-        conditioning(self.model, labels)  # refuses labels
+        label_arguments(self.model, labels)  # refuses labels
         return [q.mean for q in self.model.encode(x.to(self.device))]
 
     def decode(self, latents: Sequence[torch.Tensor], labels: Labels = None) -> torch.Tensor:
-        conditioning(self.model, labels)
+        label_arguments(self.model, labels)
         return self.model.decode(self._checked(latents))
 
 

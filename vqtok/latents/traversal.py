@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from vqtok.diagnostics import LatentStatistics, label_arguments, posterior_passes, posterior_terms
+from vqtok.diagnostics import LatentStatistics, posterior_passes, posterior_terms
+from vqtok.nn.conditioning import label_arguments
 from vqtok.train.evaluate import save_image_grid
 
 

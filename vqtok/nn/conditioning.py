@@ -1,5 +1,6 @@
 """Class labels for class-conditional autoencoders (CVAEs): the label embedding added to a network's features, and
-the checking of the labels a user passes.
+the checking of the labels a user passes, and the keyword arguments that pass labels to a model only when it is
+conditional (`label_arguments`, `dataset_labels`), for the tools that take any model.
 
 A conditional autoencoder of N classes (`AutoencoderConfig.num_classes`) has two `LabelEmbedding`s: the encoder adds
 one to its conv_in output, the decoder one to its conv_in output (before its mid block). Each table has N + 1 rows;
@@ -11,6 +12,7 @@ which `TrainConfig.class_dropout` trains and which `labels=None` selects.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -63,3 +65,33 @@ def label_tensor(labels: Labels, n: int, num_classes: int, device: torch.device 
             raise ValueError(f"labels must be in [0, {num_classes}] ({num_classes} classes; {num_classes} is the null "
                              f"label), got values in [{low}, {high}]")
     return tensor.to(device=device, dtype=torch.long)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Passing labels to any model: what the tools that take a model (evaluation, diagnostics, latent spaces) share
+
+
+def label_arguments(model: Any, labels: Labels = None) -> dict[str, Any]:
+    """The keyword arguments that pass `labels` (None, an int, or one per image) to `model`'s methods: {'labels':
+    labels} for a class-conditional model (None: its null label, the unconditional pass), {} for an unconditional
+    one, which refuses labels."""
+    if is_conditional(model):
+        return {"labels": labels}
+    if labels is not None:
+        raise ValueError(f"labels were given, but this {type(model).__name__} is not class-conditional "
+                         "(config.num_classes is 0); leave the labels out")
+    return {}
+
+
+def dataset_labels(model: Any, labels: torch.Tensor) -> dict[str, Any]:
+    """Label arguments from a batch of dataset labels: a class-conditional model gets them (an image without a
+    label, -1, gets the null label), an unconditional model nothing."""
+    if not is_conditional(model):
+        return {}
+    labels = torch.as_tensor(labels).long().to(next(model.parameters()).device)
+    return {"labels": torch.where(labels < 0, model.config.num_classes, labels)}
+
+
+def is_conditional(model: Any) -> bool:
+    """Whether `model` (any vqtok model, or a stand-in with a `config`) is class-conditional: num_classes > 0."""
+    return getattr(model.config, "num_classes", 0) > 0

@@ -18,8 +18,6 @@ from vqtok.diagnostics import (
     ACTIVE_UNIT_THRESHOLD,
     CodeCounts,
     LatentStatistics,
-    dataset_labels,
-    label_arguments,
     posterior_passes,
     posterior_terms,
 )
@@ -27,6 +25,7 @@ from vqtok.images import uint8_to_range
 from vqtok.losses import DISCRETE_LIKELIHOODS
 from vqtok.metrics import code_usage, psnr_from_mse, squared_error, ssim
 from vqtok.models import Autoencoder, HierarchicalVAE
+from vqtok.nn.conditioning import dataset_labels, label_arguments
 from vqtok.nn.perceptual import LPIPS
 
 IWAE_BATCH = 1024  # images x importance samples decoded at once by the IWAE bound

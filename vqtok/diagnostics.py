@@ -130,7 +130,7 @@ class LatentStatistics:
 
     def to_dict(self, threshold: float = ACTIVE_UNIT_THRESHOLD) -> dict[str, Any]:
         """Everything, as JSON holds it: per group its shape and the per-element arrays (KL in nats, variance of the
-        posterior mean, active flags; nested lists [C][h][w]) with per-channel sums, and every element ordered by
+        posterior mean, active flags; nested lists `[C][h][w]`) with per-channel sums, and every element ordered by
         its KL, largest first. Variances are null with fewer than 2 images."""
         kl, variance, active = self.kl(), self.variance(), self.active(threshold)
         groups = []

@@ -22,7 +22,7 @@ Labels = int | Sequence[int] | torch.Tensor | None
 
 
 class LabelEmbedding(nn.Module):
-    """A learned vector per class, added to features [B, C, H, W] at every position: h + e[label][:, :, None, None].
+    """A learned vector per class, added to features [B, C, H, W] at every position: `h + e[label][:, :, None, None]`.
 
     `weight` [num_classes + 1, channels], initialised N(0, 1) (torch's default for embeddings) with the last row, the
     null label, zero and frozen there (no gradient ever reaches it)."""

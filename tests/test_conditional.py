@@ -417,3 +417,41 @@ def test_the_other_uses_of_a_vae_take_a_cvaes_labels():
         ends = model.decode(model.encode(x, labels=4).mode(), labels=4)
     torch.testing.assert_close(path[0, 0], ends[0])
     torch.testing.assert_close(path[0, -1], ends[1])
+
+
+def test_the_command_line_uses_of_a_vae_take_a_cvaes_labels(tmp_path, capsys):
+    """`vqtok score --dataset-labels` scores each image with its label, so its mean negative ELBO is `vqtok eval`'s
+    (without it: the null label, another mean); `vqtok traverse --class` refuses a class the model does not have; the
+    IWAE bound takes one label for every image however the images are chunked."""
+    import csv
+
+    model = cvae(num_classes=10, decoder_output="logistic_mixture", num_mixtures=1)
+    model.save_pretrained(tmp_path / "cvae")
+    dataset = build_dataset(DataConfig(limit=6), channels=1, preprocess=model.config.preprocess, size=16)
+    expected = evaluate(model, dataset, batch_size=4)["neg_elbo_nats"]
+
+    def mean_score(out, *flags):
+        assert main(["score", str(tmp_path / "cvae"), "--data", "digits", "--split", "train", "--limit", "6",
+                     "--batch-size", "4", "--out", str(out), *flags]) == 0
+        with open(out) as f:
+            return float(np.mean([float(row["neg_elbo_nats"]) for row in csv.DictReader(f)]))
+
+    assert mean_score(tmp_path / "labelled.csv", "--dataset-labels") == pytest.approx(expected, rel=1e-6)
+    assert mean_score(tmp_path / "null.csv") != pytest.approx(expected, rel=1e-6)
+    Autoencoder(cvae_config(num_classes=0)).save_pretrained(tmp_path / "plain")
+    assert main(["score", str(tmp_path / "plain"), "--data", "digits", "--limit", "2", "--dataset-labels",
+                 "--out", str(tmp_path / "refused.csv")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("is not a class-conditional model")
+
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "digit.png")
+    assert main(["traverse", str(tmp_path / "cvae"), str(tmp_path / "digit.png"), "--class", "10",
+                 "--out", str(tmp_path / "grid.png")]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("--class 10: " + str(tmp_path / "cvae") +
+                                                                     " has classes 0 to 9")
+    assert not (tmp_path / "grid.png").exists()
+
+    x = uint8_to_range(torch.stack([dataset[i][0] for i in range(3)]), model.config.value_range)
+    with torch.no_grad():
+        chunked = iwae_bound(model, x, 2, torch.Generator().manual_seed(0), batch=2, labels=torch.tensor(3))
+        whole = iwae_bound(model, x, 2, torch.Generator().manual_seed(0), batch=2, labels=[3, 3, 3])
+    torch.testing.assert_close(chunked, whole)

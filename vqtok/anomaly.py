@@ -76,7 +76,8 @@ def score_images(
 
     The likelihood scores are those of `evaluate`, image by image: the same batches (`batch_size`) and the same
     posterior samples (a generator seeded with 0 on the model's device, drawn by the negative ELBO and then the
-    IWAE bound of every batch), so their means are evaluate's `neg_elbo_nats` and `iwae_nats`. `prior`, a
+    IWAE bound of every batch), so their means are evaluate's `neg_elbo_nats` and `iwae_nats` (for a
+    class-conditional model, when `labels` are the dataset's, as evaluate passes them). `prior`, a
     transformer prior over the codes of this VQ tokenizer, is refused if it was trained on another tokenizer's codes
     (the weight hash it records, as when it samples), models another vocabulary or another code grid; it is moved
     to the model's device.

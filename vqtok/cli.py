@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--histogram", default=None, metavar="PNG",
                        help="with --reference-data, the PNG of both sets' score distributions (default: beside --out, "
                        "NAME_histogram.png); must not exist")
+    score.add_argument("--dataset-labels", action="store_true",
+                       help="a class-conditional model scores each image with its label from the data, as vqtok eval "
+                       "does (default: with its null label, the unconditional pass)")
     score.set_defaults(run=_score)
 
     traverse = commands.add_parser(
@@ -778,6 +781,7 @@ def _score(args: argparse.Namespace) -> int:
     import vqtok
     from vqtok.anomaly import auroc_by_kind, check_scoring, save_histograms, score_images, scores_csv
     from vqtok.data import build_dataset
+    from vqtok.data.labels import check_dataset_labels
     from vqtok.files import write_text_atomically
 
     if args.histogram is not None and args.reference_data is None:
@@ -797,6 +801,8 @@ def _score(args: argparse.Namespace) -> int:
         if not isinstance(prior, vqtok.TransformerPrior):
             raise ValueError(f"{args.prior} holds a {prior.model_type}, not a transformer prior")
     check_scoring(model, prior=prior, iwae=args.iwae)  # before any image is read
+    if args.dataset_labels and not getattr(model.config, "num_classes", 0):
+        raise ValueError(f"--dataset-labels: {args.tokenizer} is not a class-conditional model")
     specs = {"data": args.data, **({"reference": args.reference_data} if args.reference_data else {})}
     c = model.config
     sets = {}
@@ -807,9 +813,13 @@ def _score(args: argparse.Namespace) -> int:
                                         channels=c.in_channels, preprocess=c.preprocess, size=None,
                                         multiple=model.size_multiple())
                     for name, spec in specs.items()}
+        if args.dataset_labels:  # every image of both sets has a label, checked before any is scored
+            for name, dataset in datasets.items():
+                check_dataset_labels(dataset, c.num_classes, "--data" if name == "data" else "--reference-data")
         for name, dataset in datasets.items():
-            sets[name] = score_images(model, dataset, prior=prior, iwae=args.iwae, batch_size=args.batch_size,
-                                      progress=True, desc=name)
+            sets[name] = score_images(model, dataset, prior=prior, iwae=args.iwae,
+                                      labels=dataset.labels if args.dataset_labels else None,
+                                      batch_size=args.batch_size, progress=True, desc=name)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(out, scores_csv(sets, index_offset=args.offset))
     kinds = list(sets["data"].scores)
@@ -859,7 +869,6 @@ def _traverse(args: argparse.Namespace) -> int:
     from vqtok.data import build_dataset
     from vqtok.diagnostics import latent_statistics
     from vqtok.latents.traversal import check_traversable, save_traversal_grid, traverse
-    from vqtok.nn.conditioning import is_conditional
 
     data_options = {"--split": args.split, "--limit": args.limit, "--batch-size": args.batch_size}
     given = [flag for flag, value in data_options.items() if value is not None]
@@ -868,8 +877,7 @@ def _traverse(args: argparse.Namespace) -> int:
     out = _output_file(args.out, "--out", image=True, new=True)
     model = _load_image_model(args.tokenizer)
     check_traversable(model)
-    if args.label is not None and not is_conditional(model):
-        raise ValueError(f"--class {args.label}: {args.tokenizer} is not a class-conditional model")
+    label = _class_label(model, args.label, args.tokenizer, "--class")
     x = _read_images(model, [args.image])
     statistics = None
     if args.data is not None:
@@ -880,7 +888,7 @@ def _traverse(args: argparse.Namespace) -> int:
                                     multiple=model.size_multiple())
             statistics = latent_statistics(model, dataset, batch_size=args.batch_size or 64, progress=True)
     traversal = traverse(model, x, statistics=statistics, dims=args.dims, steps=args.steps, span=args.span,
-                         labels=args.label)
+                         labels=label)
     save_traversal_grid(model, traversal, out)
     ordered_by = f"their average KL over {statistics.count} images of {args.data}" if statistics else "this image's KL"
     print(traversal.legend())
@@ -1057,15 +1065,16 @@ def _arithmetic(args: argparse.Namespace) -> int:
     return 0
 
 
-def _class_label(model: Any, label: int | None, name: str) -> int | None:
-    """--label checked against the model: a class of a class-conditional model, or None."""
+def _class_label(model: Any, label: int | None, name: str, flag: str = "--label") -> int | None:
+    """A class given on the command line (`flag`) checked against the model: a class of a class-conditional model,
+    or None."""
     if label is None:
         return None
     classes = getattr(model.config, "num_classes", 0)
     if classes == 0:
-        raise ValueError(f"--label {label}: {name} is not a class-conditional model")
+        raise ValueError(f"{flag} {label}: {name} is not a class-conditional model")
     if label >= classes:
-        raise ValueError(f"--label {label}: {name} has classes 0 to {classes - 1}")
+        raise ValueError(f"{flag} {label}: {name} has classes 0 to {classes - 1}")
     return label
 
 

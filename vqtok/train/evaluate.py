@@ -210,7 +210,7 @@ def iwae_bound(model: Autoencoder | HierarchicalVAE, x: torch.Tensor, k: int, ge
     float64 (`labels`: a class-conditional model's, None, an int or one per image)."""
     if x.shape[0] > batch:  # fewer images than a batch at a time
         parts = x.split(batch)
-        per_image = labels is not None and not isinstance(labels, int)
+        per_image = labels is not None and torch.as_tensor(labels).ndim > 0
         part_labels = torch.as_tensor(labels).split(batch) if per_image else [labels] * len(parts)
         return torch.cat([iwae_bound(model, part, k, generator, batch=batch, labels=part_labels[i])
                           for i, part in enumerate(parts)])

@@ -35,8 +35,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from vqtok.images import uint8_to_range
+from vqtok.images import is_binary, uint8_to_range
 from vqtok.losses import DISCRETE_LIKELIHOODS
+from vqtok.metrics import psnr_from_mse
 from vqtok.models import Autoencoder, HierarchicalVAE, TransformerPrior
 from vqtok.train.evaluate import IWAE_BATCH, iwae_bound
 
@@ -94,7 +95,7 @@ def score_images(
     device = next(model.parameters()).device
     if prior is not None:
         prior.to(device).eval()
-    likelihood = _is_variational(model) and model.config.decoder_output in DISCRETE_LIKELIHOODS
+    likelihood = model.is_gaussian and model.config.decoder_output in DISCRETE_LIKELIHOODS
     generator = torch.Generator(device).manual_seed(0)  # evaluate's posterior samples
     columns: dict[str, list[torch.Tensor]] = {}
     n = 0
@@ -131,8 +132,8 @@ def check_scoring(model: Autoencoder | HierarchicalVAE, *, prior: TransformerPri
     if iwae is not None:
         if iwae < 1:
             raise ValueError(f"iwae (importance samples per image) must be >= 1, got {iwae}")
-        if not (_is_variational(model) and model.config.decoder_output in DISCRETE_LIKELIHOODS):
-            kind = "a VQ tokenizer" if not _is_variational(model) else (
+        if not (model.is_gaussian and model.config.decoder_output in DISCRETE_LIKELIHOODS):
+            kind = "a VQ tokenizer" if not model.is_gaussian else (
                 f"a VAE with decoder_output {model.config.decoder_output!r}")
             raise ValueError(f"the IWAE bound needs a VAE (a Gaussian autoencoder or a hierarchical VAE) with a "
                              f"discrete likelihood (bernoulli_logits on binary images, or logistic_mixture); this "
@@ -151,13 +152,13 @@ def _score_batch(model: Autoencoder | HierarchicalVAE, images: torch.Tensor, giv
                  iwae_batch: int) -> dict[str, torch.Tensor]:
     """The scores [B] of one batch of uint8 images, in evaluate's order of posterior draws."""
     x = uint8_to_range(images, model.config.value_range)
-    if likelihood and model.config.decoder_output == "bernoulli_logits" and not ((images == 0) | (images == 255)).all():
+    if likelihood and model.config.decoder_output == "bernoulli_logits" and not is_binary(images):
         raise ValueError("a Bernoulli likelihood scores binary images only (0 or 255), and these are grey: binarize "
                          "them (vqtok score --binarize SEED, or data.binarize 'once')")
     out = model(x, **given)
     recon = model.postprocess(model.to_image(out.reconstruction))
     mse = (recon.double() - images.double()).pow(2).flatten(1).mean(dim=1)
-    scores = {"mse": mse, "psnr": _psnr(mse)}
+    scores = {"mse": mse, "psnr": psnr_from_mse(mse, 255.0)}
     if likelihood:
         terms = model.code_length(x, generator, output=out, **given)
         scores["neg_elbo_nats"] = terms["nll"].double() + terms["kl"].double()
@@ -166,11 +167,6 @@ def _score_batch(model: Autoencoder | HierarchicalVAE, images: torch.Tensor, giv
     if prior is not None:
         scores["prior_bits"] = _code_bits(prior, out.bottleneck.codes)
     return scores
-
-
-def _psnr(mse: torch.Tensor) -> torch.Tensor:
-    """10 log10(255^2 / mse) per image in float64; inf where mse is 0 (not a division warning)."""
-    return torch.where(mse > 0, 10 * torch.log10(255.0**2 / mse.clamp_min(1e-300)), torch.full_like(mse, math.inf))
 
 
 def _code_bits(prior: TransformerPrior, codes: torch.Tensor) -> torch.Tensor:
@@ -183,11 +179,6 @@ def _code_bits(prior: TransformerPrior, codes: torch.Tensor) -> torch.Tensor:
     flat = codes.flatten(1)
     log_p = torch.log_softmax(prior(flat).double(), dim=-1).gather(-1, flat[..., None]).squeeze(-1)
     return -log_p.sum(dim=1) / math.log(2)
-
-
-def _is_variational(model: Autoencoder | HierarchicalVAE) -> bool:
-    """A VAE (a Gaussian autoencoder or the hierarchical VAE): a KL regulariser, so a negative ELBO."""
-    return model.kl_objective is not None
 
 
 def _image_labels(model: Autoencoder | HierarchicalVAE, labels: Any, n: int) -> torch.Tensor | None:

@@ -98,6 +98,11 @@ def trim_to_multiple(batch: torch.Tensor, multiple: int) -> torch.Tensor:
     return TF.center_crop(batch, [height - height % multiple, width - width % multiple])
 
 
+def is_binary(images: torch.Tensor) -> bool:
+    """Whether every value of uint8 images is 0 or 255 (binary images, what a Bernoulli likelihood codes)."""
+    return bool(((images == 0) | (images == 255)).all())
+
+
 def uint8_to_range(batch: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
     lo, hi = value_range
     return batch.float().div(255.0).mul(hi - lo).add(lo)

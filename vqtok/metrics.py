@@ -13,8 +13,12 @@ def squared_error(x: torch.Tensor, y: torch.Tensor) -> float:
     return (x.double() - y.double()).pow(2).sum().item()
 
 
-def psnr_from_mse(mse: float, data_range: float) -> float:
-    """10 log10(data_range^2 / mse) in dB; infinite for mse 0 (a reconstruction without error)."""
+def psnr_from_mse(mse: float | torch.Tensor, data_range: float) -> float | torch.Tensor:
+    """10 log10(data_range^2 / mse) in dB; infinite for mse 0 (a reconstruction without error). `mse` a number, or a
+    tensor of them (e.g. one per image), computed elementwise in its dtype."""
+    if torch.is_tensor(mse):
+        db = 10 * torch.log10(data_range**2 / mse.clamp_min(torch.finfo(mse.dtype).tiny))
+        return torch.where(mse > 0, db, torch.full_like(mse, math.inf))
     return math.inf if mse == 0 else 10 * math.log10(data_range**2 / mse)
 
 

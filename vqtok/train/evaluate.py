@@ -21,7 +21,7 @@ from vqtok.diagnostics import (
     posterior_passes,
     posterior_terms,
 )
-from vqtok.images import uint8_to_range
+from vqtok.images import is_binary, uint8_to_range
 from vqtok.losses import DISCRETE_LIKELIHOODS
 from vqtok.metrics import code_usage, psnr_from_mse, squared_error, ssim
 from vqtok.models import Autoencoder, HierarchicalVAE
@@ -93,7 +93,7 @@ def evaluate(
         images, conditioning = images.to(device), dataset_labels(model, labels)
         x = uint8_to_range(images, value_range)
         if model.config.decoder_output == "bernoulli_logits":  # a code length only for binary images
-            binary = bool(((images == 0) | (images == 255)).all())
+            binary = is_binary(images)
             if iwae is not None and not binary:
                 raise ValueError("the IWAE bound of a Bernoulli likelihood needs binary images (0 or 255); binarize "
                                  "them (e.g. vqtok eval --binarize SEED)")

@@ -740,7 +740,6 @@ def _write_images(batches: Iterator[Any], out: Path, images_dir: Path | None, to
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from vqtok.data import build_dataset
     from vqtok.files import write_text_atomically
     from vqtok.nn.perceptual import LPIPS
     from vqtok.train.evaluate import evaluate, format_table
@@ -751,12 +750,10 @@ def _eval(args: argparse.Namespace) -> int:
     diagnostics_path = _output_file(args.diagnostics, "--diagnostics", new=True) if args.diagnostics else None
     model = _load_image_model(args.tokenizer)
     perceptual = LPIPS.from_file(args.lpips) if args.lpips else None
-    c = model.config
     data = parse_data_spec(args.data, args.split, args.limit, offset=args.offset, binarize_seed=args.binarize,
                            skip_unreadable=args.skip_unreadable)
     with _skip_flag_hint():
-        dataset = build_dataset(data, channels=c.in_channels, preprocess=c.preprocess, size=None,
-                                multiple=model.size_multiple())
+        dataset = _model_dataset(model, data)
         bound = {} if args.iwae is None else {"iwae": args.iwae}
         if args.iwae_batch is not None:
             bound["iwae_batch"] = args.iwae_batch
@@ -780,7 +777,6 @@ def _score(args: argparse.Namespace) -> int:
     mean per set and, with a reference, its AUROC: lines `auroc  KIND  VALUE` that a person and grep both read."""
     import vqtok
     from vqtok.anomaly import auroc_by_kind, check_scoring, save_histograms, score_images, scores_csv
-    from vqtok.data import build_dataset
     from vqtok.data.labels import check_dataset_labels
     from vqtok.files import write_text_atomically
 
@@ -804,18 +800,16 @@ def _score(args: argparse.Namespace) -> int:
     if args.dataset_labels and not getattr(model.config, "num_classes", 0):
         raise ValueError(f"--dataset-labels: {args.tokenizer} is not a class-conditional model")
     specs = {"data": args.data, **({"reference": args.reference_data} if args.reference_data else {})}
-    c = model.config
     sets = {}
     with _skip_flag_hint():
-        datasets = {name: build_dataset(parse_data_spec(spec, args.split, args.limit, offset=args.offset,
-                                                        binarize_seed=args.binarize,
-                                                        skip_unreadable=args.skip_unreadable),
-                                        channels=c.in_channels, preprocess=c.preprocess, size=None,
-                                        multiple=model.size_multiple())
+        datasets = {name: _model_dataset(model, parse_data_spec(spec, args.split, args.limit, offset=args.offset,
+                                                                binarize_seed=args.binarize,
+                                                                skip_unreadable=args.skip_unreadable))
                     for name, spec in specs.items()}
         if args.dataset_labels:  # every image of both sets has a label, checked before any is scored
             for name, dataset in datasets.items():
-                check_dataset_labels(dataset, c.num_classes, "--data" if name == "data" else "--reference-data")
+                check_dataset_labels(dataset, model.config.num_classes,
+                                     "--data" if name == "data" else "--reference-data")
         for name, dataset in datasets.items():
             sets[name] = score_images(model, dataset, prior=prior, iwae=args.iwae,
                                       labels=dataset.labels if args.dataset_labels else None,
@@ -866,7 +860,6 @@ def _diagnostics_report(model: Any, args: argparse.Namespace, metrics: dict[str,
 
 
 def _traverse(args: argparse.Namespace) -> int:
-    from vqtok.data import build_dataset
     from vqtok.diagnostics import latent_statistics
     from vqtok.latents.traversal import check_traversable, save_traversal_grid, traverse
 
@@ -881,11 +874,9 @@ def _traverse(args: argparse.Namespace) -> int:
     x = _read_images(model, [args.image])
     statistics = None
     if args.data is not None:
-        c = model.config
         data = parse_data_spec(args.data, args.split or "test", args.limit)
         with _skip_flag_hint():
-            dataset = build_dataset(data, channels=c.in_channels, preprocess=c.preprocess, size=None,
-                                    multiple=model.size_multiple())
+            dataset = _model_dataset(model, data)
             statistics = latent_statistics(model, dataset, batch_size=args.batch_size or 64, progress=True)
     traversal = traverse(model, x, statistics=statistics, dims=args.dims, steps=args.steps, span=args.span,
                          labels=label)

@@ -811,3 +811,111 @@ def test_a_moved_tokenizer_is_named_with_its_hash_and_can_be_pointed_at(tmp_path
     with pytest.raises(ConfigError, match="tokenizer is set in the config .* and a tokenizer was passed"):
         open_data(prior_config(store, tmp_path / "x", tokenizer=str(tmp_path / "again")),
                   vqtok.load(tmp_path / "again"))
+
+
+# ---- speed options: compile, bf16, channels_last, workers -----------------------------------------------------------
+
+
+def speed_store(tok, out: Path, **options) -> Path:
+    return encode_dataset(tok, DataConfig(limit=48), out, **{"shard_size": 24, "batch_size": 16, "num_workers": 0,
+                                                              "progress": False, **options})
+
+
+def test_compiled_encode_writes_the_eager_store_and_leaves_the_model_uncompiled(tokenizer_dir, tmp_path):
+    """compile=True (CPU inductor here) gives the eager store byte for byte: the same codes (exactly, on this model:
+    a code could differ only where two are equally near within float rounding) and the same manifest (compile is not
+    recorded). The model passed in is left uncompiled and its weights unchanged."""
+    from torch._dynamo.utils import counters
+
+    tok = vqtok.load(tokenizer_dir)
+    before = weights_sha256(tok)
+    eager = speed_store(tok, tmp_path / "eager")
+    counters.clear()
+    compiled = speed_store(tok, tmp_path / "compiled", compile=True)
+    assert counters["stats"]["unique_graphs"] >= 1  # the encoder really ran compiled
+    assert tree(compiled) == tree(eager)
+    assert len(np.unique(TokenDataset(compiled).gather(np.arange(48))[0])) > 1  # codes that could differ
+    assert tok.encoder._compiled_call_impl is None and tok.quant_conv._compiled_call_impl is None
+    assert weights_sha256(tok) == before
+    speed_store(tok, tmp_path / "eager", compile=True)  # resuming with compile is allowed (not recorded)
+
+
+def test_bf16_is_recorded_and_a_resume_in_another_precision_is_refused(tokenizer_dir, tmp_path):
+    tok = vqtok.load(tokenizer_dir)
+    bf16 = speed_store(tok, tmp_path / "bf16", precision="bf16")
+    manifest = json.loads((bf16 / "manifest.json").read_text())
+    assert manifest["args"]["precision"] == "bf16" and TokenDataset(bf16).precision == "bf16"
+    images = build_dataset(DataConfig(limit=16), channels=1, preprocess=tok.config.preprocess, size=None)
+    x = tok.preprocess(torch.stack([images[i][0] for i in range(16)]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = tok.encode(x)  # the store's first batch under the same autocast
+    assert torch.equal(TokenDataset(bf16).gather(np.arange(16))[0], expected)
+    float32 = speed_store(tok, tmp_path / "float32")
+    assert "precision" not in json.loads((float32 / "manifest.json").read_text())["args"]  # as older vqtok wrote
+    assert TokenDataset(float32).precision == "float32"
+    with pytest.raises(TokenStoreError, match=r"different arguments \(precision\) - it was encoded in precision "
+                                              r"bf16, this run is float32: give the store's to resume -"):
+        speed_store(tok, bf16)
+    with pytest.raises(TokenStoreError, match=r"different arguments \(precision\) - it was encoded in precision "
+                                              r"float32, this run is bf16"):
+        speed_store(tok, float32, precision="bf16")
+    before = tree(bf16)
+    (bf16 / "shards" / "00001.json").unlink()
+    speed_store(tok, bf16, precision="bf16")  # the same precision resumes, byte for byte
+    assert tree(bf16) == before
+    edit_manifest(bf16, lambda m: m["args"].update(precision="fp16"))
+    with pytest.raises(TokenStoreError, match=r"args\.precision 'fp16' is not one of \('float32', 'bf16'\)"):
+        TokenDataset(bf16)
+
+
+def test_channels_last_encoder_gives_the_same_codes_and_is_undone(tokenizer_dir):
+    """What encode_dataset does on CUDA, checked on the CPU: the encoder in channels_last, the input too."""
+    from vqtok.data.token_store import _encode_batch, _encoder_prepared
+
+    tok = vqtok.load(tokenizer_dir)
+    images = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+    eager = _encode_batch(tok, images, ("none", "hflip"))
+    with _encoder_prepared(tok, compile=False, channels_last=True):
+        assert not tok.encoder.conv_out.weight.is_contiguous()  # [8, 32, 3, 3]: the layouts differ
+        fast = _encode_batch(tok, images, ("none", "hflip"), channels_last=True)
+    assert tok.encoder.conv_out.weight.is_contiguous()
+    np.testing.assert_array_equal(fast[0], eager[0])
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"precision": "fp16"}, ValueError, r"unknown precision 'fp16'; choose from \('float32', 'bf16'\)"),
+    ({"compile": "yes"}, TypeError, r"compile must be True or False, got 'yes'"),
+    ({"num_workers": -1}, ValueError, r"num_workers must be an integer >= 0 \(or None for the default\), got -1"),
+])
+def test_bad_speed_options_are_refused_in_one_line(tokenizer_dir, tmp_path, options, error, match):
+    with pytest.raises(error, match=match) as caught:
+        speed_store(str(tokenizer_dir), tmp_path / "store", **options)
+    assert "\n" not in str(caught.value) and not (tmp_path / "store").exists()
+
+
+def test_speed_options_a_model_cannot_honour_are_refused(hvae_dir, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"compile=True compiles an autoencoder's encoder; a hierarchical VAE's "
+                                         r"encoding is not compiled: use compile=False"):
+        encode_hierarchical(hvae_dir, tmp_path / "hvae", compile=True)
+    torch.manual_seed(0)
+    upcast = vqtok.Autoencoder(tiny_config(GaussianConfig(dim=3), in_channels=1, force_upcast=True,
+                                           preprocess=PreprocessConfig(resize=16, crop=None)))
+    with pytest.raises(ValueError, match=r"precision 'bf16': this tokenizer sets force_upcast .* use precision "
+                                         r"'float32'"):
+        speed_store(upcast, tmp_path / "upcast", precision="bf16")
+    assert not (tmp_path / "hvae").exists() and not (tmp_path / "upcast").exists()
+    assert vqtok.cli.main(["encode", "--tokenizer", str(hvae_dir), "--out", str(tmp_path / "x"), "--data", "digits",
+                           "--precision", "fp16"]) != 0
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_default_workers_keep_a_gpu_fed_and_share_the_cpus(monkeypatch):
+    from vqtok.data.token_store import default_num_workers
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert (default_num_workers("cuda"), default_num_workers("cpu")) == (8, 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # torchrun, 8 processes on this node: 4 CPUs each
+    assert (default_num_workers("cuda"), default_num_workers(torch.device("cpu"))) == (4, 4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert default_num_workers("cuda") == 1

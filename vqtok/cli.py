@@ -183,9 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--shard-size", type=positive_int, default=10_000,
                         help="images per shard file, the unit that is written whole and skipped on resume")
     encode.add_argument("--hflip", action="store_true", help="also store the codes of horizontally flipped images")
-    encode.add_argument("--num-workers", type=nonnegative_int, default=4,
-                        help="data loader processes reading the images; 0 reads them in the main process")
+    encode.add_argument("--num-workers", type=nonnegative_int, default=None,
+                        help="data loader processes reading the images; 0 reads them in the main process (default: "
+                        "min(8, CPUs per process) on a GPU, min(4, CPUs per process) on a CPU)")
     encode.add_argument("--limit", type=positive_int, default=None, help="encode the first N images only")
+    encode.add_argument("--compile", action="store_true",
+                        help="torch.compile the encoder (an autoencoder's; worth it on a GPU for large datasets: the "
+                        "first batches wait for the compilation); codes as without, up to float rounding, not recorded")
+    encode.add_argument("--precision", choices=("float32", "bf16"), default="float32",
+                        help="the encoder's arithmetic: bf16 autocast is faster on GPUs with bf16 units, but its codes "
+                        "differ from float32's: the store records it and a resume needs the same (default float32)")
     _window_options(encode)
     encode.set_defaults(run=_encode)
 
@@ -908,7 +915,8 @@ def _encode(args: argparse.Namespace) -> int:
     augmentations = ("none", "hflip") if args.hflip else ("none",)
     with _skip_flag_hint():
         out = encode_dataset(args.tokenizer, data, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-                             augmentations=augmentations, num_workers=args.num_workers)
+                             augmentations=augmentations, num_workers=args.num_workers, compile=args.compile,
+                             precision=args.precision)
     print(f"token store written to {out}")
     return 0
 

@@ -25,6 +25,14 @@ Shard s holds the fixed global range [s * shard_size, (s + 1) * shard_size), enc
 skips complete shards and yields a byte-identical store. Different arguments or changed inputs against an existing
 store are an error.
 
+Speed (a GPU): `compile=True` compiles an autoencoder's encoder and quant_conv in place (`nn.Module.compile`; the VQ
+search is not compiled), and on CUDA the encoder runs channels_last and the DataLoader pins its batches. Neither
+changes what is computed, only the order of float operations: like the device or the thread count, they are not
+recorded, and a store may be resumed with or without them (a code can differ only where two codes are equally near
+to within float rounding). `precision="bf16"` runs the encoder under bfloat16 autocast: its features, and so its
+codes or latents, are not float32's, so the store records it (`args.precision`, absent for float32, the default, as
+in stores of older vqtok) and a resume with another precision is refused.
+
 Opening a store checks, without reading the codes: the manifest's structure (shard records 0..S-1 in order, each
 starting where the previous ended, each bound to its own file names by the record's hash), the declared kind, dtype,
 vocabulary, grid (or groups) and augmentations against one another, the recorded tokenizer and every shard's .npy
@@ -36,6 +44,7 @@ file's sha256.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -71,6 +80,7 @@ FORMAT = "vqtok-token-store"
 FORMAT_VERSION = 2  # 2: input identity, per-shard code range and record hash
 GROUPS_FORMAT_VERSION = 3  # 3: a hierarchical VAE's latent groups (older vqtok refuses them as a newer format)
 AUGMENTATIONS = ("none", "hflip")
+PRECISIONS = ("float32", "bf16")  # the encoder's arithmetic: float32, or bfloat16 autocast (recorded: codes differ)
 
 
 class TokenStoreError(ValueError):
@@ -108,10 +118,14 @@ class EncodeArgs:
     augmentations: tuple[str, ...]
     shard_size: int
     batch_size: int
+    precision: str = "float32"
 
     def as_json(self) -> dict[str, Any]:
-        return {"tokenizer": self.tokenizer, "data": self.data, "augmentations": list(self.augmentations),
+        """The manifest's `args`; `precision` only where it is not float32, so that float32 stores keep the bytes (and
+        the resume) of stores written before it was recorded."""
+        args = {"tokenizer": self.tokenizer, "data": self.data, "augmentations": list(self.augmentations),
                 "shard_size": self.shard_size, "batch_size": self.batch_size}
+        return args if self.precision == "float32" else {**args, "precision": self.precision}
 
 
 def tokenizer_identity(tokenizer: Tokenizer, source: str | None, revision: str | None,
@@ -215,9 +229,11 @@ def encode_dataset(
     batch_size: int = 256,
     shard_size: int = 10_000,
     augmentations: tuple[str, ...] = ("none",),
-    num_workers: int = 4,
+    num_workers: int | None = None,
     device: str | torch.device | None = None,
     progress: bool = True,
+    compile: bool = False,
+    precision: str = "float32",
 ) -> Path:
     """Encode a dataset into a token store at `out_dir` (resumable; several processes under torchrun/accelerate).
 
@@ -227,6 +243,13 @@ def encode_dataset(
     preprocessing (one store, one code grid). A class-conditional tokenizer (config.num_classes > 0) encodes each
     image with its label (`tokenizer.encode(x, labels=y)`), so every image needs one in [0, num_classes): a dataset
     that lists its labels is checked before anything is written, others batch by batch. Returns the store folder.
+
+    `num_workers` DataLoader processes read the images (None: `default_num_workers`, enough to keep a GPU busy; 0:
+    the main process). `compile=True` compiles an autoencoder's encoder and quant_conv in place for the run (undone
+    before returning; the first batches wait for the compilation) - worth it for large datasets on a GPU; it does not
+    change the codes beyond float rounding and is not recorded. `precision="bf16"` encodes under bfloat16 autocast
+    (faster on GPUs with bf16 units): the codes (latents) differ from float32's, so the store records it and resuming
+    needs the same; refused for a tokenizer with `force_upcast` (it runs in float32 under autocast).
     """
     from accelerate import PartialState
 
@@ -247,6 +270,7 @@ def encode_dataset(
         raise ValueError(f"augmentations must start with 'none' and not repeat, got {augmentations}")
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size}, {shard_size}")
+    _check_speed_options(tokenizer, compile, precision, num_workers)
     c = tokenizer.config
     if isinstance(data, DataConfig):
         if data.binarize == "dynamic":
@@ -265,8 +289,10 @@ def encode_dataset(
         check_dataset_labels(dataset, num_classes, "data")
     out = Path(out_dir)
     args = EncodeArgs(tokenizer_identity(tokenizer, source, revision, out), data_record, tuple(augmentations),
-                      shard_size, batch_size)
+                      shard_size, batch_size, precision)
     device = torch.device(device) if device is not None else state.device
+    if num_workers is None:
+        num_workers = default_num_workers(device)
     tokenizer = tokenizer.to(device).eval()
 
     n = len(dataset)
@@ -283,31 +309,105 @@ def encode_dataset(
     batches = iter(loader)
     bar = tqdm(total=sum(ranges[s][1] for s in todo), unit="img", desc=f"encode[{rank}]", disable=not progress)
     names = _array_names(_num_groups(tokenizer))
-    for s in todo:
-        start, count = ranges[s]
-        arrays: list[list[np.ndarray]] = [[] for _ in names]
-        labels = []
-        for _ in range(-(-count // batch_size)):
-            indices, images, label = next(batches)
-            _check_images(dataset, indices, images, image_shape)
-            given = None  # a conditional tokenizer's labels
-            if num_classes:
-                check_batch_labels(label, num_classes, lambda j: _describe(dataset, indices[j]))
-                given = label.to(device)
-            encoded = _encode_batch(tokenizer, images.to(device, non_blocking=True), augmentations, given)
-            _check_finite(dataset, indices, encoded)
-            for parts, array in zip(arrays, encoded):
-                parts.append(array)
-            labels.append(label.numpy().astype(np.int64))
-            bar.update(len(label))
-        _write_shard(out, s, start, shard_inputs[s], dict(zip(names, map(np.concatenate, arrays))),
-                     np.concatenate(labels))
+    channels_last = device.type == "cuda" and isinstance(tokenizer, Autoencoder)
+    with _encoder_prepared(tokenizer, compile=compile, channels_last=channels_last):
+        for s in todo:
+            _encode_shard(out, s, ranges[s], shard_inputs[s], tokenizer, dataset, batches, names, bar, device=device,
+                          augmentations=tuple(augmentations), batch_size=batch_size, image_shape=image_shape,
+                          precision=precision, channels_last=channels_last)
     bar.close()
     state.wait_for_everyone()
     if state.is_main_process:
         _finish_store(out, args, inputs, image_shape, len(ranges), tokenizer)
     state.wait_for_everyone()
     return out
+
+
+def _encode_shard(out: Path, s: int, shard_range: tuple[int, int], inputs_sha256: str | None, tokenizer: Tokenizer,
+                  dataset: Dataset, batches: Iterator[Any], names: list[str], bar: Any, *, device: torch.device,
+                  augmentations: tuple[str, ...], batch_size: int, image_shape: tuple[int, ...], precision: str,
+                  channels_last: bool) -> None:
+    """Encode shard s from the loader's next batches (its fixed batches, in order) and write it."""
+    num_classes = getattr(tokenizer.config, "num_classes", 0)
+    start, count = shard_range
+    arrays: list[list[np.ndarray]] = [[] for _ in names]
+    labels = []
+    for _ in range(-(-count // batch_size)):
+        indices, images, label = next(batches)
+        _check_images(dataset, indices, images, image_shape)
+        given = None  # a conditional tokenizer's labels
+        if num_classes:
+            check_batch_labels(label, num_classes, lambda j: _describe(dataset, indices[j]))
+            given = label.to(device, non_blocking=True)
+        encoded = _encode_batch(tokenizer, images.to(device, non_blocking=True), augmentations, given,
+                                precision=precision, channels_last=channels_last)
+        _check_finite(dataset, indices, encoded)
+        for parts, array in zip(arrays, encoded):
+            parts.append(array)
+        labels.append(label.numpy().astype(np.int64))
+        bar.update(len(label))
+    _write_shard(out, s, start, inputs_sha256, dict(zip(names, map(np.concatenate, arrays))),
+                 np.concatenate(labels))
+
+
+def default_num_workers(device: torch.device | str) -> int:
+    """DataLoader workers per process when none are given: enough that decoding images keeps up with a GPU - min(8,
+    the CPUs this process may use, shared among the node's processes under torchrun) - and on a CPU, where the
+    encoder needs the cores itself, at most 4 (vqtok's earlier default)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = max(1, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return min(8 if torch.device(device).type == "cuda" else 4, per_process)
+
+
+def _check_speed_options(tokenizer: Tokenizer, compile: Any, precision: Any, num_workers: Any) -> None:
+    """One-line errors for `compile`, `precision` and `num_workers` values that cannot be honoured."""
+    if not isinstance(compile, bool):
+        raise TypeError(f"compile must be True or False, got {compile!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+    if num_workers is not None and (not isinstance(num_workers, int) or isinstance(num_workers, bool)
+                                    or num_workers < 0):
+        raise ValueError(f"num_workers must be an integer >= 0 (or None for the default), got {num_workers!r}")
+    if compile and isinstance(tokenizer, HierarchicalVAE):
+        raise ValueError("compile=True compiles an autoencoder's encoder; a hierarchical VAE's encoding is not "
+                         "compiled: use compile=False")
+    if precision == "bf16" and getattr(tokenizer.config, "force_upcast", False):
+        raise ValueError("precision 'bf16': this tokenizer sets force_upcast (it overflows in half precision) and "
+                         "runs in float32 under autocast; use precision 'float32'")
+
+
+@contextlib.contextmanager
+def _encoder_prepared(tokenizer: Tokenizer, *, compile: bool, channels_last: bool) -> Iterator[None]:
+    """An autoencoder's encoder and quant_conv compiled in place (`nn.Module.compile`: the state_dict keys stay) and/or
+    in channels_last memory format (the convolutions' fast layout on CUDA) for the block; both undone after, so the
+    caller's model is left as it was (weights_sha256 does not depend on the memory format either)."""
+    if not isinstance(tokenizer, Autoencoder) or not (compile or channels_last):
+        yield
+        return
+    modules = [tokenizer.encoder, tokenizer.quant_conv]
+    if channels_last:
+        for module in modules:
+            module.to(memory_format=torch.channels_last)
+    compiled = [m for m in modules if compile and getattr(m, "_compiled_call_impl", None) is None]
+    for module in compiled:
+        module.compile()
+    try:
+        yield
+    finally:
+        for module in compiled:
+            module._compiled_call_impl = None  # what nn.Module.compile set; there is no public way back
+        if channels_last:
+            for module in modules:
+                module.to(memory_format=torch.contiguous_format)
+
+
+def encode_autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast an encode runs under: bfloat16 for precision 'bf16', none for 'float32'."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from {PRECISIONS}")
+    if precision == "float32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
 
 
 def _check_images(dataset: Dataset, indices: list[int], images: torch.Tensor | list[torch.Tensor],
@@ -345,15 +445,20 @@ def _shape_text(shape: Sequence[int]) -> str:
 
 @torch.inference_mode()
 def _encode_batch(tokenizer: Tokenizer, images: torch.Tensor, augmentations: tuple[str, ...],
-                  labels: torch.Tensor | None = None) -> list[np.ndarray]:
+                  labels: torch.Tensor | None = None, *, precision: str = "float32",
+                  channels_last: bool = False) -> list[np.ndarray]:
     """uint8 [B, C, H, W] -> [codes [B, A, h, w]] (or [float16 latents [B, A, C, h, w]], or a hierarchical VAE's
-    float16 latents of every group, top first); `labels` [B]: a conditional tokenizer's, the same for every view."""
+    float16 latents of every group, top first); `labels` [B]: a conditional tokenizer's, the same for every view.
+    `precision`: see `encode_autocast`; `channels_last`: the views in that memory format (for an encoder in it)."""
     x = uint8_to_range(images, tokenizer.config.value_range)
     views = [x if aug == "none" else x.flip(-1) for aug in augmentations]
+    if channels_last:
+        views = [view.contiguous(memory_format=torch.channels_last) for view in views]
     given = {} if labels is None else {"labels": labels}
     outputs = []  # per view, per array
     for view in views:
-        rep = tokenizer.encode(view, **given)
+        with encode_autocast(images.device, precision):
+            rep = tokenizer.encode(view, **given)
         if isinstance(tokenizer, HierarchicalVAE):
             outputs.append([q.mode().to(torch.float16) for q in rep])
         elif tokenizer.is_gaussian:
@@ -371,10 +476,14 @@ def _start_store(out: Path, args: EncodeArgs, inputs: dict[str, Any], version: i
         existing = _read_manifest(out)
         then, now = _comparable_args(existing.get("args")), _comparable_args(args.as_json())
         if then != now:
-            differing = [k for k in now if then.get(k) != now[k]]
+            differing = [k for k in [*now, *(k for k in then if k not in now)] if then.get(k) != now.get(k)]
+            precision = ""
+            if "precision" in differing:
+                precision = (f" - it was encoded in precision {then.get('precision', 'float32')}, this run is "
+                             f"{now.get('precision', 'float32')}: give the store's to resume -")
             raise TokenStoreError(
-                f"{out} holds a token store made with different arguments ({', '.join(differing) or 'format'}); "
-                "use another --out folder or delete this one"
+                f"{out} holds a token store made with different arguments ({', '.join(differing) or 'format'})"
+                f"{precision}; use another --out folder or delete this one"
             )
         if existing.get("inputs") != inputs:
             then, now = _inputs_text(existing.get("inputs")), _inputs_text(inputs)
@@ -555,6 +664,12 @@ class TokenDataset(Dataset):
     def num_images(self) -> int:
         return int(self._ends[-1])
 
+    @property
+    def precision(self) -> str:
+        """The encoder's arithmetic that made the store: 'float32' or 'bf16' (autocast; see `encode_dataset`)."""
+        args = self.manifest["args"]
+        return args.get("precision", "float32") if isinstance(args, dict) else "float32"
+
     def label_range(self) -> tuple[int, int]:
         """The smallest and largest label in the store (-1 marks images without one)."""
         return (min(int(labels.min()) for labels in self._labels), max(int(labels.max()) for labels in self._labels))
@@ -700,6 +815,9 @@ def _check_declared_fields(m: dict[str, Any], where: Path) -> None:
             and len(set(augmentations)) == len(augmentations) and set(augmentations) <= set(AUGMENTATIONS)):
         raise TokenStoreError(f"{where}: augmentations {augmentations!r} must start with 'none' and list each of "
                               f"{AUGMENTATIONS} at most once")
+    precision = m["args"].get("precision", "float32") if isinstance(m["args"], dict) else "float32"
+    if precision not in PRECISIONS:
+        raise TokenStoreError(f"{where}: args.precision {precision!r} is not one of {PRECISIONS}")
     if "groups" in m:
         _check_groups(m, where)
     else:

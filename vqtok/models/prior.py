@@ -90,17 +90,19 @@ class KVCache:
 class StaticKVCache:
     """Keys and values of every layer for all max_len positions, written in place at the given positions; attention
     reads all max_len of them with those after each query masked. Every step of one batch has the same shapes and
-    the tensors never move, so one compiled graph (one CUDA graph) serves every position."""
+    the tensors never move, so one compiled graph (one CUDA graph) serves every position. One tensor per layer (not
+    one for all): a compiled step then scatters into each in place, where writing into a view of a shared tensor
+    makes inductor copy the whole cache every step."""
 
     def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, *,
                  device: torch.device, dtype: torch.dtype):
-        shape = (n_layer, batch, n_head, max_len, head_dim)
+        shape = (batch, n_head, max_len, head_dim)
         # zeros, not empty: masked positions get weight 0, and 0 * NaN from uninitialised memory would be NaN
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
 
     @classmethod
-    def wrap(cls, keys: torch.Tensor, values: torch.Tensor) -> StaticKVCache:
+    def wrap(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> StaticKVCache:
         """A cache over existing tensors (inside a compiled step, whose inputs they are)."""
         cache = cls.__new__(cls)
         cache.keys, cache.values = keys, values
@@ -116,7 +118,7 @@ class StaticKVCache:
 
     def mask(self, positions: torch.Tensor) -> torch.Tensor:
         """Which of the max_len cached positions each query at `positions` [T] may attend to: bool [T, max_len]."""
-        slots = torch.arange(self.keys.shape[-2], device=positions.device)
+        slots = torch.arange(self.keys[0].shape[-2], device=positions.device)
         return positions[:, None] >= slots
 
 
@@ -421,11 +423,11 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
         logits = self.head(hidden)
         return logits if logits.dtype == torch.float64 else logits.float()
 
-    def _decode_step(self, tokens: torch.Tensor, position: torch.Tensor, keys: torch.Tensor,
-                     values: torch.Tensor) -> torch.Tensor:
+    def _decode_step(self, tokens: torch.Tensor, position: torch.Tensor, keys: list[torch.Tensor],
+                     values: list[torch.Tensor]) -> torch.Tensor:
         """One fixed-shape decode step: the codes [B] at `position` [1] (a LongTensor, so one graph serves every
-        position) are written into the static cache (keys, values [n_layer, B, H, seq_len, D], in place) and give the
-        next position's logits [B, vocab]."""
+        position) are written into the static cache (keys, values: n_layer tensors [B, H, seq_len, D], in place) and
+        give the next position's logits [B, vocab]."""
         hidden = self._trunk(self.token_emb(tokens)[:, None], position, StaticKVCache.wrap(keys, values))
         return self._logits(hidden[:, -1])
 
@@ -453,8 +455,8 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
             cache = self._new_cache(rows, dtype, static=True)
             mark_static = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
             if mark_static is not None and device.type == "cuda":
-                mark_static(cache.keys)
-                mark_static(cache.values)
+                for tensor in (*cache.keys, *cache.values):
+                    mark_static(tensor)
             self.__dict__["_kept_kv_cache"] = held = (key, cache)
         return held[1]
 

@@ -178,6 +178,32 @@ def test_the_compiled_decode_step_gives_todays_codes():
     assert "_kept_kv_cache" not in str(prior.state_dict().keys())  # nothing new in the weights
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_compiled_sampler_replays_cuda_graphs_and_never_syncs():
+    """On a GPU: the compiled step runs as CUDA graphs (no skips: the static cache's tensors are static inputs, so
+    writing them is allowed), gives today's codes, draws what torch.multinomial draws, and after the up-front checks
+    no path waits for the device (CUDA's own sync debug mode)."""
+    from torch._dynamo.utils import counters
+
+    probs = torch.rand(64, 300, device="cuda") ** 6
+    mine, theirs = (torch.Generator("cuda").manual_seed(1) for _ in range(2))
+    assert torch.equal(_multinomial_one(probs, mine), torch.multinomial(probs, 1, generator=theirs).squeeze(-1))
+    prior = make_prior("rotary").cuda()
+    kwargs = dict(labels=[0, 1, 2], top_k=20, top_p=0.95, cfg_scale=2.0, seed=3, batch_size=2)
+    skips = counters["inductor"]["cudagraph_skips"]
+    compiled = prior.generate(3, compile=True, **kwargs)  # compiles, warms up and records the graph
+    assert counters["inductor"]["cudagraph_skips"] == skips
+    assert torch.equal(compiled, prior.generate(3, **kwargs))
+    for options in (dict(compile=True), dict(cache="static"), dict()):
+        batches = prior.generate_batches(3, **kwargs, **options)  # the checks read labels on the host, once
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            codes = torch.cat(list(batches))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert torch.equal(codes, compiled), options
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(cache="paged"), "cache must be"),
     (dict(use_cache=False, compile=True), "use_cache=False"),
@@ -560,7 +586,7 @@ def test_a_short_mnist_prior_beats_the_unigram_entropy(mnist_tokenizer_run, tmp_
 # ---- the command line -----------------------------------------------------------------------------------------------
 
 
-def test_sample_command_writes_the_grid_images_and_codes(stores, tmp_path):
+def test_sample_command_writes_the_grid_images_and_codes(stores, tmp_path, monkeypatch, capsys):
     prior = train_prior(prior_train_config(stores, tmp_path / "run", max_steps=2, eval_every=2))
     out = tmp_path / "grid.png"
     args = ["sample", "--prior", str(prior), "--n", "5", "--class", "3", "--cfg-scale", "2", "--top-k", "8",
@@ -571,7 +597,13 @@ def test_sample_command_writes_the_grid_images_and_codes(stores, tmp_path):
     loaded = vqtok.load(prior)
     expected = loaded.generate(5, labels=3, cfg_scale=2.0, top_k=8, seed=1)
     assert np.array_equal(codes, expected.numpy())
+    seen, generate_batches = [], TransformerPrior.generate_batches
+    monkeypatch.setattr(TransformerPrior, "generate_batches",
+                        lambda self, *a, **kw: seen.append(kw["compile"]) or generate_batches(self, *a, **kw))
     assert main(args[:-4] + ["--compile", "--codes", str(tmp_path / "compiled.npy")]) == 0  # float32, tiny: see above
-    assert np.array_equal(np.load(tmp_path / "compiled.npy"), codes)
+    assert seen == [True] and np.array_equal(np.load(tmp_path / "compiled.npy"), codes)
+    capsys.readouterr()
+    assert main(["sample", "--model", str(stores / "tok"), "--compile", "--out", str(out)]) == 1  # a prior's option
+    assert "--compile: for sampling codes from a transformer prior" in capsys.readouterr().err
     assert main(["sample", "--prior", str(prior), "--n", "2", "--class", "12", "--device", "cpu", "--out", str(out)]) == 1
     assert main(["sample", "--prior", str(stores / "tok"), "--n", "2", "--out", str(out)]) == 1  # not a prior

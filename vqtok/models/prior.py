@@ -377,13 +377,14 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
             self.train(was_training)
 
     def _sample(self, labels: torch.Tensor, known: torch.Tensor, temperature: float, top_k: int | None,
-                top_p: float | None, cfg_scale: float, generator: torch.Generator | None, mode: str,
+                top_p: float | None, cfg_scale: float, generator: torch.Generator | None, mode: str | bool,
                 rows: int | None = None) -> torch.Tensor:
         """Codes after the `known` ones [b, k], one position at a time. mode "recompute" runs the whole sequence at
         every step; the cached modes ("dynamic", "static", "compiled") run the class token and prefix at once, then
         each new code once. `rows` pads the batch to that many samples (the compiled step's one shape); only the b
         real rows are sampled, so the generator's stream is that of the unpadded batch. Nothing here reads a device
-        value on the host."""
+        value on the host. (A bool mode is the former `use_cache`: True "dynamic", False "recompute".)"""
+        mode = {True: "dynamic", False: "recompute"}.get(mode, mode) if isinstance(mode, bool) else mode
         b, t_total, k = len(labels), self.config.seq_len, known.shape[1]
         pad = (rows or b) - b
         if pad:

@@ -1,7 +1,9 @@
 """Benchmarks of the transformer prior (issue: the prior). Three parts, each printing a table and ratios:
 
-* kv-cache: `prior.generate` with its KV cache against full recompute of the prefix at every step
-  (`use_cache=False`), at 256 codes per image (a 16x16 grid), same prior, batch and seed; both give the same codes.
+* kv-cache: `prior.generate` along its paths at 256 codes per image (a 16x16 grid), same prior, batch and seed:
+  today's eager KV cache, the static cache with a compiled decode step (`compile=True`: CUDA graphs on a GPU), the
+  static cache eager, and full recompute of the prefix at every step (`use_cache=False`); ratios and whether the
+  codes agree. Defaults are the issue's row (a 12 x 768 prior, 64 images, top-k 100); on a CPU use tiny sizes.
 * throughput: training steps (forward, backward, AdamW) of vqtok's prior against a nanoGPT-style baseline of the same
   size and parameter count - manual attention (q k^T / sqrt(d), masked_fill with a causal mask, softmax, @ v), no
   fused kernels - with the same dtype, batch, threads and data, interleaved step by step. `--compile` adds
@@ -10,7 +12,8 @@
   samples of a trained prior; reports accuracy per requested class, and the classifier's accuracy on the MNIST test
   images and on the tokenizer's reconstructions of them (what decoded samples can at best reach).
 
-    OMP_WAIT_POLICY=PASSIVE python scripts/bench_prior.py kv-cache
+    python scripts/bench_prior.py --device cuda kv-cache [--cfg-scale 2] [--dtype bf16]
+    OMP_WAIT_POLICY=PASSIVE python scripts/bench_prior.py --device cpu kv-cache --batch 8 --layers 2 --heads 4 --width 64
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_prior.py throughput
     python scripts/bench_prior.py class-accuracy --prior runs/mnist_prior/prior --mnist ../shared/datasets/mnist
 """
@@ -45,33 +48,72 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_kv_cache(args: argparse.Namespace) -> dict:
+    """`generate` of one batch of 16x16 grids (256 codes) along the three paths, same prior, labels and seed: today's
+    eager KV cache (grows each step), the static cache with its decode step compiled (CUDA graphs on a GPU), the
+    static cache eager (what compilation adds), and full recompute of the prefix at every step. Each path is first
+    warmed up at the timed batch size (a prefix of all but the last few codes: the compilation and the CUDA graph
+    capture happen there and are reported apart); times are medians of --repeats runs (recompute: one)."""
     device = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     torch.manual_seed(0)
-    config = PriorConfig(vocab_size=1024, grid=(16, 16), num_classes=10, n_layer=args.layers, n_head=args.heads,
+    config = PriorConfig(vocab_size=args.vocab, grid=(16, 16), num_classes=10, n_layer=args.layers, n_head=args.heads,
                          n_embd=args.width)
-    prior = TransformerPrior(config).to(device).eval()
-    kwargs = dict(labels=torch.arange(args.batch) % 10, top_k=100, seed=0)
-    for use_cache in (True, False):  # warm-up of both paths
-        prior.generate(2, labels=[0, 1], seed=0, use_cache=use_cache)
-    times = {}
-    codes = {}
-    for name, use_cache in (("kv_cache", True), ("recompute", False)):
+    prior = TransformerPrior(config).to(device=device, dtype=dtype).eval()
+    labels = torch.arange(args.batch) % 10
+    kwargs = dict(labels=labels, top_k=args.top_k, cfg_scale=args.cfg_scale, seed=0)
+    paths = {"kv_cache": dict(), "static_compiled": dict(compile=True), "static_eager": dict(cache="static"),
+             "recompute": dict(use_cache=False)}
+    if args.skip_recompute:
+        del paths["recompute"]
+    warm_prefix = torch.zeros(args.batch, config.seq_len - 4, dtype=torch.long, device=device)
+    warmup_s = {}
+    for name, options in paths.items():  # compiles (and captures CUDA graphs) at the timed shapes
         _sync(device)
         start = time.perf_counter()
-        codes[name] = prior.generate(args.batch, use_cache=use_cache, **kwargs)
+        prior.generate(args.batch, prefix=warm_prefix, **kwargs, **options)
         _sync(device)
-        times[name] = time.perf_counter() - start
+        warmup_s[name] = time.perf_counter() - start
+    times, codes = {}, {}
+    for name, options in paths.items():
+        runs = []
+        for _ in range(1 if name == "recompute" else args.repeats):
+            _sync(device)
+            start = time.perf_counter()
+            codes[name] = prior.generate(args.batch, **kwargs, **options)
+            _sync(device)
+            runs.append(time.perf_counter() - start)
+        times[name] = statistics.median(runs)
     result = {
-        "codes_per_image": config.seq_len, "batch": args.batch, "layers": args.layers, "width": args.width,
-        "kv_cache_s": times["kv_cache"], "recompute_s": times["recompute"],
-        "speedup": times["recompute"] / times["kv_cache"],
-        "same_codes": bool(torch.equal(codes["kv_cache"], codes["recompute"])),
-        "device": str(device),
+        "codes_per_image": config.seq_len, "batch": args.batch, "layers": args.layers, "heads": args.heads,
+        "width": args.width, "vocab": args.vocab, "top_k": args.top_k, "cfg_scale": args.cfg_scale,
+        "dtype": args.dtype, "device": str(device), "device_name": _device_name(device),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        **{f"{name}_s": t for name, t in times.items()},
+        "warmup_s": warmup_s,
+        "compiled_vs_kv_cache": times["kv_cache"] / times["static_compiled"],
+        "static_eager_vs_kv_cache": times["kv_cache"] / times["static_eager"],
+        "same_codes": {name: bool(torch.equal(codes[name], codes["kv_cache"])) for name in paths if name != "kv_cache"},
     }
-    print(f"generate {args.batch} x {config.seq_len} codes ({args.layers} layers x {args.width}): KV cache "
-          f"{times['kv_cache']:.2f} s, full recompute {times['recompute']:.2f} s -> {result['speedup']:.1f}x; "
-          f"same codes: {result['same_codes']}")
+    if "recompute" in times:
+        result["compiled_vs_recompute"] = times["recompute"] / times["static_compiled"]
+        result["speedup"] = result["kv_cache_vs_recompute"] = times["recompute"] / times["kv_cache"]
+    print(f"generate {args.batch} x {config.seq_len} codes, {args.layers} layers x {args.width}, top-k {args.top_k}, "
+          f"cfg {args.cfg_scale}, {args.dtype}, {result['device_name']}:")
+    for name in paths:
+        print(f"  {name:16s} {times[name]:9.3f} s  {args.batch * config.seq_len / times[name]:10.0f} codes/s  "
+              f"(warm-up {warmup_s[name]:.1f} s)")
+    print(f"  static + compiled vs today's KV cache: {result['compiled_vs_kv_cache']:.2f}x (target >= 3x at batch 64, "
+          f"12 x 768, on a GPU)")
+    print(f"  static eager vs today's KV cache:      {result['static_eager_vs_kv_cache']:.2f}x")
+    if "recompute" in times:
+        print(f"  static + compiled vs full recompute:   {result['compiled_vs_recompute']:.1f}x (target >= 20x)")
+        print(f"  today's KV cache vs full recompute:    {result['kv_cache_vs_recompute']:.1f}x")
+    print(f"  same codes as today's KV cache: {result['same_codes']}")
     return result
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -229,11 +271,18 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None)
     sub = parser.add_subparsers(dest="bench", required=True)
-    kv = sub.add_parser("kv-cache")
-    kv.add_argument("--batch", type=int, default=8)
-    kv.add_argument("--layers", type=int, default=4)
-    kv.add_argument("--heads", type=int, default=4)
-    kv.add_argument("--width", type=int, default=256)
+    kv = sub.add_parser("kv-cache", help="sampling: today's KV cache, static + compiled, full recompute (defaults: "
+                        "the issue's row, 12 x 768, 64 images x 256 codes, top-k 100)")
+    kv.add_argument("--batch", type=int, default=64)
+    kv.add_argument("--layers", type=int, default=12)
+    kv.add_argument("--heads", type=int, default=12)
+    kv.add_argument("--width", type=int, default=768)
+    kv.add_argument("--vocab", type=int, default=1024)
+    kv.add_argument("--top-k", type=int, default=100)
+    kv.add_argument("--cfg-scale", type=float, default=1.0, help="!= 1: guidance, both halves in the same batch")
+    kv.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="the prior's weights")
+    kv.add_argument("--repeats", type=int, default=3)
+    kv.add_argument("--skip-recompute", action="store_true", help="leave out full recompute (slow at large sizes)")
     kv.set_defaults(run=bench_kv_cache)
     tp = sub.add_parser("throughput")
     tp.add_argument("--batch", type=int, default=8)

@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vqtok
 from tests.conftest import tiny_config
+from tests.host_sync import HostSync, no_host_sync
 from tests.scripts.common import assert_same_weights
 from vqtok.cli import main
 from vqtok.config import (
@@ -31,7 +33,7 @@ from vqtok.config import (
 from vqtok.data import TokenStoreError, encode_dataset
 from vqtok.hub import weights_sha256
 from vqtok.models import PriorTokenizerMismatch, TransformerPrior
-from vqtok.models.prior import sample_from_logits, tokenizer_ref
+from vqtok.models.prior import _multinomial_one, sample_from_logits, tokenizer_ref
 from vqtok.train import RunFolderError
 from vqtok.train.prior import open_data, train_prior
 
@@ -98,6 +100,119 @@ def test_cached_sampling_gives_exactly_the_recomputed_codes_in_float64(positions
     assert cached.shape == (5, 3, 4) and cached.dtype == torch.long
     assert torch.equal(cached, recomputed)
     assert torch.equal(prior.generate(5, **kwargs), cached)  # same seed, same codes
+    # the static cache (fixed shapes: masked attention over all positions), eager; with a prefix and uneven chunks
+    assert torch.equal(prior.generate(5, cache="static", **kwargs), recomputed)
+    known = random_codes(prior, 5).flatten(1)[:, :4]
+    assert torch.equal(prior.generate(5, cache="static", prefix=known, batch_size=2, **kwargs),
+                       prior.generate(5, use_cache=False, prefix=known, batch_size=2, **kwargs))
+
+
+def test_static_cache_logits_equal_full_recompute():
+    """The fixed-shape decode step, position by position, against one forward pass (float64: equal to 1e-12)."""
+    prior = make_prior("rotary").double()
+    codes, labels = random_codes(prior, 3).flatten(1), torch.tensor([2, 0, 1])
+    full = prior(codes, labels)
+    cache = prior._new_cache(3, torch.float64, static=True)
+    positions = torch.arange(prior.config.seq_len)
+    with torch.no_grad():
+        steps = [prior._logits(prior._trunk(prior.class_emb(labels)[:, None], positions[:1], cache)[:, -1])]
+        steps += [prior._decode_step(codes[:, t - 1], positions[t : t + 1], cache.keys, cache.values)
+                  for t in range(1, prior.config.seq_len)]
+    torch.testing.assert_close(torch.stack(steps, 1), full, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_sampler_draws_what_torch_multinomial_draws(dtype):
+    """sample_from_logits replaces torch.multinomial (whose validity check reads the device per call) by the same
+    algorithm: the same codes from the same generator state, which is left where multinomial leaves it."""
+    probs = torch.rand(64, 300, generator=torch.Generator().manual_seed(0), dtype=dtype) ** 6
+    probs[:, 150:] = 0  # zeros, as top-k / top-p leave them
+    for seed in range(5):
+        mine, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        assert torch.equal(_multinomial_one(probs, mine), torch.multinomial(probs, 1, generator=theirs).squeeze(-1))
+        assert torch.equal(torch.rand(4, generator=mine), torch.rand(4, generator=theirs))
+
+
+class _RefuseMultinomial(TorchDispatchMode):
+    """torch.multinomial checks its input on the host (a sync per call on CUDA) below where no_host_sync looks."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._overloadpacket._qualified_op_name == "aten::multinomial":
+            raise HostSync("torch.multinomial reads its probabilities on the host")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_the_per_code_loop_never_waits_for_the_device(cache):
+    """After generate_batches' checks, drawing the codes reads nothing on the host (no .item(), no multinomial)."""
+    prior = make_prior("rotary")
+    known = random_codes(prior, 3).flatten(1)[:, :2]
+    batches = prior.generate_batches(3, labels=[0, 2, 1], top_k=20, top_p=0.9, cfg_scale=2.0, seed=0, batch_size=2,
+                                     prefix=known, cache=cache)
+    with no_host_sync(), _RefuseMultinomial():
+        codes = torch.cat(list(batches))
+    assert codes.shape == (3, 3, 4)
+
+
+def test_the_compiled_decode_step_gives_todays_codes():
+    """generate(compile=True) (static cache, torch.compile; inductor here) against today's path, in float32: guided,
+    top-k / top-p, a prefix, an uneven last chunk (padded to the compiled batch). The compiled step's logits differ
+    from eager ones in the last bits (fused kernels, masked attention summed in another order), which changes a
+    seeded draw only if a uniform lands within ~1e-7 of a boundary of the cumulative distribution: at 3 x 12 draws
+    here, about one chance in a million. Greedy decoding must agree too. One graph serves every position and chunk."""
+    from torch._dynamo.utils import counters
+
+    prior = make_prior("rotary")
+    known = random_codes(prior, 5).flatten(1)[:, :3]
+    kwargs = dict(labels=[0, 1, 2, 1, 0], temperature=1.2, top_k=25, top_p=0.95, cfg_scale=1.7, seed=5,
+                  batch_size=2, prefix=known)
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = prior.generate(5, compile=True, **kwargs)
+    assert torch.equal(compiled, prior.generate(5, **kwargs))
+    greedy = dict(labels=[0, 1, 2], temperature=0, cfg_scale=3.0, batch_size=2)
+    assert torch.equal(prior.generate(3, compile=True, **greedy), prior.generate(3, **greedy))
+    assert counters["stats"]["unique_graphs"] - graphs == 1  # no recompilation per position, chunk or call
+    assert prior.__dict__["_kept_kv_cache"] is not None
+    prior.release_generation_cache()
+    assert prior.__dict__["_kept_kv_cache"] is None and prior.__dict__["_compiled_decode"] is None
+    assert "_kept_kv_cache" not in str(prior.state_dict().keys())  # nothing new in the weights
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_compiled_sampler_replays_cuda_graphs_and_never_syncs():
+    """On a GPU: the compiled step runs as CUDA graphs (no skips: the static cache's tensors are static inputs, so
+    writing them is allowed), gives today's codes, draws what torch.multinomial draws, and after the up-front checks
+    no path waits for the device (CUDA's own sync debug mode)."""
+    from torch._dynamo.utils import counters
+
+    probs = torch.rand(64, 300, device="cuda") ** 6
+    mine, theirs = (torch.Generator("cuda").manual_seed(1) for _ in range(2))
+    assert torch.equal(_multinomial_one(probs, mine), torch.multinomial(probs, 1, generator=theirs).squeeze(-1))
+    prior = make_prior("rotary").cuda()
+    kwargs = dict(labels=[0, 1, 2], top_k=20, top_p=0.95, cfg_scale=2.0, seed=3, batch_size=2)
+    skips = counters["inductor"]["cudagraph_skips"]
+    compiled = prior.generate(3, compile=True, **kwargs)  # compiles, warms up and records the graph
+    assert counters["inductor"]["cudagraph_skips"] == skips
+    assert torch.equal(compiled, prior.generate(3, **kwargs))
+    for options in (dict(compile=True), dict(cache="static"), dict()):
+        batches = prior.generate_batches(3, **kwargs, **options)  # the checks read labels on the host, once
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            codes = torch.cat(list(batches))
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert torch.equal(codes, compiled), options
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(cache="paged"), "cache must be"),
+    (dict(use_cache=False, compile=True), "use_cache=False"),
+    (dict(use_cache=False, cache="static"), "use_cache=False"),
+    (dict(cache="dynamic", compile=True), "compile=True needs cache='static'"),
+])
+def test_contradictory_cache_options_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_prior().generate(2, **kwargs)
 
 
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
@@ -471,7 +586,7 @@ def test_a_short_mnist_prior_beats_the_unigram_entropy(mnist_tokenizer_run, tmp_
 # ---- the command line -----------------------------------------------------------------------------------------------
 
 
-def test_sample_command_writes_the_grid_images_and_codes(stores, tmp_path):
+def test_sample_command_writes_the_grid_images_and_codes(stores, tmp_path, monkeypatch, capsys):
     prior = train_prior(prior_train_config(stores, tmp_path / "run", max_steps=2, eval_every=2))
     out = tmp_path / "grid.png"
     args = ["sample", "--prior", str(prior), "--n", "5", "--class", "3", "--cfg-scale", "2", "--top-k", "8",
@@ -482,5 +597,13 @@ def test_sample_command_writes_the_grid_images_and_codes(stores, tmp_path):
     loaded = vqtok.load(prior)
     expected = loaded.generate(5, labels=3, cfg_scale=2.0, top_k=8, seed=1)
     assert np.array_equal(codes, expected.numpy())
+    seen, generate_batches = [], TransformerPrior.generate_batches
+    monkeypatch.setattr(TransformerPrior, "generate_batches",
+                        lambda self, *a, **kw: seen.append(kw["compile"]) or generate_batches(self, *a, **kw))
+    assert main(args[:-4] + ["--compile", "--codes", str(tmp_path / "compiled.npy")]) == 0  # float32, tiny: see above
+    assert seen == [True] and np.array_equal(np.load(tmp_path / "compiled.npy"), codes)
+    capsys.readouterr()
+    assert main(["sample", "--model", str(stores / "tok"), "--compile", "--out", str(out)]) == 1  # a prior's option
+    assert "--compile: for sampling codes from a transformer prior" in capsys.readouterr().err
     assert main(["sample", "--prior", str(prior), "--n", "2", "--class", "12", "--device", "cpu", "--out", str(out)]) == 1
     assert main(["sample", "--prior", str(stores / "tok"), "--n", "2", "--out", str(out)]) == 1  # not a prior

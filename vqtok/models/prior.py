@@ -6,7 +6,12 @@ the null class (unconditional priors, and the dropped labels that make classifie
 `F.scaled_dot_product_attention` (flash / memory-efficient kernels where available); positions are learned absolute
 embeddings or rotary (RoPE on queries and keys).
 
-`generate` samples with a key/value cache: one token per layer per step instead of recomputing the whole prefix.
+`generate` samples with a key/value cache: one token per layer per step instead of recomputing the whole prefix. The
+default cache grows with the sequence (attention over the positions so far); `cache="static"` preallocates every
+position and attends over all of them with the unwritten ones masked, so every decode step has the same shapes and
+`compile=True` compiles it once (torch.compile; CUDA graphs on a GPU) for all positions. Sampling draws each code the
+way `torch.multinomial` does (exponential noise from the same generator, argmax), without its host-side validity
+check, so no path waits for the device per token and all give the same codes for the same seed.
 A prior records the tokenizer whose codes it models (`config.tokenizer`: a Hub id at a commit, or a copy saved in its
 `tokenizer/` sub-folder), checked by weight hash whenever the two are paired.
 """
@@ -52,10 +57,14 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)  # derived: not saved
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x [B, H, T, D] at positions start .. start + T - 1."""
-        t = x.shape[-2]
-        cos, sin = self.cos[start : start + t], self.sin[start : start + t]
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """x [B, H, T, D] at positions start .. start + T - 1, or at the positions in a LongTensor [T] (gathered: the
+        static cache's fixed-shape steps)."""
+        if torch.is_tensor(start):
+            cos, sin = self.cos.index_select(0, start), self.sin.index_select(0, start)
+        else:
+            t = x.shape[-2]
+            cos, sin = self.cos[start : start + t], self.sin[start : start + t]
         y = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # angles in float32 under autocast
         y1, y2 = y.chunk(2, dim=-1)
         return (y * cos.to(y.dtype) + torch.cat([-y2, y1], dim=-1) * sin.to(y.dtype)).to(x.dtype)
@@ -78,6 +87,41 @@ class KVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
+class StaticKVCache:
+    """Keys and values of every layer for all max_len positions, written in place at the given positions; attention
+    reads all max_len of them with those after each query masked. Every step of one batch has the same shapes and
+    the tensors never move, so one compiled graph (one CUDA graph) serves every position. One tensor per layer (not
+    one for all): a compiled step then scatters into each in place, where writing into a view of a shared tensor
+    makes inductor copy the whole cache every step."""
+
+    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, *,
+                 device: torch.device, dtype: torch.dtype):
+        shape = (batch, n_head, max_len, head_dim)
+        # zeros, not empty: masked positions get weight 0, and 0 * NaN from uninitialised memory would be NaN
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+
+    @classmethod
+    def wrap(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> StaticKVCache:
+        """A cache over existing tensors (inside a compiled step, whose inputs they are)."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values = keys, values
+        return cache
+
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v [B, H, T, D] at positions [T]; returns the layer's keys and values at all max_len positions."""
+        keys, values = self.keys[layer], self.values[layer]
+        keys.index_copy_(2, positions, k.to(keys.dtype))
+        values.index_copy_(2, positions, v.to(values.dtype))
+        return keys, values
+
+    def mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """Which of the max_len cached positions each query at `positions` [T] may attend to: bool [T, max_len]."""
+        slots = torch.arange(self.keys[0].shape[-2], device=positions.device)
+        return positions[:, None] >= slots
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: PriorConfig, layer: int):
         super().__init__()
@@ -85,16 +129,23 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
 
-    def forward(self, x: torch.Tensor, start: int, rotary: RotaryEmbedding | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor, rotary: RotaryEmbedding | None,
+                cache: KVCache | StaticKVCache | None) -> torch.Tensor:
+        """x [B, T, C] at positions start .. start + T - 1 (an int), or at the positions [T] (a LongTensor) of a
+        static cache."""
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_head)
         if rotary is not None:
             q, k = rotary(q, start), rotary(k, start)
-        if cache is not None:
+        if isinstance(cache, StaticKVCache):
             k, v = cache.update(self.layer, start, k, v)
-        t, s = q.shape[-2], k.shape[-2]
-        mask, causal = None, t > 1
-        if causal and s != t:  # new queries after a cached prefix: causal with the diagonal shifted by the prefix
-            mask, causal = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(diagonal=s - t), False
+            mask, causal = cache.mask(start), False
+        else:
+            if cache is not None:
+                k, v = cache.update(self.layer, start, k, v)
+            t, s = q.shape[-2], k.shape[-2]
+            mask, causal = None, t > 1
+            if causal and s != t:  # new queries after a cached prefix: causal with the diagonal shifted by the prefix
+                mask, causal = torch.ones(t, s, dtype=torch.bool, device=x.device).tril(diagonal=s - t), False
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
@@ -113,7 +164,8 @@ class Block(nn.Module):
                                  nn.Linear(width, config.n_embd), nn.Dropout(config.dropout))
         self.attn_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, start: int, rotary: RotaryEmbedding | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor, rotary: RotaryEmbedding | None,
+                cache: KVCache | StaticKVCache | None) -> torch.Tensor:
         x = x + self.attn_dropout(self.attn(self.ln_1(x), start, rotary, cache))
         return x + self.mlp(self.ln_2(x))
 
@@ -182,10 +234,11 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
         """Mean negative log-likelihood per code, in nats (divide by ln 2 for bits per code)."""
         return code_nll(self(codes, labels), codes)
 
-    def _trunk(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
-        """Token embeddings [B, T, C] at positions start .. start + T - 1 -> final hidden states."""
+    def _trunk(self, x: torch.Tensor, start: int | torch.Tensor, cache: KVCache | StaticKVCache | None) -> torch.Tensor:
+        """Token embeddings [B, T, C] at positions start .. start + T - 1 (or at the positions [T], a LongTensor, with
+        a static cache) -> final hidden states."""
         if self.pos_emb is not None:
-            x = x + self.pos_emb[start : start + x.shape[1]]
+            x = x + (self.pos_emb.index_select(0, start) if torch.is_tensor(start) else self.pos_emb[start : start + x.shape[1]])
         x = self.drop(x)
         for block in self.blocks:
             x = block(x, start, self.rotary, cache)
@@ -240,20 +293,33 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
         batch_size: int | None = None,
         prefix: torch.Tensor | None = None,
         use_cache: bool = True,
+        cache: str | None = None,
+        compile: bool = False,  # noqa: A002 - the name torch and transformers use
     ) -> torch.Tensor:
         """Sample n code grids LongTensor [n, h, w], batched, with a KV cache.
 
         labels: one class for all, one per sample, or None (unconditional; the null class of a conditional prior).
         temperature 0 is greedy decoding; top_k / top_p (nucleus) restrict each step's distribution. cfg_scale != 1
-        is classifier-free guidance, logits_uncond + cfg_scale * (logits_cond - logits_uncond), which needs labels.
+        is classifier-free guidance, logits_uncond + cfg_scale * (logits_cond - logits_uncond), which needs labels;
+        the conditional and unconditional rows run in the same batch.
         `prefix` [n, k] (raster order) fixes the first k codes and samples the rest: image completion.
         `seed` makes the samples reproducible (a generator of their own; None: the global RNG) for the same n and
         batch_size: chunks of `batch_size` draw from that generator in turn. `use_cache=False` recomputes the whole
-        prefix at every step (the reference the cache is tested against).
+        prefix at every step (the reference the caches are tested against).
+
+        `cache`: "dynamic" (the default without compile) grows with the sequence; "static" preallocates all
+        positions and attends over all of them, the later ones masked, so that every decode step has one shape.
+        `compile=True` (implies cache="static") compiles that step once with torch.compile - mode "reduce-overhead"
+        (CUDA graphs) on a GPU, inductor on a CPU - like transformers' cache_implementation="static" with a compiled
+        forward. The first call compiles (seconds to minutes); the compiled step and its cache (2 x n_layer x rows x
+        seq_len x n_embd, rows = batch_size, twice that with guidance) stay on the prior for later calls of the same
+        batch size and dtype, until `release_generation_cache()`; a last, smaller chunk is padded to batch_size rows.
+        Every path gives the same codes for the same seed up to the last bits of the logits (the static cache's
+        masked attention sums in another order; float64 priors agree exactly in the tests).
         """
         chunks = self.generate_batches(n, labels, temperature=temperature, top_k=top_k, top_p=top_p,
                                        cfg_scale=cfg_scale, seed=seed, batch_size=batch_size, prefix=prefix,
-                                       use_cache=use_cache)
+                                       use_cache=use_cache, cache=cache, compile=compile)
         return torch.cat(list(chunks)).view(n, *self.config.grid)
 
     def generate_batches(
@@ -269,16 +335,20 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
         batch_size: int | None = None,
         prefix: torch.Tensor | None = None,
         use_cache: bool = True,
+        cache: str | None = None,
+        compile: bool = False,  # noqa: A002
     ) -> Iterator[torch.Tensor]:
         """The codes of `generate` with the same arguments, as they are sampled: chunks [b, h, w] of `batch_size`
         (None: all n at once), so that many samples can be decoded and written without holding them all. Nothing of
-        size n is allocated unless labels or a prefix are given per sample. The arguments are checked at once; the
-        prior is in eval mode while chunks are drawn (its mode comes back when the iterator is exhausted or closed)."""
+        size n is allocated unless labels or a prefix are given per sample. The arguments are checked at once (the
+        only host-device syncs: none happens per code); the prior is in eval mode while chunks are drawn (its mode
+        comes back when the iterator is exhausted or closed)."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         _check_sampling(temperature, top_k, top_p)
+        mode = _decoding_mode(use_cache, cache, compile)
         device = self.head.weight.device
         if cfg_scale != 1.0 and (labels is None or not self.config.num_classes):
             raise ValueError("cfg_scale != 1 (classifier-free guidance) needs a class-conditional prior and labels")
@@ -286,50 +356,115 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
         labels = self._check_labels(labels, 1 if one_label else n, device)
         prefix = self._check_prefix(prefix, n, device)
         generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-        settings = (temperature, top_k, top_p, cfg_scale, generator, use_cache)
+        settings = (temperature, top_k, top_p, cfg_scale, generator, mode)
         return self._sample_batches(n, batch_size or n, labels if not one_label else None, labels[0], prefix, settings)
 
     @torch.no_grad()
     def _sample_batches(self, n: int, batch_size: int, labels: torch.Tensor | None, label: torch.Tensor,
                         prefix: torch.Tensor, settings: tuple) -> Iterator[torch.Tensor]:
-        """Chunks of samples in turn: `labels` [n] per sample, or None for `label` for all."""
+        """Chunks of samples in turn: `labels` [n] per sample, or None for `label` for all. The compiled path runs
+        every chunk on batch_size rows (one shape, one graph)."""
         was_training = self.training
         self.eval()
+        rows = min(batch_size, n) if settings[-1] == "compiled" else None
         try:
             for start in range(0, n, batch_size):
                 b = min(batch_size, n - start)
                 chunk = labels[start : start + b] if labels is not None else label.repeat(b)
-                codes = self._sample(chunk, prefix[start : start + b], *settings)
+                codes = self._sample(chunk, prefix[start : start + b], *settings, rows=rows)
                 yield codes.view(b, *self.config.grid)
         finally:
             self.train(was_training)
 
     def _sample(self, labels: torch.Tensor, known: torch.Tensor, temperature: float, top_k: int | None,
-                top_p: float | None, cfg_scale: float, generator: torch.Generator | None, use_cache: bool) -> torch.Tensor:
-        """Codes after the `known` ones [b, k], one position at a time; the cache path feeds each new code once."""
-        guided = cfg_scale != 1.0
-        rows = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
-        copies = len(rows) // len(labels)  # the guided batch holds each sample twice (conditional, unconditional)
+                top_p: float | None, cfg_scale: float, generator: torch.Generator | None, mode: str | bool,
+                rows: int | None = None) -> torch.Tensor:
+        """Codes after the `known` ones [b, k], one position at a time. mode "recompute" runs the whole sequence at
+        every step; the cached modes ("dynamic", "static", "compiled") run the class token and prefix at once, then
+        each new code once. `rows` pads the batch to that many samples (the compiled step's one shape); only the b
+        real rows are sampled, so the generator's stream is that of the unpadded batch. Nothing here reads a device
+        value on the host. (A bool mode is the former `use_cache`: True "dynamic", False "recompute".)"""
+        mode = {True: "dynamic", False: "recompute"}.get(mode, mode) if isinstance(mode, bool) else mode
         b, t_total, k = len(labels), self.config.seq_len, known.shape[1]
-        codes = torch.empty(b, t_total, dtype=torch.long, device=labels.device)
+        pad = (rows or b) - b
+        if pad:
+            labels = torch.cat([labels, labels.new_full((pad,), self.null_class)])
+            known = torch.cat([known, known.new_zeros(pad, k)])
+        guided = cfg_scale != 1.0
+        rows_in = torch.cat([labels, torch.full_like(labels, self.null_class)]) if guided else labels
+        copies = len(rows_in) // len(labels)  # the guided batch holds each sample twice (conditional, unconditional)
+        codes = torch.zeros(len(labels), t_total, dtype=torch.long, device=labels.device)
         codes[:, :k] = known
-        first = self.class_emb(rows)[:, None]  # [rows, 1, C]
-        cache = self._new_cache(len(rows), first.dtype) if use_cache else None
-        x, start = torch.cat([first, self.token_emb(known.repeat(copies, 1))], 1), 0  # class token and prefix
+        first = self.class_emb(rows_in)[:, None]  # [rows, 1, C]
+        prefill = torch.cat([first, self.token_emb(known.repeat(copies, 1))], 1)  # class token and prefix
+        cache = (None if mode == "recompute" else self._new_cache(len(rows_in), first.dtype) if mode == "dynamic" else
+                 self._static_cache(len(rows_in), first.dtype, keep=mode == "compiled"))
+        step = self._compiled_decode_step() if mode == "compiled" else self._decode_step
+        positions = torch.arange(t_total, device=labels.device)
         for t in range(k, t_total):
-            if use_cache:
-                hidden = self._trunk(x, start=start, cache=cache)[:, -1]
+            if mode == "recompute":
+                x = torch.cat([first, self.token_emb(codes[:, :t].repeat(copies, 1))], 1)
+                logits = self._logits(self._trunk(x, start=0, cache=None)[:, -1])
+            elif t == k:  # the prefill: eager, once per chunk
+                logits = self._logits(self._trunk(prefill, positions[: k + 1] if mode != "dynamic" else 0, cache)[:, -1])
+            elif mode == "dynamic":
+                logits = self._logits(self._trunk(self.token_emb(codes[:, t - 1].repeat(copies))[:, None], t, cache)[:, -1])
             else:
-                hidden = self._trunk(torch.cat([first, self.token_emb(codes[:, :t].repeat(copies, 1))], 1),
-                                     start=0, cache=None)[:, -1]
-            logits = self.head(hidden)
-            logits = logits if logits.dtype == torch.float64 else logits.float()
+                if labels.is_cuda:
+                    _cudagraph_step_begin()
+                logits = step(codes[:, t - 1].repeat(copies), positions[t : t + 1], cache.keys, cache.values)
             if guided:
                 cond, uncond = logits.chunk(2)
                 logits = uncond + cfg_scale * (cond - uncond)
-            codes[:, t] = sample_from_logits(logits, temperature, top_k, top_p, generator)
-            x, start = self.token_emb(codes[:, t].repeat(copies))[:, None], t + 1
-        return codes
+            codes[:b, t] = sample_from_logits(logits[:b], temperature, top_k, top_p, generator)
+        return codes[:b]
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-code logits [B, vocab] from final hidden states [B, C]: float32 (float64 in a float64 prior)."""
+        logits = self.head(hidden)
+        return logits if logits.dtype == torch.float64 else logits.float()
+
+    def _decode_step(self, tokens: torch.Tensor, position: torch.Tensor, keys: list[torch.Tensor],
+                     values: list[torch.Tensor]) -> torch.Tensor:
+        """One fixed-shape decode step: the codes [B] at `position` [1] (a LongTensor, so one graph serves every
+        position) are written into the static cache (keys, values: n_layer tensors [B, H, seq_len, D], in place) and
+        give the next position's logits [B, vocab]."""
+        hidden = self._trunk(self.token_emb(tokens)[:, None], position, StaticKVCache.wrap(keys, values))
+        return self._logits(hidden[:, -1])
+
+    def _compiled_decode_step(self) -> Any:
+        """`_decode_step` compiled once per prior (kept with it, not a sub-module: the state dict is unchanged).
+        CUDA: mode "reduce-overhead", whose CUDA graphs replay the step's kernels with one launch; the static cache's
+        tensors are marked static inputs so that the graph writes them in place. Elsewhere: inductor's default."""
+        compiled = self.__dict__.get("_compiled_decode")
+        if compiled is None:
+            mode = "reduce-overhead" if self.head.weight.device.type == "cuda" else None
+            compiled = torch.compile(self._decode_step, mode=mode, dynamic=False, fullgraph=True)
+            self.__dict__["_compiled_decode"] = compiled
+        return compiled
+
+    def _static_cache(self, rows: int, dtype: torch.dtype, keep: bool) -> StaticKVCache:
+        """A static cache for `rows` rows: new, or with `keep` the one kept on the prior while rows, dtype and device
+        match (a compiled graph's cache must not move: a new one would be a new CUDA graph)."""
+        if not keep:
+            return self._new_cache(rows, dtype, static=True)
+        device = self.head.weight.device
+        key = (rows, dtype, device)
+        held = self.__dict__.get("_kept_kv_cache")
+        if held is None or held[0] != key:
+            self.__dict__["_kept_kv_cache"] = None  # free the old one before allocating
+            cache = self._new_cache(rows, dtype, static=True)
+            mark_static = getattr(getattr(torch, "_dynamo", None), "mark_static_address", None)
+            if mark_static is not None and device.type == "cuda":
+                for tensor in (*cache.keys, *cache.values):
+                    mark_static(tensor)
+            self.__dict__["_kept_kv_cache"] = held = (key, cache)
+        return held[1]
+
+    def release_generation_cache(self) -> None:
+        """Free what `generate(compile=True)` keeps between calls: the static KV cache and the compiled step."""
+        self.__dict__["_kept_kv_cache"] = None
+        self.__dict__["_compiled_decode"] = None
 
     def _check_prefix(self, prefix: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
         """Known first codes as LongTensor [n, k] (k = 0 without a prefix)."""
@@ -343,10 +478,11 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
             raise ValueError(f"prefix must hold integer codes in [0, {self.config.vocab_size})")
         return prefix.to(device=device, dtype=torch.long)
 
-    def _new_cache(self, batch: int, dtype: torch.dtype) -> KVCache:
+    def _new_cache(self, batch: int, dtype: torch.dtype, static: bool = False) -> KVCache | StaticKVCache:
         c = self.config
-        return KVCache(c.n_layer, batch, c.n_head, c.seq_len, c.n_embd // c.n_head, device=self.head.weight.device,
-                       dtype=dtype)
+        kind = StaticKVCache if static else KVCache
+        return kind(c.n_layer, batch, c.n_head, c.seq_len, c.n_embd // c.n_head, device=self.head.weight.device,
+                    dtype=dtype)
 
     # ------------------------------------------------------------------------------------------------------------
     # The tokenizer it belongs to
@@ -502,7 +638,38 @@ def sample_from_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: in
         before = probs.cumsum(dim=-1) - probs  # probability mass of the more likely tokens
         drop = torch.zeros_like(before, dtype=torch.bool).scatter(-1, order, before >= top_p)
         logits = logits.masked_fill(drop, -math.inf)
-    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+    return _multinomial_one(logits.softmax(dim=-1), generator)
+
+
+def _multinomial_one(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """`torch.multinomial(probs, 1, generator=generator).squeeze(-1)`, the same draws from the same generator (its
+    own algorithm for one sample: argmax of probs / Exp(1) noise), without its validity check, which reads the
+    probabilities on the host (a device sync per call); here they come from a softmax, valid by construction."""
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _decoding_mode(use_cache: bool, cache: str | None, compile: bool) -> str:  # noqa: A002
+    """generate's use_cache / cache / compile as one of "recompute", "dynamic", "static", "compiled"; flags that
+    contradict each other are refused, not ignored."""
+    if cache not in (None, "dynamic", "static"):
+        raise ValueError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+    if not use_cache:
+        if cache is not None or compile:
+            raise ValueError("use_cache=False recomputes every step without a cache; cache= and compile=True need one")
+        return "recompute"
+    if compile:
+        if cache == "dynamic":
+            raise ValueError("compile=True needs cache='static' (fixed shapes for every step), not 'dynamic'")
+        return "compiled"
+    return cache or "dynamic"
+
+
+def _cudagraph_step_begin() -> None:
+    """Tell CUDA graph trees that a new decode step begins (its previous outputs are no longer read); torch >= 2.2."""
+    mark = getattr(getattr(torch, "compiler", None), "cudagraph_mark_step_begin", None)
+    if mark is not None:
+        mark()
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -4,7 +4,7 @@ GPU, makes the host wait for the device.
 On CUDA those are: reading a tensor's value on the host (`.item()`, `bool()`, `int()`, `float()`, `.tolist()`, all
 of which dispatch `aten._local_scalar_dense`), and the ops whose output shape depends on the data (`nonzero`,
 boolean-mask indexing, `masked_select`, `unique`, `bincount`, `repeat_interleave` without `output_size`) or that
-return a host bool (`equal`, `is_nonzero`), and `Tensor.tolist`/`Tensor.numpy`. Under `no_host_sync()` every such op raises `HostSync` naming it. On a
+return a host bool (`equal`, `is_nonzero`), `multinomial` (it checks its input on the host), and `Tensor.tolist`/`Tensor.numpy`. Under `no_host_sync()` every such op raises `HostSync` naming it. On a
 CPU the guard cannot tell a device tensor from a host one, so the code under test must keep host-side bookkeeping in
 plain Python (ints, lists) rather than in torch scalars; a GPU test under the real sync debug mode covers host-to-
 device copies, which this guard cannot see.
@@ -30,6 +30,7 @@ SYNCING_OPS = {
     "aten.unique_dim",
     "aten.unique_consecutive",
     "aten.histogram",
+    "aten.multinomial",  # checks its probabilities on the host
 }
 
 

@@ -199,3 +199,30 @@ def test_the_cuda_step_never_syncs(tmp_path, monkeypatch):
     train(config)
     train(gaussian_config(tmp_path / "vae", mixed_precision="bf16"))
     assert calls.count("finish_step") == config.max_steps + 4
+
+
+# ---- FLOPs and MFU ---------------------------------------------------------------------------------------------------
+
+
+def test_counted_flops_equal_a_hand_count():
+    """Two linear layers, batch M: forward 2 M (K N + N P); backward the weights' gradients of both (2 M K N + 2 M N P)
+    and the input gradient of the second only (2 M N P; the data needs none)."""
+    m, k, n, p = 8, 16, 32, 4
+    net = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False), torch.nn.Linear(n, p, bias=False))
+    x = torch.randn(m, k)
+
+    def forward_backward():
+        torch.autograd.grad(net(x).square().sum(), list(net.parameters()))
+
+    forward = 2 * m * (k * n + n * p)
+    assert engine.count_flops(forward_backward) == forward + 2 * m * k * n + 2 * (2 * m * n * p)
+
+
+def test_throughput_reports_tflops_and_mfu():
+    throughput = engine.Throughput(0, processes=2, peak=100.0)
+    throughput.flops_per_step = 10**12
+    throughput.time -= 2.0  # two seconds for 4 steps
+    logs = throughput.interval(4)
+    assert logs["steps_per_s"] == pytest.approx(2.0, rel=0.01)
+    assert logs["tflops"] == pytest.approx(4.0, rel=0.01)  # 1 TFLOP per step per process, 2 processes, 2 steps/s
+    assert logs["mfu"] == pytest.approx(4.0 / 200.0, rel=0.01)

@@ -87,9 +87,9 @@ TINY_PRIOR = PriorConfig(n_layer=2, n_head=2, n_embd=32, dropout=0.1)
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
+    from tests.conftest import tiny_config
     from vqtok.data.token_store import encode_dataset
     from vqtok.models.autoencoder import Autoencoder as Tokenizer
-    from tests.conftest import tiny_config
 
     root = tmp_path_factory.mktemp("store")
     torch.manual_seed(0)

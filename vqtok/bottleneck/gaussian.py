@@ -32,8 +32,16 @@ NOISE_KEY = 2  # distinguishes these streams from the loop's other per-image dra
 
 def image_noise(seed: int, step: int, indices: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per image, seeded by (seed, step, image index): posterior samples that are the same whatever
-    the micro-batch, process or resume point an image is drawn in."""
+    the micro-batch, process or resume point an image is drawn in. `indices`: Python ints (the training loop's; a
+    tensor's entries would each be read on the host)."""
     return [torch.Generator().manual_seed(keyed_seed(seed, step, int(i), NOISE_KEY)) for i in indices]
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without making the host wait: on CUDA copied from pinned memory, asynchronously."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 class DiagonalGaussian:
@@ -59,8 +67,8 @@ class DiagonalGaussian:
         if isinstance(generator, (list, tuple)):
             if len(generator) != self.mean.shape[0]:
                 raise ValueError(f"{len(generator)} generators for a batch of {self.mean.shape[0]}")
-            eps = torch.stack([torch.randn(self.mean.shape[1:], generator=g, dtype=self.mean.dtype) for g in generator])
-            eps = eps.to(self.mean.device)
+            eps = to_device(torch.stack([torch.randn(self.mean.shape[1:], generator=g, dtype=self.mean.dtype)
+                                         for g in generator]), self.mean.device)
         else:  # drawn where the generator lives (a CPU generator gives the same samples on every device)
             device = generator.device if generator is not None else self.mean.device
             eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)

@@ -124,12 +124,15 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
     # ------------------------------------------------------------------------------------------------------------
     # The pipeline
 
-    def forward(self, x: torch.Tensor, generator: Noise = None, *, labels: Labels = None) -> AutoencoderOutput:
+    def forward(self, x: torch.Tensor, generator: Noise = None, *, labels: Labels = None,
+                check: bool = True) -> AutoencoderOutput:
         """Reconstruct x; the bottleneck samples (Gaussian, drawn with `generator`: see DiagonalGaussian.sample) or
         accumulates codebook statistics (VQ) in training. `labels`: each image's class (conditional models; one int
-        for all, or [B]; None: the null label)."""
-        labels = self.check_labels(labels, x.shape[0])
-        h = self._features(x, labels)
+        for all, or [B]; None: the null label). `check=False` skips the checks that read values (finite pixels,
+        labels in range), which wait for the device: for callers whose inputs are valid by construction (the
+        training loop: images from uint8, labels checked on the host, a LongTensor [B] on the model's device)."""
+        labels = self.check_labels(labels, x.shape[0]) if check else labels
+        h = self._features(x, labels, check=check)
         out = self.bottleneck(h) if generator is None else self.bottleneck(h, generator=generator)
         return AutoencoderOutput(reconstruction=self._decode_z(out.z, labels), bottleneck=out)
 
@@ -244,9 +247,9 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
         """The inverse of `scale_latents`: z / scaling_factor + shift_factor, what `decode` takes."""
         return z / self.config.scaling_factor + self.config.shift_factor
 
-    def _features(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The bottleneck's input; `labels` checked already (`check_labels`)."""
-        self.check_images(x)
+    def _features(self, x: torch.Tensor, labels: torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
+        """The bottleneck's input; `labels` checked already (`check_labels`); `check=False`: see `forward`."""
+        self.check_images(x, values=check)
         with self._precision():
             return self.quant_conv(self.encoder(x.to(self.encoder.conv_in.weight.dtype), labels))
 
@@ -262,9 +265,10 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
             return contextlib.nullcontext()
         return torch.autocast(self.encoder.conv_in.weight.device.type, enabled=False)
 
-    def check_images(self, x: torch.Tensor) -> None:
-        """Clear errors for what the convolutions would otherwise reject obscurely (or silently accept)."""
-        self.check_input(x)
+    def check_images(self, x: torch.Tensor, *, values: bool = True) -> None:
+        """Clear errors for what the convolutions would otherwise reject obscurely (or silently accept); `values`:
+        see `check_input`."""
+        self.check_input(x, values=values)
         f = self.downsampling_factor
         height, width = x.shape[-2:]
         if height % f or width % f or height == 0 or width == 0:

@@ -297,9 +297,9 @@ class HierarchicalVAE(PixelModel, HubModel, model_type="hierarchical_vae"):
     # ------------------------------------------------------------------------------------------------------------
     # The two paths
 
-    def bottom_up(self, x: torch.Tensor) -> dict[int, torch.Tensor]:
-        """The encoder's features at every latent scale {factor: [B, width, H/f, W/f]}."""
-        self.check_images(x)
+    def bottom_up(self, x: torch.Tensor, *, check: bool = True) -> dict[int, torch.Tensor]:
+        """The encoder's features at every latent scale {factor: [B, width, H/f, W/f]} (`check`: see `forward`)."""
+        self.check_images(x, values=check)
         low, high = self.config.value_range
         h = self.stem(((x - low) / (high - low) * 2 - 1).to(self.stem.weight.dtype))  # inputs centred on [-1, 1]
         acts = {}
@@ -347,10 +347,12 @@ class HierarchicalVAE(PixelModel, HubModel, model_type="hierarchical_vae"):
     # ------------------------------------------------------------------------------------------------------------
     # The API
 
-    def forward(self, x: torch.Tensor, generator: Noise = None) -> HierarchicalVAEOutput:
+    def forward(self, x: torch.Tensor, generator: Noise = None, *, check: bool = True) -> HierarchicalVAEOutput:
         """Reconstruct x: posterior samples in training (drawn with `generator`, see DiagonalGaussian.sample),
-        posterior means in evaluation; the KL of every group."""
-        output, passes = self.top_down(x.shape[0], acts=self.bottom_up(x), sample=self.training, generator=generator)
+        posterior means in evaluation; the KL of every group. `check=False` skips the finite-pixels check, which
+        waits for the device (the training loop's images come from uint8)."""
+        output, passes = self.top_down(x.shape[0], acts=self.bottom_up(x, check=check), sample=self.training,
+                                       generator=generator)
         kl_units = torch.stack([p.kl() for p in passes], dim=1)  # [B, groups]
         terms = {"kl": kl_units.sum(dim=1).mean()}
         terms.update({f"kl/group_{i}": v for i, v in enumerate(kl_units.detach().mean(dim=0))})
@@ -439,8 +441,8 @@ class HierarchicalVAE(PixelModel, HubModel, model_type="hierarchical_vae"):
     def latent_shapes(self) -> tuple[tuple[int, int, int], ...]:
         return self.config.latent_shapes
 
-    def check_images(self, x: torch.Tensor) -> None:
-        self.check_input(x)
+    def check_images(self, x: torch.Tensor, *, values: bool = True) -> None:
+        self.check_input(x, values=values)
         size = self.config.resolution
         if tuple(x.shape[-2:]) != (size, size):
             raise ValueError(f"a hierarchical VAE takes images of its resolution {size}x{size}, got "

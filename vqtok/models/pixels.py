@@ -75,8 +75,10 @@ class PixelModel:
         """-log p(x | decoder output) in nats per image [B] under the discrete pixel likelihood."""
         return nll_per_image(self.discrete_likelihood(), decoder_output, x)
 
-    def check_input(self, x: torch.Tensor) -> None:
-        """A float tensor [B, C, H, W] of finite values, with a clear error otherwise (sizes: the model's own)."""
+    def check_input(self, x: torch.Tensor, *, values: bool = True) -> None:
+        """A float tensor [B, C, H, W] of finite values, with a clear error otherwise (sizes: the model's own).
+        `values=False` checks the type and shape only: reading the values waits for the device (the training loop,
+        whose images come from uint8, skips it)."""
         c = self.config.in_channels
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError(
@@ -85,7 +87,7 @@ class PixelModel:
             )
         if x.ndim != 4 or x.shape[1] != c:
             raise ValueError(f"expected images [B, {c}, H, W], got shape {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
+        if values and not torch.isfinite(x).all():
             raise ValueError("input images contain NaN or infinite values")
 
     def _device(self) -> torch.device:

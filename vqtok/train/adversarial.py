@@ -23,6 +23,7 @@ from vqtok.losses import adaptive_gan_weight, discriminator_loss, generator_loss
 from vqtok.models import Autoencoder
 from vqtok.models.discriminator import PatchDiscriminator
 from vqtok.nn.perceptual import LPIPS
+from vqtok.train.engine import grad_norm_of, make_adamw, step_unless, takes_device_skip
 
 
 class ImageLosses:
@@ -38,8 +39,8 @@ class ImageLosses:
         if self.adversarial is not None:
             self.raw: PatchDiscriminator = build_discriminator(config)
             self.discriminator = self.raw
-            self.optimizer = torch.optim.AdamW(self.raw.parameters(), lr=self.adversarial.lr or config.lr,
-                                               betas=tuple(self.adversarial.betas), weight_decay=0.0)
+            self.optimizer = make_adamw(self.raw.parameters(), lr=self.adversarial.lr or config.lr,
+                                        betas=self.adversarial.betas, weight_decay=0.0)
 
     def prepare(self) -> None:
         """Hand the discriminator and its optimizer to Accelerate (device, DDP, checkpoints), after the tokenizer's,
@@ -70,7 +71,7 @@ class ImageLosses:
                     g_loss = generator_loss(adversarial.loss, self.raw(torch.cat([x, x_hat])).chunk(2)[1])
             finally:
                 self.raw.requires_grad_(True)
-            weight = torch.tensor(adversarial.weight, device=x.device)
+            weight = torch.full((), adversarial.weight, device=x.device)  # (a fill: no host-to-device copy)
             if adversarial.adaptive_weight:
                 weight = weight * adaptive_gan_weight(loss, g_loss, self.tokenizer.decoder.conv_out.weight,
                                                       max_weight=adversarial.max_adaptive_weight)
@@ -93,11 +94,13 @@ class ImageLosses:
         self.accelerator.backward(loss / self.config.grad_accum)
         return {"d_loss": loss.detach(), "logits_real": real.detach().mean(), "logits_fake": fake.detach().mean()}
 
-    def discriminator_step(self) -> dict[str, float]:
-        """Clip, then update - or skip when the gradient norm is not finite (the tokenizer's step decides its own)."""
-        max_norm = self.config.clip_grad_norm if self.config.clip_grad_norm > 0 else math.inf
-        grad_norm = float(self.accelerator.clip_grad_norm_(self.discriminator.parameters(), max_norm))
-        if math.isfinite(grad_norm):
+    def discriminator_step(self) -> dict[str, torch.Tensor | float]:
+        """Clip, then update - or skip when the gradient norm is not finite (the tokenizer's step decides its own),
+        decided on the device like the tokenizer's (engine.step_unless)."""
+        grad_norm = grad_norm_of(self.accelerator, self.discriminator.parameters(), self.config.clip_grad_norm)
+        if takes_device_skip(self.optimizer):
+            step_unless(self.optimizer, ~torch.isfinite(grad_norm))
+        elif math.isfinite(float(grad_norm)):  # no fused kernel here: decided on the host
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"d_grad_norm": grad_norm}

@@ -7,6 +7,13 @@ bottleneck's once-per-step hook (EMA codebook, restarts) or tells it that the st
 discriminator's own step, if there is one. A class-conditional model (model.num_classes > 0) gets each image's label,
 replaced by the null label with probability `class_dropout` (a coin per (seed, step, image), like the flips).
 
+The step never makes the host wait for the device: each micro-batch is prepared on the host first (`_host_batch`:
+the loader's uint8 images, their flips, labels and, for dynamically binarized data, the binarization; coins are
+plain-Python keyed hashes, `seeds.keyed_uniform`), then copied asynchronously from pinned memory (`_micro_batch`);
+the model skips its value checks (`check=False`); the update-or-skip is decided on the device (`engine.finish_step`);
+the loss terms stay device tensors until `log_metrics` reads them at log steps. `compile: true` compiles the
+encoder, decoder and discriminator in place (`compile_modules`); on CUDA the convolutional models run channels_last.
+
 Artefacts under output_dir: config.yaml, run_info.json (versions, git commit, command line; run_info.py),
 metrics.jsonl (and the logs of the trackers named in `log_with`, e.g. TensorBoard's under vqtok/),
 samples/step_XXXXXX.png grids, checkpoints/step_XXXXXX (Accelerate state + vqtok's train_state.json, config.json,
@@ -18,6 +25,7 @@ codebook was never initialised by k-means, or that used fewer than evaluate.MIN_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -29,7 +37,7 @@ from typing import Any
 import torch
 from accelerate.tracking import GeneralTracker
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from vqtok.bottleneck import image_noise
@@ -40,21 +48,28 @@ from vqtok.data.sources import WithIndex, dynamic_binarize
 from vqtok.images import uint8_to_range
 from vqtok.losses import reconstruction_loss
 from vqtok.models import Autoencoder, HierarchicalVAE, HierarchicalVAEConfig
-from vqtok.seeds import keyed_seed
+from vqtok.seeds import keyed_uniform
 from vqtok.train.adversarial import ImageLosses
 from vqtok.train.batches import StepBatchSampler
 from vqtok.train.engine import (
+    Throughput,
     WeightsEMA,
     accelerate_run,
     append_metrics,
     check_finite_weights,
+    check_skips,
+    compile_modules,
+    count_flops,
     exported,
     finish_step,
     log_images,
     log_metrics,
     make_accelerator,
     make_optimizer,
+    match_state_layout,
+    peak_tflops,
     resolve_precision,
+    to_channels_last,
 )
 from vqtok.train.evaluate import (
     codebook_health,
@@ -127,6 +142,13 @@ def _train(config: TrainConfig, *, dataset: Dataset | None, trackers: Sequence[G
 
     model = initial_model(config)
     image_losses = ImageLosses(config, accelerator, model)
+    channels_last = use_channels_last(accelerator)
+    if channels_last:
+        to_channels_last(model)
+        if image_losses.discriminator is not None:
+            to_channels_last(image_losses.raw)
+    if config.compile:
+        compile_modules(*tokenizer_networks(model), image_losses.raw if image_losses.adversarial else None)
     # Then per-rank streams for sampling noise and dropout; data order and flips depend on config.seed alone.
     set_seed(config.seed, device_specific=True)
     optimizer, scheduler = make_optimizer(config, model.parameters())
@@ -138,13 +160,15 @@ def _train(config: TrainConfig, *, dataset: Dataset | None, trackers: Sequence[G
     counters, transient = run.restore(ema)
     if transient:
         raw.bottleneck.load_transient_state(transient)  # (a VQ codebook's)
+    match_state_layout(optimizer, image_losses.optimizer)  # moments saved contiguous, weights channels_last
 
     sampler = StepBatchSampler(len(dataset), batch_size=config.batch_size, grad_accum=config.grad_accum,
                                rank=accelerator.process_index, world=accelerator.num_processes, seed=config.seed,
                                start_step=counters.step, max_steps=config.max_steps)
     # Its own generator: starting its iterator draws a seed, which must not come from the random state just restored
-    loader = DataLoader(WithIndex(dataset), batch_sampler=sampler, num_workers=config.num_workers,
-                        pin_memory=accelerator.device.type == "cuda", persistent_workers=config.num_workers > 0,
+    pin = accelerator.device.type == "cuda"
+    loader = DataLoader(WithIndex(dataset), batch_sampler=sampler, num_workers=config.num_workers, pin_memory=pin,
+                        persistent_workers=config.num_workers > 0, collate_fn=collate_with_indices,
                         generator=torch.Generator().manual_seed(config.seed))
     run.start()
     fixed = [eval_dataset[i] for i in range(min(8, len(eval_dataset)))]
@@ -154,35 +178,45 @@ def _train(config: TrainConfig, *, dataset: Dataset | None, trackers: Sequence[G
     started = time.perf_counter()
     end = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
 
-    def on_step(skipped: bool) -> dict[str, torch.Tensor]:  # the codebook's once-per-step hook, its stats logged
+    def on_step(skipped: torch.Tensor | bool) -> dict[str, torch.Tensor]:  # the codebook's once-per-step hook
         return {f"vq/{k}": v for k, v in raw.on_optimizer_step(skipped=skipped).items()}
 
+    throughput = Throughput(counters.step, processes=accelerator.num_processes, peak=peak_tflops(config, accelerator))
     progress = tqdm(total=config.max_steps, initial=counters.step, desc="train",
                     disable=not accelerator.is_local_main_process)
     with progress, run.stoppable(counters) as stop:
         while counters.step < end:
             model.train()
             gan = image_losses.active(counters.step)
-            logs = _accumulate_step(config, accelerator, model, image_losses, batches, counters.step)
+            host = [_host_batch(config, next(batches), counters.step, pin) for _ in range(config.grad_accum)]
+            if throughput.flops_per_step is None:
+                throughput.flops_per_step = config.grad_accum * _micro_batch_flops(
+                    config, accelerator, raw, _micro_batch(config, accelerator, host[0], channels_last))
+            logs = _accumulate_step(config, accelerator, model, image_losses, host, counters.step, channels_last)
             logs.update(finish_step(config, accelerator, model, optimizer, scheduler, counters, on_step=on_step,
                                     ema=ema))
             if gan:
                 logs.update(image_losses.discriminator_step())
             step = counters.step
             progress.update(1)
+            checkpoint = step % config.checkpoint_every == 0 or step == end
             if step % config.log_every == 0 or step == config.max_steps:
                 log_metrics(accelerator, out, step, logs, progress, started,
-                            shown=("loss", "vq/usage", "kl", "d_loss"))
+                            shown=("loss", "vq/usage", "kl", "d_loss"), throughput=throughput)
+            if step % config.log_every == 0 or step == config.max_steps or checkpoint:
+                check_skips(config, counters, logs.get("grad_norm"))  # (reads the device counters)
             if step % config.eval_every == 0 or step == config.max_steps:
                 _evaluate(accelerator, raw, image_losses, eval_dataset, (fixed_images, fixed_labels), config, out,
                           step)
             stopping = stop.requested()
-            if step % config.checkpoint_every == 0 or step == end or stopping:
+            if checkpoint or stopping:
                 transient = raw.bottleneck.transient_state() if hasattr(raw, "bottleneck") and hasattr(
                     raw.bottleneck, "transient_state") else {}
                 saved = run.save(counters, ema, transient=transient)
             if stopping:
                 raise run.stopped(stopping, saved, step)
+            if step % config.eval_every == 0 or checkpoint:
+                throughput.restart(step)  # the next interval's speed is the training's alone
     if counters.step < config.max_steps:
         accelerator.end_training()
         return None
@@ -209,18 +243,68 @@ def initial_model(config: TrainConfig) -> Autoencoder | HierarchicalVAE:
     return model.train()
 
 
-def _accumulate_step(config, accelerator, model, image_losses: ImageLosses, batches, step: int) -> dict[str, Any]:
-    """Forward and backward over the micro-batches of one optimizer step; returns the averaged loss terms.
+def tokenizer_networks(model: Autoencoder | HierarchicalVAE) -> list[torch.nn.Module]:
+    """What `compile: true` compiles of a tokenizer: an autoencoder's encoder and decoder (its bottleneck, with its
+    host-side bookkeeping, stays eager), a hierarchical VAE's stem, encoder cells, head and the networks of its
+    latent groups."""
+    if isinstance(model, HierarchicalVAE):
+        groups = [m for group in model.groups for m in group.children()]
+        return [model.stem, *model.encoder, *model.refine.values(), *groups, model.head]
+    return [model.encoder, model.decoder]
+
+
+def use_channels_last(accelerator) -> bool:
+    """Whether the convolutional models train in channels_last memory format: on CUDA (where cuDNN's kernels for
+    it are the fast ones)."""
+    return accelerator.device.type == "cuda"
+
+
+@dataclasses.dataclass
+class HostBatch:
+    """One micro-batch as prepared on the host, before any device work: uint8 images (binarized already for
+    dynamically binarized data), the dataset indices (Python ints), the labels a conditional model trains on (after
+    class dropout; else None) and the flips (hflip; else None), pinned when the device is a GPU."""
+
+    images: torch.Tensor
+    indices: list[int]
+    labels: torch.Tensor | None
+    flips: torch.Tensor | None
+
+
+def collate_with_indices(items: list[tuple[torch.Tensor, Any, int]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The loader's batches: images [B, C, H, W], labels [B] and the indices as a list of Python ints (not a tensor,
+    whose entries the host would have to read)."""
+    images, labels, indices = zip(*items)
+    return default_collate(list(images)), default_collate(list(labels)), [int(i) for i in indices]
+
+
+def _host_batch(config: TrainConfig, batch, step: int, pin: bool) -> HostBatch:
+    """A loader batch prepared on the host (see `HostBatch`): every per-image coin is a plain-Python keyed hash of
+    (seed, step, image), the same whatever the world size, micro-batch or resume point."""
+    images, labels, indices = batch
+    if config.data.binarize == "dynamic":
+        images = dynamic_binarize(images, config.data.binarize_seed, step, indices)
+    flips = torch.tensor([_coin(config.seed, step, i) for i in indices]) if config.hflip else None
+    labels = _labels(config, labels, indices, step)
+    pinned = lambda t: t.pin_memory() if pin and t is not None and not t.is_pinned() else t  # noqa: E731
+    return HostBatch(pinned(images), indices, pinned(labels), pinned(flips))
+
+
+def _accumulate_step(config, accelerator, model, image_losses: ImageLosses, host: list[HostBatch], step: int,
+                     channels_last: bool = False) -> dict[str, Any]:
+    """Forward and backward over the micro-batches of one optimizer step (`host`, prepared by `_host_batch`);
+    returns the averaged loss terms, device tensors read only at log steps.
 
     The KL regulariser is that of the step's whole batch: where it depends on the batch's average KL per unit (free
     bits, KL balancing), that average is first computed over every micro-batch and process (`_step_kl_mean`)."""
     raw = accelerator.unwrap_model(model)
     factor = kl_weight(config.kl_schedule, step, warmup_steps=config.kl_warmup_steps, cycle_steps=config.kl_cycle_steps)
-    micro_batches = [_micro_batch(config, accelerator, next(batches), step) for _ in range(config.grad_accum)]
+    micro_batches = [_micro_batch(config, accelerator, batch, channels_last) for batch in host]
     objective = raw.kl_objective
 
     def inputs(indices: list[int], labels: torch.Tensor | None) -> dict[str, Any]:  # the forward's keywords
-        return {**_posterior_noise(raw, config.seed, step, indices), **({} if labels is None else {"labels": labels})}
+        return {**_posterior_noise(raw, config.seed, step, indices), **({} if labels is None else {"labels": labels}),
+                "check": False}  # images from uint8 (finite), labels checked on the host
 
     step_kl_mean = None
     if objective is not None and objective.needs_step_mean(factor) and config.grad_accum * accelerator.num_processes > 1:
@@ -251,37 +335,36 @@ def _accumulate_step(config, accelerator, model, image_losses: ImageLosses, batc
     return logs
 
 
-def _micro_batch(config: TrainConfig, accelerator, batch, step: int
+def _micro_batch(config: TrainConfig, accelerator, batch: HostBatch, channels_last: bool = False
                  ) -> tuple[torch.Tensor, list[int], torch.Tensor | None]:
-    """One micro-batch in the model's range on the device, its images' indices and, for a class-conditional model,
-    their labels (else None): flipped (a coin per (seed, step, image), the same flips whatever the world size), for
-    dynamically binarized data binarized afresh, and labels replaced by the null label with probability
-    class_dropout (both seeded the same way). VAEs draw their posterior samples per image too (`image_noise`), so
-    one process equals several and accumulated micro-batches equal one batch."""
-    images, labels, indices = batch
-    images = images.to(accelerator.device, non_blocking=True)
-    if config.data.binarize == "dynamic":
-        images = dynamic_binarize(images, config.data.binarize_seed, step, [int(i) for i in indices])
-    x = uint8_to_range(images, config.model.value_range)
-    if config.hflip:
-        flip = torch.tensor([_coin(config.seed, step, int(i)) for i in indices], device=x.device)
+    """One micro-batch in the model's range on the device (copied asynchronously from pinned memory on a GPU, then
+    flipped where its coin said so), its images' indices and, for a class-conditional model, its labels (else
+    None). VAEs draw their posterior samples per image too (`image_noise`), so one process equals several and
+    accumulated micro-batches equal one batch."""
+    device = accelerator.device
+    x = uint8_to_range(batch.images.to(device, non_blocking=True), config.model.value_range)
+    if batch.flips is not None:
+        flip = batch.flips.to(device, non_blocking=True)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return x, [int(i) for i in indices], _labels(config, labels, indices, step, x.device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    labels = None if batch.labels is None else batch.labels.to(device, non_blocking=True)
+    return x, batch.indices, labels
 
 
-def _labels(config: TrainConfig, labels: torch.Tensor, indices: torch.Tensor, step: int,
-            device: torch.device) -> torch.Tensor | None:
-    """A conditional model's labels for a micro-batch (None for an unconditional one), each checked (a user's
-    dataset is checked only here) and replaced by the null label when its coin (seed, step, image) falls below
-    class_dropout."""
+def _labels(config: TrainConfig, labels: torch.Tensor, indices: list[int], step: int) -> torch.Tensor | None:
+    """A conditional model's labels for a micro-batch (None for an unconditional one), on the host: each checked
+    (a user's dataset is checked only here) and replaced by the null label when its coin (seed, step, image) falls
+    below class_dropout."""
     num_classes = getattr(config.model, "num_classes", 0)
     if not num_classes:
         return None
-    check_batch_labels(labels, num_classes, lambda j: f"data: item {int(indices[j])}")
+    check_batch_labels(labels, num_classes, lambda j: f"data: item {indices[j]}")
+    labels = labels.long()
     if config.class_dropout > 0:
-        dropped = torch.tensor([_label_dropped(config.seed, step, int(i), config.class_dropout) for i in indices])
+        dropped = torch.tensor([_label_dropped(config.seed, step, i, config.class_dropout) for i in indices])
         labels = labels.masked_fill(dropped, num_classes)
-    return labels.to(device, non_blocking=True)
+    return labels
 
 
 def _posterior_noise(raw, seed: int, step: int, indices: list[int]) -> dict[str, Any]:
@@ -303,13 +386,37 @@ def _step_kl_mean(accelerator, raw, micro_batches: list[tuple[torch.Tensor, dict
             with accelerator.autocast():
                 kl_units = raw(x, **inputs).bottleneck.kl_units
             total = kl_units.float().sum(dim=0) if total is None else total + kl_units.float().sum(dim=0)
-    count = torch.tensor(float(sum(len(x) for x, _ in micro_batches)), device=total.device)
+    count = torch.full((), float(sum(len(x) for x, _ in micro_batches)), device=total.device)  # (no host copy)
     total, count = accelerator.reduce(total, "sum"), accelerator.reduce(count, "sum")
     return total / count
 
 
+def _micro_batch_flops(config: TrainConfig, accelerator, raw, micro_batch) -> int:
+    """FLOPs of one micro-batch's forward and backward through the tokenizer (not LPIPS or the discriminator),
+    counted once without touching the run: evaluation mode (no codebook statistics, no posterior noise, no
+    BatchNorm updates), the random state restored, gradients taken with autograd.grad (none accumulated, no DDP
+    hook)."""
+    x, _, labels = micro_batch
+    params = [p for p in raw.parameters() if p.requires_grad]
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+
+    def forward_backward() -> None:
+        with accelerator.autocast():
+            out = raw(x, check=False, **({} if labels is None else {"labels": labels}))
+        torch.autograd.grad(out.reconstruction.float().square().mean(), params, allow_unused=True)
+
+    was_training = raw.training
+    raw.eval()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            return count_flops(forward_backward)
+    finally:
+        raw.train(was_training)
+
+
 def _coin(seed: int, step: int, index: int) -> bool:
-    return torch.rand((), generator=torch.Generator().manual_seed(keyed_seed(seed, step, index))) < 0.5
+    """Whether image `index` is flipped at `step` (hflip): a fair coin keyed by (seed, step, index)."""
+    return keyed_uniform(seed, step, index) < 0.5
 
 
 LABEL_DROPOUT_KEY = 3  # keys the class-dropout coins apart from the flips (no key) and posterior noise (NOISE_KEY 2)
@@ -318,8 +425,7 @@ LABEL_DROPOUT_KEY = 3  # keys the class-dropout coins apart from the flips (no k
 def _label_dropped(seed: int, step: int, index: int, p: float) -> bool:
     """Whether image `index`'s label is replaced by the null label at `step`: a coin of probability p keyed by
     (seed, step, index), the same whatever the process, micro-batch or resume point the image is drawn in."""
-    key = keyed_seed(seed, step, index, LABEL_DROPOUT_KEY)
-    return bool(torch.rand((), generator=torch.Generator().manual_seed(key)) < p)
+    return keyed_uniform(seed, step, index, LABEL_DROPOUT_KEY) < p
 
 
 def _evaluate(accelerator, raw: Autoencoder, image_losses: ImageLosses, dataset,

@@ -38,15 +38,20 @@ from vqtok.models import Autoencoder, TransformerPrior
 from vqtok.models.prior import code_nll, decode_labels, tokenizer_ref
 from vqtok.train.batches import StepBatchSampler
 from vqtok.train.engine import (
+    Throughput,
     WeightsEMA,
     accelerate_run,
     append_metrics,
+    check_skips,
+    compile_modules,
+    count_flops,
     exported,
     finish_step,
     log_images,
     log_metrics,
     make_accelerator,
     make_optimizer,
+    peak_tflops,
     resolve_precision,
 )
 from vqtok.train.evaluate import format_table, save_image_grid
@@ -89,6 +94,8 @@ def _train_prior(config: PriorTrainConfig, *, resume: bool, stop_at: int | None,
     set_seed(config.seed)  # the same initial weights on every rank
     model = TransformerPrior(prior_config)
     model.attach_tokenizer(data.tokenizer)
+    if config.compile:
+        compile_modules(model)  # in place: the same state_dict keys
     set_seed(config.seed, device_specific=True)  # then per-rank streams for dropout and label dropout
     optimizer, scheduler = make_optimizer(config, _param_groups(model, config.weight_decay))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -110,24 +117,35 @@ def _train_prior(config: PriorTrainConfig, *, resume: bool, stop_at: int | None,
     batches = iter(sampler)
     started = time.perf_counter()
     end = config.max_steps if stop_at is None else min(stop_at, config.max_steps)
+    pin = accelerator.device.type == "cuda"
+    throughput = Throughput(counters.step, processes=accelerator.num_processes, peak=peak_tflops(config, accelerator))
     progress = tqdm(total=config.max_steps, initial=counters.step, desc="train-prior",
                     disable=not accelerator.is_local_main_process)
     with progress, run.stoppable(counters) as stop:
         while counters.step < end:
             model.train()
-            logs = _accumulate_step(config, accelerator, model, data, batches)
+            host = [_host_batch(data, next(batches), pin) for _ in range(config.grad_accum)]
+            if throughput.flops_per_step is None:
+                throughput.flops_per_step = config.grad_accum * _micro_batch_flops(accelerator, raw, host[0])
+            logs = _accumulate_step(config, accelerator, model, host)
             logs.update(finish_step(config, accelerator, model, optimizer, scheduler, counters, ema=ema))
             step = counters.step
             progress.update(1)
+            checkpoint = step % config.checkpoint_every == 0 or step == end
             if step % config.log_every == 0 or step == config.max_steps:
-                log_metrics(accelerator, out, step, logs, progress, started, shown=("bits_per_code",))
+                log_metrics(accelerator, out, step, logs, progress, started, shown=("bits_per_code",),
+                            throughput=throughput)
+            if step % config.log_every == 0 or step == config.max_steps or checkpoint:
+                check_skips(config, counters, logs.get("grad_norm"))  # (reads the device counters)
             if step % config.eval_every == 0 or step == config.max_steps:
                 _evaluate(accelerator, raw, data, config, out, step, unigram)
             stopping = stop.requested()
-            if step % config.checkpoint_every == 0 or step == end or stopping:
+            if checkpoint or stopping:
                 saved = run.save(counters, ema)
             if stopping:
                 raise run.stopped(stopping, saved, step)
+            if step % config.eval_every == 0 or checkpoint:
+                throughput.restart(step)  # the next interval's speed is the training's alone
     if counters.step < config.max_steps:
         accelerator.end_training()
         return None
@@ -225,12 +243,21 @@ def _labels_for(model: TransformerPrior, labels: torch.Tensor) -> torch.Tensor |
 # Steps
 
 
-def _accumulate_step(config: PriorTrainConfig, accelerator, model, data: PriorData, batches) -> dict[str, Any]:
+def _host_batch(data: PriorData, indices: list[int], pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch's codes and labels read from the store on the host, pinned when the device is a GPU."""
+    codes, labels = data.train.gather(data.train_items[indices])
+    return (codes.pin_memory(), labels.pin_memory()) if pin else (codes, labels)
+
+
+def _accumulate_step(config: PriorTrainConfig, accelerator, model,
+                     host: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """Forward and backward over the step's micro-batches (`host`: `_host_batch`'s), copied to the device
+    asynchronously; the loss terms stay device tensors (read at log steps)."""
     raw = accelerator.unwrap_model(model)
     logs: dict[str, Any] = {}
-    for micro in range(config.grad_accum):
-        codes, labels = data.train.gather(data.train_items[next(batches)])
-        codes, labels = codes.to(accelerator.device), labels.to(accelerator.device)
+    for micro, (codes, labels) in enumerate(host):
+        codes = codes.to(accelerator.device, non_blocking=True)
+        labels = labels.to(accelerator.device, non_blocking=True)
         last = micro == config.grad_accum - 1
         with nullcontext() if last else accelerator.no_sync(model):
             # check=False: open_data checked every code against the vocabulary (TokenDataset.check_codes) and
@@ -242,6 +269,27 @@ def _accumulate_step(config: PriorTrainConfig, accelerator, model, data: PriorDa
         logs["loss"] = logs.get("loss", 0.0) + loss.detach() / config.grad_accum
     logs["bits_per_code"] = logs["loss"] / LN2
     return logs
+
+
+def _micro_batch_flops(accelerator, raw: TransformerPrior, host: tuple[torch.Tensor, torch.Tensor]) -> int:
+    """FLOPs of one micro-batch's forward and backward, counted once without touching the run (evaluation mode,
+    the random state restored, gradients by autograd.grad: none accumulated, no DDP hook)."""
+    codes, labels = (t.to(accelerator.device) for t in host)
+    params = [p for p in raw.parameters() if p.requires_grad]
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+
+    def forward_backward() -> None:
+        with accelerator.autocast():
+            logits = raw(codes, _labels_for(raw, labels), check=False)
+        torch.autograd.grad(code_nll(logits, codes), params, allow_unused=True)
+
+    was_training = raw.training
+    raw.eval()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            return count_flops(forward_backward)
+    finally:
+        raw.train(was_training)
 
 
 def _micro_batch(config: PriorTrainConfig, accelerator) -> int:

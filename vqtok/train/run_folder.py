@@ -71,11 +71,12 @@ RUN_ARTEFACTS: dict[str, tuple[str, ...]] = {
               "prior", RUN_MARKER),
 }
 # The config keys a resumed run may change: when and what it logs, evaluates and keeps, how it loads data, and where
-# its folder lies, which trackers it logs to - none changes the weights it trains. Any other difference from the
+# its folder lies, which trackers it logs to, the peak its MFU is measured against - none changes the weights it
+# trains. Any other difference from the
 # checkpoint's config is refused.
 MAY_CHANGE_ON_RESUME = frozenset({"output_dir", "log_every", "eval_every", "checkpoint_every", "keep_checkpoints",
                                   "num_workers", "eval_images", "eval_items", "num_samples", "log_with",
-                                  "tokenizer"})  # a prior's: where the store's tokenizer is, its weights checked
+                                  "peak_tflops", "tokenizer"})  # a prior's: where the store's tokenizer is, its weights checked
 CHECKPOINT_NAME = re.compile(r"step_(\d+)")
 STAGING = ".tmp-"  # checkpoints/step_XXXXXX.tmp-save: a checkpoint being written, renamed into place when complete
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vqtok.bottleneck import VectorQuantizer, nearest_code
+from vqtok.bottleneck import VectorQuantizer, nearest_code, search
 from vqtok.config import VQConfig
 
 
@@ -48,11 +48,41 @@ CASES = [  # (K, D, scale, offset)
 
 @pytest.mark.parametrize("k, d, scale, offset", CASES)
 @pytest.mark.parametrize("autocast", [False, True])
-def test_nearest_code_agrees_with_float64(k, d, scale, offset, autocast):
+@pytest.mark.parametrize("chunk", ["chunked", "one chunk"])
+def test_nearest_code_agrees_with_float64(k, d, scale, offset, autocast, chunk):
+    """Both paths: many chunks (the CPU's default) and all rows in one chunk (CUDA's, when N x K fits its budget)."""
     z, codebook = clustered(8192, k, d, scale=scale, offset=offset, seed=k + d)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        codes = nearest_code(z, codebook, chunk_elements=1 << 18)
+        codes = nearest_code(z, codebook, chunk_elements=1 << 18 if chunk == "chunked" else 8192 * k)
     assert_nearest(z, codebook, codes)
+
+
+def test_the_cuda_budget_is_bounded_asked_once_and_gives_one_chunk_when_it_fits(monkeypatch):
+    """min(1 GiB, a quarter of free memory) of float32 distances, from one query per device; a batch whose N x K
+    distances fit is one chunk (one matmul), a larger one as few chunks as fit."""
+    calls = []
+
+    def mem_get_info(index):
+        calls.append(index)
+        return {0: 64 << 30, 1: 1 << 30}[index], 80 << 30
+
+    monkeypatch.setattr(search, "_cuda_chunk_elements", {})
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    for _ in range(3):
+        assert search.device_chunk_elements(torch.device("cuda", 0), 16384) == (1 << 30) // 4  # the 1 GiB bound
+        assert search.device_chunk_elements(torch.device("cuda", 1), 16384) == (1 << 28) // 4  # a quarter of 1 GiB
+    assert calls == [0, 1]
+    assert search.device_chunk_elements(torch.device("cpu"), 16384) == search.default_chunk_elements(16384)
+
+    mms = []
+    monkeypatch.setattr(search, "device_chunk_elements", lambda device, k: 4096 * 1024)  # as CUDA's, on a CPU
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **kw: mms.append(1) or real_mm(*a, **kw))
+    for n, chunks in [(4096, 1), (4097, 2), (10000, 3)]:
+        mms.clear()
+        z, codebook = clustered(n, 1024, 8, scale=1.0, offset=50.0, seed=n)
+        assert_nearest(z, codebook, nearest_code(z, codebook))
+        assert len(mms) == chunks
 
 
 def test_bf16_expansion_would_fail_where_ours_agrees():
@@ -82,6 +112,21 @@ def test_codes_agree_across_batch_sizes_and_train_eval():
     train_codes = vq.train()(h).codes
     for codes in (full, singles, train_codes):
         assert_nearest(flat, vq.codebook, codes.flatten())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("k, d, scale, offset", CASES)
+def test_nearest_code_agrees_with_float64_on_cuda(k, d, scale, offset):
+    """The device-sized chunk on CUDA, under bf16 autocast and with TF32 allowed outside the search."""
+    z, codebook = clustered(8192, k, d, scale=scale, offset=offset, seed=k + d)
+    matmul = torch.backends.cuda.matmul
+    old, matmul.allow_tf32 = matmul.allow_tf32, True
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            codes = nearest_code(z.cuda(), codebook.cuda())
+    finally:
+        matmul.allow_tf32 = old
+    assert_nearest(z, codebook, codes.cpu())
 
 
 def test_bad_shapes():

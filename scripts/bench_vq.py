@@ -59,6 +59,7 @@ Usage::
     .venv/bin/python scripts/bench_vq.py --configs 1024x64 --impl vqtok --steps 10 --json out.json
     .venv/bin/python scripts/bench_vq.py --device cuda        # the four GPU rows of issue 16, N = 65536
     .venv/bin/python scripts/bench_vq.py --device cuda --autocast bf16 --min-seconds 5
+    .venv/bin/python scripts/bench_vq.py --device cuda --search torch   # vqtok without the fused Triton kernel
 """
 
 from __future__ import annotations
@@ -495,6 +496,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:1, ...)")
     parser.add_argument("--autocast", choices=["off", "bf16"], default="off",
                         help="run both implementations' steps under bf16 autocast")
+    parser.add_argument("--search", choices=["auto", "torch", "triton"], default="auto",
+                        help="vqtok's nearest-code search: auto (the fused Triton kernel on CUDA where D <= 64 and "
+                             "triton is installed, else torch), or force one path to compare them")
     parser.add_argument("--steps", type=int, default=5, help="minimum timed steps per configuration (median reported)")
     parser.add_argument("--min-seconds", type=float, default=20.0,
                         help="keep timing past --steps until the timed steps took this long (cheap configurations)")
@@ -516,13 +520,16 @@ def main() -> None:
     n = args.n or (CUDA_N if device.type == "cuda" else 16384)
     configs = args.configs or list(CUDA_CONFIGS if device.type == "cuda" else DEFAULT_CONFIGS)
     autocast = None if args.autocast == "off" else args.autocast
+    from vqtok.bottleneck import search
+
+    search.DEFAULT_METHOD = args.search
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     impls = ["vqtok", "peer"] if args.impl == "both" else [args.impl]
     env = environment(device)
     for key, value in env.items():
         print(f"{key}: {value}")
-    print(f"N={n}, device={device}, autocast={args.autocast}, warmup={args.warmup}, timed steps: at least "
+    print(f"N={n}, device={device}, autocast={args.autocast}, search={args.search}, warmup={args.warmup}, timed steps: at least "
           f"{args.steps}, more up to {args.max_steps} until {args.min_seconds:g} s of timed steps; decay={DECAY}, "
           f"beta={BETA}\n")
 
@@ -536,7 +543,7 @@ def main() -> None:
     print("\nvqtok targets: " + ("all met" if not misses else "MISSED\n  " + "\n  ".join(misses)))
 
     if args.json is not None:
-        payload = {"environment": env, "n": n, "device": str(device), "autocast": args.autocast, "warmup": args.warmup, "min_steps": args.steps,
+        payload = {"environment": env, "n": n, "device": str(device), "autocast": args.autocast, "search": args.search, "warmup": args.warmup, "min_steps": args.steps,
                    "min_seconds": args.min_seconds, "max_steps": args.max_steps,
                    "results": [asdict(r) for r in results], "missed_targets": misses}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")

@@ -129,3 +129,11 @@ def test_training_step_never_syncs_on_cuda(name):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_restart_draws_are_the_same_on_cuda_and_cpu():
+    """int64 arithmetic wraps alike on both, so a run's restarts do not depend on the device it resumes on."""
+    args = torch.tensor(987654321987), torch.tensor(42), 3, torch.arange(50_000)
+    cuda = random_indices(*(a.cuda() if torch.is_tensor(a) else a for a in args), 1000)
+    assert torch.equal(cuda.cpu(), random_indices(*args, 1000))

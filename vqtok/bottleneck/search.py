@@ -135,7 +135,8 @@ def nearest_code(
     row). The chunk's distances are one matmul of [z - c, 1] with [-2 (e - c), ||e - c||^2]^T into
     a single preallocated buffer: no bias copy, no second chunk alive, no heap churn from a fresh buffer per chunk.
     `method` (None: DEFAULT_METHOD, "auto"): "torch", "triton" (the fused kernel, no distance buffer; CUDA, or a
-    CPU under TRITON_INTERPRET=1) or "auto" (Triton on CUDA where it applies, else torch).
+    CPU under TRITON_INTERPRET=1) or "auto" (Triton on CUDA where it applies, else torch). The fused kernel holds
+    no distances at all, so chunk_elements (a bound on the torch path's buffer) has nothing to bound there.
     """
     if z.ndim != 2 or codebook.ndim != 2 or z.shape[1] != codebook.shape[1]:
         raise ValueError(f"nearest_code expects z [N, D] and codebook [K, D], got {tuple(z.shape)}, {tuple(codebook.shape)}")

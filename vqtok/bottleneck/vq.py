@@ -27,7 +27,7 @@ torch.distributed the step packs them into one all-reduce; dead-code candidates 
 so every rank draws the same restarts. Nothing communicates in eval mode or in forward.
 
 Sync-free on a GPU: once the codebook is initialised, forward, backward and `on_optimizer_step` never make the host
-wait for the device - no host reads of device values, no data-dependent shapes (counts by `index_add_`, not
+wait for the device - no host reads of device values, no data-dependent shapes (counts by `scatter_add_`, not
 `bincount`; masked updates by `torch.where`, not boolean indexing; the debiasing factor 1 - decay^t computed on the
 device). Restart candidates are drawn by a counter-based hash of (rng_seed, steps, rank, code) on the device, so
 the draw depends only on saved buffers: exact on resume, the same on CPU and CUDA. `on_optimizer_step(skipped)`

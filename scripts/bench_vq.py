@@ -25,8 +25,17 @@ What is measured, per (K, D) configuration and per implementation, on N vectors 
   distance to the chosen code is within 1e-6 (relative) of the float64 minimum over the codebook that the step's
   forward searched (the codebook before that step's EMA update).
 
-Targets (from the issue): peer time / vqtok time >= 4; vqtok peak extra memory <= max(0.2 * N*K*4 bytes,
+Targets on a CPU (issue 1): peer time / vqtok time >= 4; vqtok peak extra memory <= max(0.2 * N*K*4 bytes,
 6 * N*D*4 bytes), i.e. a fifth of one float32 N x K matrix or six float32 N x D matrices.
+
+On CUDA (``--device cuda``; issue 16) the default rows are N = 65536 vectors with (K, D) = (1024, 64), (16384, 256),
+(16384, 8), (65536, 8), and the targets are: vqtok at least as fast as the peer at every row, >= 5x at K=16384,
+D=256 and >= 10x at K=65536, D=8, float64 agreement >= 99.9%. Time is measured with CUDA events around the step
+(the device synchronised before it); peak extra memory is ``torch.cuda.max_memory_allocated()`` during the step
+minus ``torch.cuda.memory_allocated()`` before it (live tensors, not the allocator's cache); the budget column is
+then the search's distance budget (1 GiB at most) plus six float32 N x D matrices. A peer step that runs out of
+device memory is reported as OOM. ``--autocast bf16`` runs both implementations' steps under bf16 autocast (the
+float64 agreement shows what that does to each one's choice of codes).
 
 Caveats:
 
@@ -46,8 +55,11 @@ Caveats:
 
 Usage::
 
-    .venv/bin/python scripts/bench_vq.py                      # the three configurations of the issue
+    .venv/bin/python scripts/bench_vq.py                      # the three CPU configurations of issue 1
     .venv/bin/python scripts/bench_vq.py --configs 1024x64 --impl vqtok --steps 10 --json out.json
+    .venv/bin/python scripts/bench_vq.py --device cuda        # the four GPU rows of issue 16, N = 65536
+    .venv/bin/python scripts/bench_vq.py --device cuda --autocast bf16 --min-seconds 5
+    .venv/bin/python scripts/bench_vq.py --device cuda --search torch   # vqtok without the fused Triton kernel
 """
 
 from __future__ import annotations
@@ -73,6 +85,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing vqtok
 
 DEFAULT_CONFIGS = ("16384x256", "1024x64", "16384x8")
+CUDA_CONFIGS = ("1024x64", "16384x256", "16384x8", "65536x8")  # issue 16's rows, at N = CUDA_N
+CUDA_N = 65536
+CUDA_TARGETS = {(16384, 256): 5.0, (65536, 8): 10.0}  # peer / vqtok time; 1.0 at every other row
 DECAY = 0.99
 BETA = 0.25
 AGREEMENT_RTOL = 1e-6
@@ -113,8 +128,23 @@ def peak_extra_bytes(fn: Callable[[], object]) -> tuple[int, object]:
     return (peak - baseline) * 1024, result
 
 
-def memory_budget_bytes(n: int, k: int, d: int) -> float:
-    """The issue's target: max(0.2 x one float32 N x K matrix, 6 x one float32 N x D matrix)."""
+def peak_extra_cuda_bytes(fn: Callable[[], object], device: torch.device) -> tuple[int, object]:
+    """Run fn once on CUDA; return (peak allocated bytes during fn minus allocated bytes before it; fn's result)."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    baseline = torch.cuda.memory_allocated(device)
+    result = fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - baseline, result
+
+
+def memory_budget_bytes(n: int, k: int, d: int, device: torch.device) -> float:
+    """CPU (issue 1): max(0.2 x one float32 N x K matrix, 6 x one float32 N x D matrix). CUDA (issue 16): the
+    search's distance budget (no more than one float32 N x K matrix) plus 6 float32 N x D matrices."""
+    if device.type == "cuda":
+        from vqtok.bottleneck.search import cuda_chunk_elements
+
+        return 4 * min(n * k, cuda_chunk_elements(device)) + 6 * n * d * 4
     return max(0.2 * n * k * 4, 6 * n * d * 4)
 
 
@@ -124,16 +154,19 @@ def memory_budget_bytes(n: int, k: int, d: int) -> float:
 
 @torch.no_grad()
 def float64_agreement(
-    z: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, chunk_rows: int = 1024, candidates: int = 4
+    z: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, chunk_rows: int | None = None, candidates: int = 4
 ) -> float:
     """Fraction of rows of z [N, D] whose chosen code is, in float64, a nearest row of codebook [K, D] to 1e-6 rel.
 
     Distances are taken in the direct form ||z - e||^2, which stays accurate when a vector sits on a code (the
     expansion ||z||^2 - 2 z.e + ||e||^2 would leave ~1e-14 of rounding there, far above 1e-6 of a ~1e-12 distance);
     the float64 expansion only shortlists the `candidates` nearest codes of each row for that exact evaluation.
+    Computed where the codebook lives (on a GPU for --device cuda), `chunk_rows` rows at a time (None: 256 MiB of
+    float64 distances).
     """
-    z64, e64 = z.double(), codebook.double()
-    codes = codes.reshape(-1)
+    z64, e64 = z.to(codebook.device).double(), codebook.double()
+    codes = codes.reshape(-1).to(codebook.device)
+    chunk_rows = chunk_rows or max(1, (1 << 25) // e64.shape[0])
     chosen = (z64 - e64[codes]).pow(2).sum(dim=1)
     e_sq = e64.pow(2).sum(dim=1)
     best = torch.empty_like(chosen)
@@ -171,6 +204,11 @@ def grid_for(n: int) -> tuple[int, int]:
     return h, n // h
 
 
+def step_context(device: torch.device, autocast: str | None):
+    """bf16 autocast around a step when asked for (both implementations alike), else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16")
+
+
 def vqtok_initial_codebook(k: int, d: int) -> torch.Tensor:
     """The codebook vqtok starts from for (K, D); the peer is given a copy, so both start from the same one."""
     from vqtok.bottleneck import VectorQuantizer
@@ -179,28 +217,31 @@ def vqtok_initial_codebook(k: int, d: int) -> torch.Tensor:
     return VectorQuantizer(VQConfig(codebook_size=k, dim=d, kmeans_init=False)).codebook.clone()
 
 
-def make_vqtok(n: int, k: int, d: int) -> Runner:
+def make_vqtok(n: int, k: int, d: int, device: torch.device, autocast: str | None) -> Runner:
     from vqtok.bottleneck import VectorQuantizer
     from vqtok.config import VQConfig
 
     h, w = grid_for(n)
     vq = VectorQuantizer(VQConfig(codebook_size=k, dim=d, beta=BETA, decay=DECAY, kmeans_init=False, dead_threshold=0.0))
-    vq.train()
-    weight = torch.randn(1, d, h, w, generator=torch.Generator().manual_seed(1))
+    vq.to(device).train()
+    weight = torch.randn(1, d, h, w, generator=torch.Generator().manual_seed(1)).to(device)
 
     def prepare(z: torch.Tensor) -> torch.Tensor:  # channels-first [1, D, H, W], contiguous like an encoder output
-        return z.t().reshape(1, d, h, w).contiguous().requires_grad_()
+        return z.t().reshape(1, d, h, w).to(device).contiguous().requires_grad_()
 
     def step(features: torch.Tensor) -> torch.Tensor:
-        out = vq(features)
-        ((out.z * weight).sum() + out.loss).backward()
+        with step_context(device, autocast):
+            out = vq(features)
+            loss = (out.z * weight).sum() + out.loss
+        loss.backward()
         vq.on_optimizer_step()
         return out.codes
 
     return Runner("vqtok", prepare, step, lambda: vq.codebook)
 
 
-def make_peer(n: int, k: int, d: int, initial_codebook: torch.Tensor) -> Runner:
+def make_peer(n: int, k: int, d: int, initial_codebook: torch.Tensor, device: torch.device,
+              autocast: str | None) -> Runner:
     from vector_quantize_pytorch import VectorQuantize
 
     peer = VectorQuantize(dim=d, codebook_size=k, decay=DECAY, commitment_weight=BETA, rotation_trick=False)
@@ -210,15 +251,17 @@ def make_peer(n: int, k: int, d: int, initial_codebook: torch.Tensor) -> Runner:
     with torch.no_grad():  # same start as vqtok; embed_avg = embed * cluster_size (= 1), as the peer initialises it
         codebook.embed.copy_(initial_codebook[None])
         codebook.embed_avg.copy_(initial_codebook[None])
-    peer.train()
-    weight = torch.randn(1, d, n, generator=torch.Generator().manual_seed(1)).transpose(1, 2).contiguous()
+    peer.to(device).train()
+    weight = torch.randn(1, d, n, generator=torch.Generator().manual_seed(1)).transpose(1, 2).contiguous().to(device)
 
     def prepare(z: torch.Tensor) -> torch.Tensor:  # channels-last [1, N, D]
-        return z[None].clone().requires_grad_()
+        return z[None].to(device, copy=True).requires_grad_()
 
     def step(vectors: torch.Tensor) -> torch.Tensor:
-        quantized, indices, aux_loss = peer(vectors)  # the EMA update happens in here
-        ((quantized * weight).sum() + aux_loss).backward()
+        with step_context(device, autocast):
+            quantized, indices, aux_loss = peer(vectors)  # the EMA update happens in here
+            loss = (quantized * weight).sum() + aux_loss
+        loss.backward()
         return indices
 
     return Runner("peer", prepare, step, lambda: codebook.embed[0])
@@ -239,6 +282,9 @@ class Result:
     peak_extra_mib: float
     budget_mib: float
     agreement: float
+    device: str = "cpu"
+    autocast: str = "off"
+    oom: bool = False  # the implementation ran out of device memory (its figures are NaN)
 
 
 @dataclass
@@ -249,7 +295,28 @@ class Schedule:
     max_steps: int  # ... but no more than this many
 
 
-def time_steps(runners: list[Runner], batches: Callable[[], torch.Tensor], plan: Schedule) -> dict[str, list[float]]:
+class OutOfMemory(Exception):
+    """An implementation (named by args[0]) ran out of device memory."""
+
+
+def timed(step: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call of step takes: wall clock on a CPU; on CUDA, CUDA events around it, the device idle before
+    it and waited for after it (so the figure is the step's device time, queued work included)."""
+    if device.type != "cuda":
+        start = time.perf_counter()
+        step()
+        return time.perf_counter() - start
+    torch.cuda.synchronize(device)
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    step()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / 1e3
+
+
+def time_steps(runners: list[Runner], batches: Callable[[], torch.Tensor], plan: Schedule,
+               device: torch.device) -> dict[str, list[float]]:
     """Milliseconds per timed step for each runner. Steps are interleaved (vqtok, peer, vqtok, ...) so that both
     implementations see the same machine conditions, and every step gets a fresh batch (the same batch over and
     over would pull codes onto single vectors, which no training run does)."""
@@ -259,9 +326,10 @@ def time_steps(runners: list[Runner], batches: Callable[[], torch.Tensor], plan:
         seconds = {}
         for runner in runners:
             inputs = runner.prepare(z)
-            start = time.perf_counter()
-            runner.step(inputs)
-            seconds[runner.name] = time.perf_counter() - start
+            try:
+                seconds[runner.name] = timed(lambda r=runner, i=inputs: r.step(i), device)
+            except torch.cuda.OutOfMemoryError as error:
+                raise OutOfMemory(runner.name) from error
         return seconds
 
     for _ in range(plan.warmup):
@@ -276,31 +344,57 @@ def time_steps(runners: list[Runner], batches: Callable[[], torch.Tensor], plan:
     return times
 
 
-def run_config(n: int, k: int, d: int, impls: list[str], plan: Schedule, seed: int) -> list[Result]:
-    """Warm-up and timed steps, then one step per implementation for peak memory and float64 agreement."""
+def run_config(n: int, k: int, d: int, impls: list[str], plan: Schedule, seed: int, device: torch.device,
+               autocast: str | None) -> list[Result]:
+    """Warm-up and timed steps, then one step per implementation for peak memory and float64 agreement. On CUDA an
+    implementation that runs out of memory is dropped from this configuration and reported as OOM."""
     generator = torch.Generator().manual_seed(seed)
 
-    def batches() -> torch.Tensor:  # standard-normal vectors [N, D]
+    def batches() -> torch.Tensor:  # standard-normal vectors [N, D], made on the host (copied in `prepare`)
         return torch.randn(n, d, generator=generator)
 
-    runners = [make_vqtok(n, k, d) if impl == "vqtok" else make_peer(n, k, d, vqtok_initial_codebook(k, d))
-               for impl in impls]
-    times = time_steps(runners, batches, plan)
+    def make(impl: str) -> Runner:
+        if impl == "vqtok":
+            return make_vqtok(n, k, d, device, autocast)
+        return make_peer(n, k, d, vqtok_initial_codebook(k, d), device, autocast)
+
+    common = dict(k=k, d=d, n=n, budget_mib=memory_budget_bytes(n, k, d, device) / MIB, device=device.type,
+                  autocast=autocast or "off")
+    runners, out_of_memory = [make(impl) for impl in impls], []
+    while True:
+        try:
+            times = time_steps(runners, batches, plan, device)
+            break
+        except OutOfMemory as error:
+            print(f"K={k} D={d}: {error.args[0]} ran out of device memory; dropped from this configuration")
+            out_of_memory.append(error.args[0])
+            runners = [r for r in runners if r.name != error.args[0]]
+            _release_freed_memory()
+            torch.cuda.empty_cache()
+            if not runners:
+                times = {}
+                break
 
     z = batches()
     results = []
     for runner in runners:
         inputs = runner.prepare(z)  # everything that exists before the step is in the baseline:
         searched = runner.codebook().detach().clone()  # the codebook before this step's EMA update
-        extra, codes = peak_extra_bytes(lambda r=runner, i=inputs: r.step(i))
+        step = lambda r=runner, i=inputs: r.step(i)  # noqa: E731
+        extra, codes = peak_extra_cuda_bytes(step, device) if device.type == "cuda" else peak_extra_bytes(step)
         results.append(Result(
-            k=k, d=d, n=n, impl=runner.name, ms_per_step=statistics.median(times[runner.name]),
-            step_ms=[round(t, 2) for t in times[runner.name]], peak_extra_mib=extra / MIB,
-            budget_mib=memory_budget_bytes(n, k, d) / MIB, agreement=float64_agreement(z, searched, codes),
+            impl=runner.name, ms_per_step=statistics.median(times[runner.name]),
+            step_ms=[round(t, 3) for t in times[runner.name]], peak_extra_mib=extra / MIB,
+            agreement=float64_agreement(z, searched, codes), **common,
         ))
         del inputs, searched, codes
+    nan = float("nan")
+    results += [Result(impl=name, ms_per_step=nan, step_ms=[], peak_extra_mib=nan, agreement=nan, oom=True, **common)
+                for name in out_of_memory]
     del runners
     _release_freed_memory()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return results
 
 
@@ -308,7 +402,7 @@ def run_config(n: int, k: int, d: int, impls: list[str], plan: Schedule, seed: i
 # Reporting
 
 
-def environment() -> dict[str, object]:
+def environment(device: torch.device) -> dict[str, object]:
     cpu = "unknown"
     try:
         with open("/proc/cpuinfo") as f:
@@ -324,6 +418,7 @@ def environment() -> dict[str, object]:
         "logical_cpus": os.cpu_count(),
         "MALLOC_MMAP_THRESHOLD_": os.environ.get("MALLOC_MMAP_THRESHOLD_", "unset (glibc dynamic threshold)"),
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "unset"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
 
 
@@ -341,8 +436,11 @@ def print_table(results: list[Result]) -> None:
     print(header)
     print("-" * len(header))
     for r in results:
+        if r.oom:
+            print(f"{r.k:>6} {r.d:>4} {r.impl:>6} {'OOM':>9}")
+            continue
         peer = by_key.get((r.k, r.d, "peer"))
-        if r.impl == "vqtok" and peer:
+        if r.impl == "vqtok" and peer and not peer.oom:
             ratio, paired = speedups(r, peer)
             speed = f"{ratio:10.2f} {paired:8.2f}"
         else:
@@ -351,19 +449,28 @@ def print_table(results: list[Result]) -> None:
               f" {100 * r.agreement:8.3f} {speed} {r.peak_extra_mib / r.budget_mib:10.3f}")
 
 
+def speed_target(r: Result) -> float:
+    """Peer time / vqtok time to reach: 4 on a CPU (issue 1); on CUDA 1, 5 or 10 by row (issue 16)."""
+    return CUDA_TARGETS.get((r.k, r.d), 1.0) if r.device == "cuda" else 4.0
+
+
 def check_targets(results: list[Result]) -> list[str]:
-    """Lines naming each target vqtok misses: speed-up >= 4 (on either ratio), peak extra memory within the
-    budget, float64 agreement >= 99.9%."""
+    """Lines naming each target vqtok misses: the speed-up (`speed_target`, on either ratio; a peer out of memory
+    counts as met), peak extra memory within the budget, float64 agreement >= 99.9%."""
     by_key = {(r.k, r.d, r.impl): r for r in results}
     misses = []
     for r in results:
         if r.impl != "vqtok":
             continue
+        if r.oom:
+            misses.append(f"K={r.k} D={r.d}: vqtok ran out of device memory")
+            continue
         peer = by_key.get((r.k, r.d, "peer"))
-        if peer:
+        if peer and not peer.oom:
             ratio, paired = speedups(r, peer)
-            if min(ratio, paired) < 4:
-                misses.append(f"K={r.k} D={r.d}: speed-up {ratio:.2f}x (paired {paired:.2f}x) < 4x")
+            target = speed_target(r)
+            if min(ratio, paired) < target:
+                misses.append(f"K={r.k} D={r.d}: speed-up {ratio:.2f}x (paired {paired:.2f}x) < {target:g}x")
         if r.peak_extra_mib > r.budget_mib:
             misses.append(f"K={r.k} D={r.d}: peak extra {r.peak_extra_mib:.1f} MiB > budget {r.budget_mib:.1f} MiB")
         if r.agreement < 0.999:
@@ -381,8 +488,17 @@ def parse_config(text: str) -> tuple[int, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, default=16384, help="vectors per step (default 16384 = 128 x 128)")
-    parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="KxD, e.g. 16384x256")
+    parser.add_argument("--n", type=int, default=None,
+                        help=f"vectors per step (default 16384 = 128 x 128 on a CPU, {CUDA_N} on CUDA)")
+    parser.add_argument("--configs", nargs="+", default=None,
+                        help=f"KxD, e.g. 16384x256 (default {' '.join(DEFAULT_CONFIGS)} on a CPU, "
+                             f"{' '.join(CUDA_CONFIGS)} on CUDA)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:1, ...)")
+    parser.add_argument("--autocast", choices=["off", "bf16"], default="off",
+                        help="run both implementations' steps under bf16 autocast")
+    parser.add_argument("--search", choices=["auto", "torch", "triton"], default="auto",
+                        help="vqtok's nearest-code search: auto (the fused Triton kernel on CUDA where D <= 64 and "
+                             "triton is installed, else torch), or force one path to compare them")
     parser.add_argument("--steps", type=int, default=5, help="minimum timed steps per configuration (median reported)")
     parser.add_argument("--min-seconds", type=float, default=20.0,
                         help="keep timing past --steps until the timed steps took this long (cheap configurations)")
@@ -394,26 +510,40 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device must be cpu or cuda, got {args.device}")
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    n = args.n or (CUDA_N if device.type == "cuda" else 16384)
+    configs = args.configs or list(CUDA_CONFIGS if device.type == "cuda" else DEFAULT_CONFIGS)
+    autocast = None if args.autocast == "off" else args.autocast
+    from vqtok.bottleneck import search
+
+    search.DEFAULT_METHOD = args.search
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     impls = ["vqtok", "peer"] if args.impl == "both" else [args.impl]
-    env = environment()
+    env = environment(device)
     for key, value in env.items():
         print(f"{key}: {value}")
-    print(f"N={args.n}, warmup={args.warmup}, timed steps: at least {args.steps}, more up to {args.max_steps} until "
-          f"{args.min_seconds:g} s of timed steps; decay={DECAY}, beta={BETA}\n")
+    print(f"N={n}, device={device}, autocast={args.autocast}, search={args.search}, warmup={args.warmup}, timed steps: at least "
+          f"{args.steps}, more up to {args.max_steps} until {args.min_seconds:g} s of timed steps; decay={DECAY}, "
+          f"beta={BETA}\n")
 
     results = []
-    for text in args.configs:
+    for text in configs:
         k, d = parse_config(text)
         plan = Schedule(args.warmup, args.steps, args.min_seconds, max(args.steps, args.max_steps))
-        results += run_config(args.n, k, d, impls, plan, args.seed)
+        results += run_config(n, k, d, impls, plan, args.seed, device, autocast)
     print_table(results)
     misses = check_targets(results)
     print("\nvqtok targets: " + ("all met" if not misses else "MISSED\n  " + "\n  ".join(misses)))
 
     if args.json is not None:
-        payload = {"environment": env, "n": args.n, "warmup": args.warmup, "min_steps": args.steps,
+        payload = {"environment": env, "n": n, "device": str(device), "autocast": args.autocast, "search": args.search, "warmup": args.warmup, "min_steps": args.steps,
                    "min_seconds": args.min_seconds, "max_steps": args.max_steps,
                    "results": [asdict(r) for r in results], "missed_targets": misses}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vqtok.bottleneck.search import nearest_code
+from vqtok.bottleneck.search import code_counts, nearest_code
 
 
 @torch.no_grad()
@@ -32,7 +32,7 @@ def kmeans(
     counts = torch.zeros(k, device=x.device)
     for _ in range(iters):
         assign = nearest_code(x, centres, chunk_elements=chunk_elements)
-        counts = torch.bincount(assign, minlength=k).float()
+        counts = code_counts(assign, k)
         sums = torch.zeros_like(centres).index_add_(0, assign, x)
         filled = counts > 0
         centres = torch.where(filled[:, None], sums / counts.clamp_min(1.0)[:, None], centres)

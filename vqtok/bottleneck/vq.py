@@ -25,6 +25,15 @@ All of that state changes only in `on_optimizer_step`: forward merely accumulate
 and the k-means reservoir) in plain attributes, not buffers, so DDP's buffer broadcast cannot overwrite them. Under
 torch.distributed the step packs them into one all-reduce; dead-code candidates for code k come from rank k mod W,
 so every rank draws the same restarts. Nothing communicates in eval mode or in forward.
+
+Sync-free on a GPU: once the codebook is initialised, forward, backward and `on_optimizer_step` never make the host
+wait for the device - no host reads of device values, no data-dependent shapes (counts by `scatter_add_`, not
+`bincount`; masked updates by `torch.where`, not boolean indexing; the debiasing factor 1 - decay^t computed on the
+device). Restart candidates are drawn by a counter-based hash of (rng_seed, steps, rank, code) on the device, so
+the draw depends only on saved buffers: exact on resume, the same on CPU and CUDA. `on_optimizer_step(skipped)`
+takes a Python bool or a 0-d bool tensor decided on the device; with a tensor, a skipped step is applied as a
+masked no-op (every buffer keeps its value), never read on the host. The k-means initialisation (once per run) and
+`codebook_stats` values read at log steps are the only places that may synchronise.
 """
 
 from __future__ import annotations
@@ -39,11 +48,56 @@ from torch import nn
 from vqtok import distributed as dist
 from vqtok.bottleneck.base import Bottleneck, BottleneckOutput
 from vqtok.bottleneck.kmeans import kmeans
-from vqtok.bottleneck.search import nearest_code
+from vqtok.bottleneck.search import code_counts, nearest_code
 from vqtok.config import VQConfig
 from vqtok.metrics import perplexity
 
 NEVER = -(1 << 62)  # `last_used` of a code never assigned
+_MASK62 = (1 << 62) - 1
+
+
+def _as_int64(value: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 with the same bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = (_as_int64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's >> is arithmetic on signed integers)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps modulo 2^64 on CPU and CUDA alike): a
+    counter-based random number generator, evaluated on the device without any state to read back."""
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    return x ^ _shift_right(x, 31)
+
+
+def random_indices(seed: torch.Tensor, step: torch.Tensor, salt: int, keys: torch.Tensor, high: int) -> torch.Tensor:
+    """Uniform integers in [0, high) (up to a bias below 2^-40 for high < 2^22), one per key, as a pure function of
+    (seed, step, salt, key): int64 tensors in, computed where they live, nothing read on the host."""
+    x = _mix64(seed + _GOLDEN * (step + 1))
+    x = _mix64(x ^ _as_int64((salt * 0x9E3779B97F4A7C15 + 0x2545F491) % (1 << 64)))
+    x = _mix64(x + keys * _GOLDEN)
+    return (x & _MASK62) % high
+
+
+def _as_keep(skipped: bool | torch.Tensor) -> torch.Tensor | None:
+    """A 0-d bool tensor `skipped` as the mask of a step that is applied (None: a plain, unmasked step)."""
+    if isinstance(skipped, torch.Tensor):
+        if skipped.numel() != 1 or skipped.dtype != torch.bool:
+            raise ValueError(f"skipped must be a bool or a 0-d bool tensor, got {skipped.dtype} {tuple(skipped.shape)}")
+        return ~skipped.reshape(())
+    return None
+
+
+def _assign(buffer: torch.Tensor, new: torch.Tensor, keep: torch.Tensor | None) -> None:
+    """buffer <- new, or where `keep` (0-d bool) is False keep buffer as it is (also when new is not finite)."""
+    buffer.copy_(new if keep is None else torch.where(keep, new, buffer))
 
 
 class _QuantizeWithCommitment(torch.autograd.Function):
@@ -101,7 +155,7 @@ class VectorQuantizer(Bottleneck):
         self._recent: torch.Tensor | None = None
         self._reservoir: list[torch.Tensor] = []
         self._reservoir_kept = 0  # reservoir entries from steps that were not skipped
-        self._initialized_cache = False
+        self._initialized_cache = not config.kmeans_init
 
     # ------------------------------------------------------------------------------------------------------------
     # Keep the codebook and its statistics float32 under .to(dtype), .half(), .bfloat16().
@@ -141,7 +195,7 @@ class VectorQuantizer(Bottleneck):
         if not self.config.ema:
             terms["codebook"] = F.mse_loss(quantized, z)
             loss = loss + self.config.codebook_weight * terms["codebook"]
-        counts = torch.bincount(codes, minlength=self.vocab_size)
+        counts = code_counts(codes, self.vocab_size)
         if self.training:
             self._accumulate(z, codes, counts, commitment.detach())
         out = out.to(h.dtype)
@@ -187,7 +241,8 @@ class VectorQuantizer(Bottleneck):
     # Accumulation between optimizer steps (forward, training mode)
 
     def _generator(self, salt: int) -> torch.Generator:
-        """Deterministic per (seed, step, purpose), so restarts and k-means are reproducible and resume exactly."""
+        """Deterministic per (seed, step, purpose), so the k-means reservoir and initialisation are reproducible and
+        resume exactly. Reads two buffers on the host: only before the codebook is initialised."""
         return torch.Generator().manual_seed(hash((int(self.rng_seed), int(self.steps), salt)) & ((1 << 63) - 1))
 
     @torch.no_grad()
@@ -205,7 +260,9 @@ class VectorQuantizer(Bottleneck):
         self._recent = z  # restart candidates are drawn from the last micro-batch, in the step hook
 
     def _initialized(self) -> bool:
-        """`initialized` buffer, read from the device once and then cached (it never goes back to False)."""
+        """`initialized` buffer, read from the device once and then cached (it never goes back to False). The
+        cache is set at construction, by the k-means initialisation and when a state dict is loaded, so a training
+        step never reads it."""
         if not self._initialized_cache:
             self._initialized_cache = bool(self.initialized)
         return self._initialized_cache
@@ -213,6 +270,7 @@ class VectorQuantizer(Bottleneck):
     def _load_from_state_dict(self, *args, **kwargs):  # type: ignore[override]
         super()._load_from_state_dict(*args, **kwargs)
         self._initialized_cache = False
+        self._initialized()  # read now, while loading, rather than in the first training step
 
     def _pending_views(self, device: torch.device, *, fresh: bool) -> dict[str, torch.Tensor]:
         """Named views of one flat float32 buffer holding what forward gathers between optimizer steps (counts,
@@ -242,8 +300,8 @@ class VectorQuantizer(Bottleneck):
         k = candidates.shape[0]
         rank, world = dist.rank(), dist.world_size()
         mine = torch.arange(rank, k, world, device=candidates.device)
-        picks = torch.randint(recent.shape[0], (len(mine),), generator=self._generator(salt=rank))
-        candidates[mine] = recent[picks.to(recent.device)]
+        picks = random_indices(self.rng_seed, self.steps, rank, mine, recent.shape[0])
+        candidates[mine] = recent[picks]
 
     def _collect_reservoir(self, z: torch.Tensor) -> None:
         have = sum(len(r) for r in self._reservoir)
@@ -271,9 +329,22 @@ class VectorQuantizer(Bottleneck):
     # Once per optimizer step
 
     @torch.no_grad()
-    def on_optimizer_step(self, skipped: bool = False) -> dict[str, torch.Tensor]:
+    def on_optimizer_step(self, skipped: bool | torch.Tensor = False) -> dict[str, torch.Tensor]:
+        """Apply what forward gathered since the last optimizer step: the all-reduce, the EMA update, usage, dead-code
+        restarts (or, before initialisation, the k-means reservoir and initialisation).
+
+        `skipped` is a Python bool or a 0-d bool tensor decided on the device. True as a bool drops what was
+        gathered and returns {}. As a tensor it is never read on the host once the codebook is initialised: the
+        step runs (every rank joins the all-reduce) and each buffer update is masked, so a skipped step leaves every
+        buffer (steps, EMA state, codebook, usage, restarts) as it was, and the returned stats report no restarts.
+        Restart draws depend on the saved `steps`, which a skipped step does not advance, so the next applied step
+        draws what it would have drawn without the skip. Before initialisation a tensor is read (this may sync).
+        """
         had_pending, self._has_pending = self._has_pending, False
-        if skipped:
+        keep = _as_keep(skipped)
+        if keep is not None and not self._initialized():
+            skipped, keep = bool(skipped), None  # the k-means phase may synchronise (once per run)
+        if keep is None and skipped:
             self._recent = None
             del self._reservoir[self._reservoir_kept :]  # vectors of a skipped (perhaps non-finite) step
             return {}
@@ -286,50 +357,71 @@ class VectorQuantizer(Bottleneck):
         if self.config.dead_threshold > 0:
             self._draw_candidates(p["candidates"])
         dist.all_reduce_sum_(self._pending)
-        self.steps += 1
-        self.last_used[p["count"] > 0] = self.steps
+        applied = p["count"] > 0 if keep is None else (p["count"] > 0) & keep
+        if keep is None:
+            self.steps += 1
+        else:
+            self.steps += keep.long()
+        self.last_used.copy_(torch.where(applied, self.steps, self.last_used))
         sq_error = p["sq_error"] / p["n"].clamp_min(1) / self.dim
-        self._update_ema(p["count"], p["sum"] if self.config.ema else None, sq_error)
+        self._update_ema(p["count"], p["sum"] if self.config.ema else None, sq_error, keep)
         # the perplexity of the whole step: its micro-batches' (and processes') counts, not a mean of theirs
         stats = {"perplexity": perplexity(p["count"])}
         if self.config.dead_threshold > 0:
-            restarted = self._restart_dead_codes(p["candidates"])
+            restarted = self._restart_dead_codes(p["candidates"], keep)
             self.restarts_total += restarted
             # every dead code found by this step is restarted: report them as found, before their revival
-            stats.update(dead=torch.tensor(restarted), restarted=torch.tensor(restarted))
+            stats.update(dead=restarted, restarted=restarted.clone())
         return {**self.codebook_stats(), **stats}
 
-    def _update_ema(self, count: torch.Tensor, total: torch.Tensor | None, sq_error: torch.Tensor) -> None:
+    def _update_ema(
+        self, count: torch.Tensor, total: torch.Tensor | None, sq_error: torch.Tensor, keep: torch.Tensor | None
+    ) -> None:
+        """The EMA step of the module docstring; with `keep` (a 0-d bool tensor) False, a no-op (masked)."""
         g = self.config.decay
-        self.ema_steps += 1
-        self.ema_count.mul_(g).add_(count, alpha=1 - g)
-        self.ema_sq_error.mul_(g).add_(sq_error, alpha=1 - g)
+        if keep is None:
+            self.ema_steps += 1
+            self.ema_count.mul_(g).add_(count, alpha=1 - g)
+            self.ema_sq_error.mul_(g).add_(sq_error, alpha=1 - g)
+        else:
+            self.ema_steps += keep.long()
+            # the same operations as the plain step out of place, so an applied masked step is bitwise the same
+            _assign(self.ema_count, torch.mul(self.ema_count, g).add_(count, alpha=1 - g), keep)
+            _assign(self.ema_sq_error, torch.mul(self.ema_sq_error, g).add_(sq_error, alpha=1 - g), keep)
         if total is None:
             return
-        self.ema_sum.mul_(g).add_(total, alpha=1 - g)
+        if keep is None:
+            self.ema_sum.mul_(g).add_(total, alpha=1 - g)
+        else:
+            _assign(self.ema_sum, torch.mul(self.ema_sum, g).add_(total, alpha=1 - g), keep)
         bias = self._bias()
         eps = self.config.eps
         # e + (m^ - N^ e) / (N^ + eps) = (m^ + eps e) / (N^ + eps); an unused code (m^ = N^ = 0) stays bit-exact.
-        # In place, with one K x D temporary.
+        # In place, with one K x D temporary (two when masked).
         n_hat = (self.ema_count / bias)[:, None]
         step = self.codebook * -n_hat
-        step.add_(self.ema_sum, alpha=1.0 / bias).div_(n_hat + eps)
-        self.codebook.add_(step)
-        if self.config.l2_normalize:
-            self.codebook.copy_(F.normalize(self.codebook, dim=1))
+        step.addcdiv_(self.ema_sum, bias).div_(n_hat + eps)
+        if keep is None:
+            self.codebook.add_(step)
+            if self.config.l2_normalize:
+                self.codebook.copy_(F.normalize(self.codebook, dim=1))
+            return
+        updated = step.add_(self.codebook)
+        _assign(self.codebook, F.normalize(updated, dim=1) if self.config.l2_normalize else updated, keep)
 
-    def _restart_dead_codes(self, candidates: torch.Tensor) -> int:
+    def _restart_dead_codes(self, candidates: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """Move dead codes onto their candidates (by `torch.where`: no data-dependent shapes); returns how many, as a
+        0-d int64 tensor on the device (0 when `keep` is False)."""
         bias = self._bias()
         dead, threshold = self._dead_codes()
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return 0
+        if keep is not None:
+            dead &= keep
         fresh = F.normalize(candidates, dim=1) if self.config.l2_normalize else candidates
-        self.codebook.data[dead] = fresh[dead]
-        self.ema_count[dead] = threshold * bias
+        self.codebook.data.copy_(torch.where(dead[:, None], fresh, self.codebook))
+        self.ema_count.copy_(torch.where(dead, threshold * bias, self.ema_count))
         if self.config.ema:
-            self.ema_sum[dead] = threshold * bias * fresh[dead]
-        return n_dead
+            self.ema_sum.copy_(torch.where(dead[:, None], (threshold * bias) * fresh, self.ema_sum))
+        return dead.sum()
 
     def _maybe_kmeans_init(self) -> dict[str, torch.Tensor]:
         have = sum(len(r) for r in self._reservoir)
@@ -358,8 +450,11 @@ class VectorQuantizer(Bottleneck):
         self._initialized_cache = True
         return {"kmeans_samples": torch.tensor(float(data.shape[0]))}
 
-    def _bias(self) -> float:
-        return 1 - self.config.decay ** max(int(self.ema_steps), 1)
+    def _bias(self) -> torch.Tensor:
+        """The EMA debiasing factor 1 - decay^t (t = ema_steps, at least 1): a 0-d float32 tensor computed on the
+        buffers' device in float64, so that no step reads `ema_steps` on the host."""
+        t = self.ema_steps.clamp_min(1).double()
+        return (1 - torch.pow(self.config.decay, t)).float()
 
     def _dead_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(mask of dead codes, threshold): debiased count below dead_threshold x the expected count per code

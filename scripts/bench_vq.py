@@ -59,7 +59,7 @@ Usage::
     .venv/bin/python scripts/bench_vq.py --configs 1024x64 --impl vqtok --steps 10 --json out.json
     .venv/bin/python scripts/bench_vq.py --device cuda        # the four GPU rows of issue 16, N = 65536
     .venv/bin/python scripts/bench_vq.py --device cuda --autocast bf16 --min-seconds 5
-    .venv/bin/python scripts/bench_vq.py --device cuda --search torch   # vqtok without the fused Triton kernel
+    .venv/bin/python scripts/bench_vq.py --device cuda --search auto    # vqtok with the fused Triton kernel (D <= 64)
 """
 
 from __future__ import annotations
@@ -217,12 +217,16 @@ def vqtok_initial_codebook(k: int, d: int) -> torch.Tensor:
     return VectorQuantizer(VQConfig(codebook_size=k, dim=d, kmeans_init=False)).codebook.clone()
 
 
+SEARCH = "torch"  # VQConfig.search of the vqtok runs (--search)
+
+
 def make_vqtok(n: int, k: int, d: int, device: torch.device, autocast: str | None) -> Runner:
     from vqtok.bottleneck import VectorQuantizer
     from vqtok.config import VQConfig
 
     h, w = grid_for(n)
-    vq = VectorQuantizer(VQConfig(codebook_size=k, dim=d, beta=BETA, decay=DECAY, kmeans_init=False, dead_threshold=0.0))
+    vq = VectorQuantizer(VQConfig(codebook_size=k, dim=d, beta=BETA, decay=DECAY, kmeans_init=False, dead_threshold=0.0,
+                                  search=SEARCH))
     vq.to(device).train()
     weight = torch.randn(1, d, h, w, generator=torch.Generator().manual_seed(1)).to(device)
 
@@ -496,9 +500,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (cuda:1, ...)")
     parser.add_argument("--autocast", choices=["off", "bf16"], default="off",
                         help="run both implementations' steps under bf16 autocast")
-    parser.add_argument("--search", choices=["auto", "torch", "triton"], default="auto",
-                        help="vqtok's nearest-code search: auto (the fused Triton kernel on CUDA where D <= 64 and "
-                             "triton is installed, else torch), or force one path to compare them")
+    parser.add_argument("--search", choices=["torch", "auto"], default="torch",
+                        help="vqtok's VQConfig.search: torch (the matmul search, the default), or auto (the fused "
+                             "Triton kernel on CUDA where D <= 64 and triton is installed, else torch)")
     parser.add_argument("--steps", type=int, default=5, help="minimum timed steps per configuration (median reported)")
     parser.add_argument("--min-seconds", type=float, default=20.0,
                         help="keep timing past --steps until the timed steps took this long (cheap configurations)")
@@ -520,9 +524,8 @@ def main() -> None:
     n = args.n or (CUDA_N if device.type == "cuda" else 16384)
     configs = args.configs or list(CUDA_CONFIGS if device.type == "cuda" else DEFAULT_CONFIGS)
     autocast = None if args.autocast == "off" else args.autocast
-    from vqtok.bottleneck import search
-
-    search.DEFAULT_METHOD = args.search
+    global SEARCH
+    SEARCH = args.search
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     impls = ["vqtok", "peer"] if args.impl == "both" else [args.impl]

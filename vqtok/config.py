@@ -75,7 +75,11 @@ class VQConfig:
     `dead_threshold` is relative to the expected count per code (vectors per step / K); 0 turns restarts off.
     `kmeans_samples` of None means max(4096, 4 * codebook_size). `l2_normalize` puts z and codes on the unit sphere
     (cosine similarity search; with a small `dim` this is the LlamaGen recipe). `search_chunk` bounds the distance
-    matrix of the nearest-code search to that many floats; None picks max(2^21, 512 * K) up to 2^25 (128 MiB).
+    matrix of the nearest-code search to that many floats; None sizes it to the device: on a CPU max(2^21, 512 * K)
+    up to 2^25 (128 MiB), on a GPU min(1 GiB, a quarter of the free memory), one chunk when N x K fits (see
+    `vqtok.bottleneck.search`). `search: auto` takes the fused Triton search where it applies (CUDA, triton
+    installed, dim <= 64: no distance matrix at all) and the matmul search elsewhere; `torch` (the default until the
+    kernel is measured on a GPU, see BENCHMARKS.md) always the matmul search. Both are exact in float32.
     """
 
     kind: Literal["vq"] = "vq"
@@ -93,6 +97,7 @@ class VQConfig:
     dead_threshold: float = 0.03
     usage_window: int = 100
     search_chunk: int | None = None
+    search: Literal["torch", "auto"] = "torch"
 
     def __post_init__(self) -> None:
         _require(self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}")

@@ -59,11 +59,13 @@ class Bottleneck(nn.Module, ABC):
     def decode(self, representation: torch.Tensor) -> torch.Tensor:
         """Codes or latents -> decoder input [B, dim, h, w]."""
 
-    def on_optimizer_step(self, skipped: bool = False) -> dict[str, torch.Tensor]:
+    def on_optimizer_step(self, skipped: bool | torch.Tensor = False) -> dict[str, torch.Tensor]:
         """Apply state updates gathered since the last optimizer step (once per step, when gradients sync).
 
-        `skipped=True` drops what was gathered (the training loop skipped the update, e.g. on a NaN gradient).
-        Returns statistics of the update for logging. Bottlenecks without such state do nothing.
+        `skipped=True` drops what was gathered (the training loop skipped the update, e.g. on a NaN gradient). The
+        sync-free training step passes a 0-d bool tensor on the model's device, decided there: an implementation must
+        not read it on the host, but apply its updates masked (`torch.where`). Returns statistics of the update for
+        logging, as tensors that the loop reads at log steps only. Bottlenecks without such state do nothing.
         """
         return {}
 

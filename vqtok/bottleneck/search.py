@@ -10,11 +10,12 @@ free device memory, whichever is smaller, queried once per device: a batch whose
 one chunk (one matmul, one min: no per-chunk Python overhead), a larger one in as few chunks as the budget allows.
 Nothing here reads a device value on the host, so the search never synchronises with a GPU.
 
-On CUDA with triton importable and D <= TRITON_MAX_DIM, `method="auto"` (the default) uses instead a Triton kernel
+On CUDA with triton importable and D <= TRITON_MAX_DIM, `method="auto"` (VQConfig.search) uses instead a Triton kernel
 that fuses distances and argmin (`search_triton.py`): no N x K buffer at all, which matters most where D is small and
 the search is bound by writing and reading that buffer. It does the same float32 arithmetic (FMA, no TF32) on the
-same centred inputs. `method="torch"` forces the pure-torch path (the reference, and the only one on a CPU). Everything runs in float32 with autocast
-and TF32 off, and both sides are centred on the codebook mean first (distances are unchanged by a common shift, but
+same centred inputs. `method="torch"` (the default until the kernel is measured on a GPU) is the pure-torch path: the reference, and
+the only one on a CPU; `method="triton"` insists on the kernel (tests, benchmarks). Everything runs in float32 with
+autocast and TF32 off, and both sides are centred on the codebook mean first (distances are unchanged by a common shift, but
 the cancellation in the expansion shrinks with the norms), which is what keeps the choice exact under bf16 training.
 """
 
@@ -34,7 +35,6 @@ CUDA_FREE_FRACTION = 0.25  # ... and at most a quarter of the device memory free
 _cuda_chunk_elements: dict[int, int] = {}  # per CUDA device index, from the first search on it
 TRITON_MAX_DIM = 64  # the fused kernel keeps a row tile of features in registers
 SEARCH_METHODS = ("auto", "torch", "triton")
-DEFAULT_METHOD = "auto"  # what nearest_code(method=None) uses (a benchmark may set it to compare the paths)
 _triton_module: object = None  # search_triton once imported, False where triton is not importable
 
 
@@ -106,9 +106,8 @@ def _triton_search():
     return _triton_module or None
 
 
-def uses_triton(device: torch.device, d: int, method: str | None = None) -> bool:
+def uses_triton(device: torch.device, d: int, method: str = "torch") -> bool:
     """Whether nearest_code takes the fused Triton kernel for D = d on `device` (see the module docstring)."""
-    method = method or DEFAULT_METHOD
     if method not in SEARCH_METHODS:
         raise ValueError(f"method must be one of {', '.join(SEARCH_METHODS)}, got {method!r}")
     if method == "torch":
@@ -126,7 +125,7 @@ def uses_triton(device: torch.device, d: int, method: str | None = None) -> bool
 
 @torch.no_grad()
 def nearest_code(
-    z: torch.Tensor, codebook: torch.Tensor, *, chunk_elements: int | None = None, method: str | None = None
+    z: torch.Tensor, codebook: torch.Tensor, *, chunk_elements: int | None = None, method: str = "torch"
 ) -> torch.Tensor:
     """Index of the nearest codebook row (squared Euclidean) for each row of z: [N, D], [K, D] -> LongTensor [N].
 
@@ -134,7 +133,7 @@ def nearest_code(
     rows at once on CUDA when they fit), so the distance buffer never holds more than chunk_elements floats (or one
     row). The chunk's distances are one matmul of [z - c, 1] with [-2 (e - c), ||e - c||^2]^T into
     a single preallocated buffer: no bias copy, no second chunk alive, no heap churn from a fresh buffer per chunk.
-    `method` (None: DEFAULT_METHOD, "auto"): "torch", "triton" (the fused kernel, no distance buffer; CUDA, or a
+    `method`: "torch" (the default), "triton" (the fused kernel, no distance buffer; CUDA, or a
     CPU under TRITON_INTERPRET=1) or "auto" (Triton on CUDA where it applies, else torch). The fused kernel holds
     no distances at all, so chunk_elements (a bound on the torch path's buffer) has nothing to bound there.
     """

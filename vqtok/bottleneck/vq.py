@@ -186,7 +186,7 @@ class VectorQuantizer(Bottleneck):
         features = self._prepared(h)
         z = rearrange(features.detach(), "b d h w -> (b h w) d")  # rows for the search and the statistics
         codebook = self.code_vectors()
-        codes = nearest_code(z, codebook.detach(), chunk_elements=self.config.search_chunk)
+        codes = nearest_code(z, codebook.detach(), chunk_elements=self.config.search_chunk, method=self.config.search)
         quantized = F.embedding(codes, codebook)
         as_grid = lambda rows: rearrange(rows, "(b h w) d -> b d h w", b=b, h=height, w=width)  # noqa: E731 (a view)
         out, commitment = _QuantizeWithCommitment.apply(features, as_grid(quantized.detach()))
@@ -210,7 +210,8 @@ class VectorQuantizer(Bottleneck):
         self.check_features(h)
         b, _, height, width = h.shape
         z = rearrange(self._prepared(h), "b d h w -> (b h w) d")
-        codes = nearest_code(z, self.code_vectors(), chunk_elements=self.config.search_chunk)
+        codes = nearest_code(z, self.code_vectors(), chunk_elements=self.config.search_chunk,
+                             method=self.config.search)
         return codes.view(b, height, width)  # (not einops, which cannot infer a size from an empty batch)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:

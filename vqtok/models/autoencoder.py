@@ -234,7 +234,7 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
         log_px = -self.pixel_nll(self._decode_z(z, repeated), x.repeat_interleave(num_samples, dim=0))
         return (log_px + log_pz_minus_log_qz).view(b, num_samples)
 
-    def on_optimizer_step(self, skipped: bool = False) -> dict[str, torch.Tensor]:
+    def on_optimizer_step(self, skipped: bool | torch.Tensor = False) -> dict[str, torch.Tensor]:
         """The once-per-optimizer-step hook of the bottleneck (EMA codebook, restarts); see `Bottleneck`."""
         return self.bottleneck.on_optimizer_step(skipped=skipped)
 

@@ -423,7 +423,7 @@ class HierarchicalVAE(PixelModel, HubModel, model_type="hierarchical_vae"):
         weights = [m.weight for m in self.modules() if isinstance(m, nn.Conv2d)]
         return sum(torch.linalg.matrix_norm(w.float().flatten(1), ord=2) for w in weights)
 
-    def on_optimizer_step(self, skipped: bool = False) -> dict[str, torch.Tensor]:
+    def on_optimizer_step(self, skipped: bool | torch.Tensor = False) -> dict[str, torch.Tensor]:
         return {}
 
     # ------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from vqtok.config import ConfigError, RunConfig, to_dict
 from vqtok.train.schedules import lr_factor
 
 C = TypeVar("C", bound=RunConfig)
-StepHook = Callable[[bool], dict[str, torch.Tensor]]  # on_optimizer_step(skipped) -> stats to log
+StepHook = Callable[[bool | torch.Tensor], dict[str, torch.Tensor]]  # on_optimizer_step(skipped) -> stats to log
 
 
 class TooManySkippedSteps(RuntimeError):

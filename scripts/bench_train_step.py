@@ -152,11 +152,7 @@ def main() -> None:
             out = counted(x, check=False)
         torch.autograd.grad(out.reconstruction.float().square().mean(), params, allow_unused=True)
     flops = engine.count_flops(forward_backward)
-    peak = args.peak_tflops
-    if peak is None and device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        peak = next((p[0] if config.mixed_precision == "bf16" else p[2] for k, p in engine.PEAK_TFLOPS.items()
-                     if k in name), None)
+    peak = args.peak_tflops or engine.device_peak_tflops(device, config.mixed_precision)
 
     rows = {}
     variants = [("vqtok eager", False), ("vqtok compiled", True)][: 1 if args.no_compile else 2]

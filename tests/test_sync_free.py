@@ -5,6 +5,7 @@ mode), and a skipped update (a NaN gradient) is still a skip, decided on the dev
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -181,24 +182,38 @@ def test_too_many_skips_stop_the_run_at_the_next_log_step(tmp_path):
         train(config)
 
 
+@contextmanager
+def cuda_guard():
+    """torch.cuda.set_sync_debug_mode("error") while it lasts."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_cuda_step_never_syncs(tmp_path, monkeypatch):
-    """On a GPU, torch's own sync debug mode (which also sees host-to-device copies from pageable memory)."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def cuda_guard():
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            yield
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-
+    """On a GPU, torch's own sync debug mode (which also sees host-to-device copies from pageable memory): a VQ
+    tokenizer with the weights' EMA, a Gaussian VAE, a hierarchical VAE with KL balancing."""
     calls = guard_steps(monkeypatch, loop, guard=cuda_guard)
-    config = vq_config(tmp_path / "vq", mixed_precision="bf16")
+    config = vq_config(tmp_path / "vq", mixed_precision="bf16", weights_ema=0.9)
     train(config)
     train(gaussian_config(tmp_path / "vae", mixed_precision="bf16"))
-    assert calls.count("finish_step") == config.max_steps + 4
+    hvae = tiny_hvae_train_config(str(tmp_path / "hvae"), max_steps=3, log_every=3, eval_every=3, checkpoint_every=3,
+                                  eval_images=8, kl_schedule="linear", kl_warmup_steps=10)
+    train(replace(hvae, model=replace(hvae.model, kl_balance=True)))  # NVAE's KL balancing during the warm-up
+    assert calls.count("finish_step") == config.max_steps + 4 + 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_cuda_prior_step_never_syncs(store, tmp_path, monkeypatch):
+    calls = guard_steps(monkeypatch, prior_loop, guard=cuda_guard)
+    config = PriorTrainConfig(prior=TINY_PRIOR, tokens=str(store / "train"), output_dir=str(tmp_path / "prior"),
+                              max_steps=4, batch_size=8, grad_accum=2, warmup_steps=1, log_every=4, eval_every=4,
+                              checkpoint_every=4, eval_items=8, num_samples=2, mixed_precision="bf16")
+    train_prior(config)
+    assert calls.count("finish_step") == 4
 
 
 # ---- FLOPs and MFU ---------------------------------------------------------------------------------------------------

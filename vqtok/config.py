@@ -487,7 +487,7 @@ class RunConfig:
     `compile: true` compiles the networks in place with torch.compile (a tokenizer's encoder and decoder, and the
     discriminator when there is one; a prior whole), without changing their checkpoints' keys: slower to start,
     faster per step on a GPU; it also works on CPU (inductor, needs a C++ compiler). Convolutional models train in
-    channels_last memory format on CUDA, and AdamW is fused wherever torch has the kernel, compiled or not.
+    channels_last memory format on CUDA, and AdamW is always fused (CPU, CUDA, MPS, XPU), compiled or not.
     metrics.jsonl reports steps_per_s, tflops (achieved TFLOP/s, one optimizer step's FLOPs counted once with
     torch.utils.flop_counter) and mfu, the fraction of `peak_tflops` (per device; null: a table of NVIDIA's dense
     peaks for the H100, H200 and A100 in the run's precision, no MFU elsewhere).

@@ -17,6 +17,7 @@ alpha is a group's size over the number of groups at its scale.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -81,7 +82,14 @@ def balance_coefficients(step_mean: torch.Tensor, alpha: tuple[float, ...] | Non
     if alpha is None:
         alpha = torch.ones_like(step_mean)
     else:
-        alpha = torch.tensor(alpha, dtype=step_mean.dtype, device=step_mean.device)
-        alpha = alpha / alpha.min()
+        alpha = _relative_alpha(tuple(alpha), step_mean.dtype, step_mean.device)
     gamma = (step_mean.abs() + 0.01) / alpha
     return gamma / gamma.mean()
+
+
+@functools.lru_cache(maxsize=16)
+def _relative_alpha(alpha: tuple[float, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """alpha / min(alpha) as a tensor on `device`, made once: a copy from host memory on every micro-batch would make
+    a GPU training step wait for the device."""
+    alpha_tensor = torch.tensor(alpha, dtype=dtype, device=device)
+    return alpha_tensor / alpha_tensor.min()

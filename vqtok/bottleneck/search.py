@@ -151,7 +151,7 @@ def nearest_code(
         center = codebook.mean(dim=0)
         codes = codebook - center
         if fused:
-            _triton_search().nearest_code_triton(torch.sub(z, center), codes, codes.pow(2).sum(dim=1), out)
+            _triton_search().nearest_code_triton(torch.sub(z.float(), center), codes, codes.pow(2).sum(dim=1), out)
             return out
         rhs = torch.cat([codes.t() * -2.0, codes.pow(2).sum(dim=1)[None]])  # [D + 1, K]
         lhs = torch.ones(rows, d + 1, device=z.device)  # last column stays 1: it adds ||e - c||^2

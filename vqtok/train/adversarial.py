@@ -98,8 +98,10 @@ class ImageLosses:
         """Clip, then update - or skip when the gradient norm is not finite (the tokenizer's step decides its own),
         decided on the device like the tokenizer's (engine.step_unless)."""
         grad_norm = grad_norm_of(self.accelerator, self.discriminator.parameters(), self.config.clip_grad_norm)
-        if takes_device_skip(self.optimizer):
+        if self.accelerator.scaler is None and takes_device_skip(self.optimizer):
             step_unless(self.optimizer, ~torch.isfinite(grad_norm))
+        elif self.accelerator.scaler is not None:  # fp16: the GradScaler's step skips an overflow itself
+            self.optimizer.step()
         elif math.isfinite(float(grad_norm)):  # no fused kernel here: decided on the host
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -99,7 +99,9 @@ class WeightsEMA:
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
-        self.shadow = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+        # contiguous whatever the weights' memory format (channels_last on CUDA): safetensors saves these as they are
+        self.shadow = {n: p.detach().float().clone(memory_format=torch.contiguous_format)
+                       for n, p in model.named_parameters()}
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, skipped: torch.Tensor | None = None) -> None:
@@ -259,7 +261,7 @@ def takes_device_skip(optimizer) -> bool:
 
     inner = _inner(optimizer)
     supported = _get_fused_kernels_supported_devices()
-    return isinstance(inner, torch.optim.Adam) and all(
+    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)) and all(  # AdamW subclasses Adam from torch 2.7
         group.get("fused") and all(p.device.type in supported for p in group["params"]) for group in inner.param_groups)
 
 
@@ -272,7 +274,7 @@ def step_unless(optimizer, skipped: torch.Tensor) -> None:
     try:
         optimizer.step()
     finally:
-        del inner.found_inf
+        inner.__dict__.pop("found_inf", None)
 
 
 def grad_norm_of(accelerator: Accelerator, parameters, clip: float) -> torch.Tensor:
@@ -367,17 +369,22 @@ PEAK_TFLOPS: dict[str, tuple[float, float, float]] = {
 
 
 def peak_tflops(config: RunConfig, accelerator: Accelerator) -> float | None:
-    """The peak TFLOP/s that MFU divides by: `config.peak_tflops` when set, else the table's value for this GPU in
-    the run's precision (16-bit under bf16/fp16 autocast; TF32 when torch lets float32 matmuls use it, else fp32),
-    else None (a CPU, an unknown GPU: no MFU)."""
+    """The peak TFLOP/s that MFU divides by: `config.peak_tflops` when set, else `device_peak_tflops` for the run's
+    device and precision (None on a CPU or an unknown GPU: no MFU)."""
     if config.peak_tflops is not None:
         return config.peak_tflops
-    if accelerator.device.type != "cuda":
+    return device_peak_tflops(accelerator.device, accelerator.mixed_precision)
+
+
+def device_peak_tflops(device: torch.device, mixed_precision: str | None) -> float | None:
+    """The table's dense peak for this GPU: 16-bit under bf16/fp16 autocast, TF32 when torch lets float32 matmuls
+    use it, else fp32; None on a CPU or a GPU the table lacks."""
+    if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(accelerator.device)
+    name = torch.cuda.get_device_name(device)
     for key, (half, tf32, fp32) in PEAK_TFLOPS.items():
         if key in name:
-            if accelerator.mixed_precision in ("bf16", "fp16"):
+            if mixed_precision in ("bf16", "fp16"):
                 return half
             return tf32 if torch.backends.cuda.matmul.allow_tf32 else fp32
     return None
@@ -392,6 +399,21 @@ def count_flops(fn: Callable[[], Any]) -> int:
     with FlopCounterMode(display=False) as counter, stance("force_eager") if stance else nullcontext():
         fn()
     return counter.get_total_flops()
+
+
+def micro_batch_flops(accelerator: Accelerator, model: torch.nn.Module, loss: Callable[[], torch.Tensor]) -> int:
+    """FLOPs of one micro-batch's forward (`loss()`, a scalar) and backward, counted once without touching the run:
+    evaluation mode (no codebook statistics, no posterior noise, no dropout), the random state restored, gradients
+    taken with autograd.grad (none accumulated, no DDP hook)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=devices):
+            return count_flops(lambda: torch.autograd.grad(loss(), params, allow_unused=True))
+    finally:
+        model.train(was_training)
 
 
 class Throughput:
@@ -471,6 +493,15 @@ def compile_modules(*modules: torch.nn.Module | None) -> None:
     for module in modules:
         if module is not None:
             module.compile()
+
+
+def allow_retained_graphs_through_compiled() -> None:
+    """Let compiled modules be backpropagated twice through one graph (`retain_graph=True`, as the VQGAN's adaptive
+    weight does through the decoder's last layer): AOTAutograd frees "donated" buffers after the first backward
+    (torch >= 2.6's `donated_buffer`) and then refuses the second. Process-wide; it costs only that memory saving."""
+    functorch_config = getattr(getattr(torch, "_functorch", None), "config", None)
+    if functorch_config is not None and hasattr(functorch_config, "donated_buffer"):
+        functorch_config.donated_buffer = False
 
 
 def to_channels_last(model: torch.nn.Module) -> None:

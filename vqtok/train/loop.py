@@ -55,11 +55,11 @@ from vqtok.train.engine import (
     Throughput,
     WeightsEMA,
     accelerate_run,
+    allow_retained_graphs_through_compiled,
     append_metrics,
     check_finite_weights,
     check_skips,
     compile_modules,
-    count_flops,
     exported,
     finish_step,
     log_images,
@@ -67,6 +67,7 @@ from vqtok.train.engine import (
     make_accelerator,
     make_optimizer,
     match_state_layout,
+    micro_batch_flops,
     peak_tflops,
     resolve_precision,
     to_channels_last,
@@ -149,6 +150,8 @@ def _train(config: TrainConfig, *, dataset: Dataset | None, trackers: Sequence[G
             to_channels_last(image_losses.raw)
     if config.compile:
         compile_modules(*tokenizer_networks(model), image_losses.raw if image_losses.adversarial else None)
+        if image_losses.adversarial and image_losses.adversarial.adaptive_weight:
+            allow_retained_graphs_through_compiled()
     # Then per-rank streams for sampling noise and dropout; data order and flips depend on config.seed alone.
     set_seed(config.seed, device_specific=True)
     optimizer, scheduler = make_optimizer(config, model.parameters())
@@ -210,6 +213,8 @@ def _train(config: TrainConfig, *, dataset: Dataset | None, trackers: Sequence[G
                           step)
             stopping = stop.requested()
             if checkpoint or stopping:
+                if stopping:  # as a log or checkpoint step would: the longest run of skips is not saved
+                    check_skips(config, counters, logs.get("grad_norm"))
                 transient = raw.bottleneck.transient_state() if hasattr(raw, "bottleneck") and hasattr(
                     raw.bottleneck, "transient_state") else {}
                 saved = run.save(counters, ema, transient=transient)
@@ -392,26 +397,16 @@ def _step_kl_mean(accelerator, raw, micro_batches: list[tuple[torch.Tensor, dict
 
 
 def _micro_batch_flops(config: TrainConfig, accelerator, raw, micro_batch) -> int:
-    """FLOPs of one micro-batch's forward and backward through the tokenizer (not LPIPS or the discriminator),
-    counted once without touching the run: evaluation mode (no codebook statistics, no posterior noise, no
-    BatchNorm updates), the random state restored, gradients taken with autograd.grad (none accumulated, no DDP
-    hook)."""
+    """FLOPs of one micro-batch's forward and backward through the tokenizer, not LPIPS or the discriminator
+    (`engine.micro_batch_flops`)."""
     x, _, labels = micro_batch
-    params = [p for p in raw.parameters() if p.requires_grad]
-    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
 
-    def forward_backward() -> None:
+    def loss() -> torch.Tensor:
         with accelerator.autocast():
             out = raw(x, check=False, **({} if labels is None else {"labels": labels}))
-        torch.autograd.grad(out.reconstruction.float().square().mean(), params, allow_unused=True)
+        return out.reconstruction.float().square().mean()
 
-    was_training = raw.training
-    raw.eval()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            return count_flops(forward_backward)
-    finally:
-        raw.train(was_training)
+    return micro_batch_flops(accelerator, raw, loss)
 
 
 def _coin(seed: int, step: int, index: int) -> bool:

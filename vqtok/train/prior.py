@@ -44,13 +44,13 @@ from vqtok.train.engine import (
     append_metrics,
     check_skips,
     compile_modules,
-    count_flops,
     exported,
     finish_step,
     log_images,
     log_metrics,
     make_accelerator,
     make_optimizer,
+    micro_batch_flops,
     peak_tflops,
     resolve_precision,
 )
@@ -141,6 +141,8 @@ def _train_prior(config: PriorTrainConfig, *, resume: bool, stop_at: int | None,
                 _evaluate(accelerator, raw, data, config, out, step, unigram)
             stopping = stop.requested()
             if checkpoint or stopping:
+                if stopping:  # as a log or checkpoint step would: the longest run of skips is not saved
+                    check_skips(config, counters, logs.get("grad_norm"))
                 saved = run.save(counters, ema)
             if stopping:
                 raise run.stopped(stopping, saved, step)
@@ -272,24 +274,14 @@ def _accumulate_step(config: PriorTrainConfig, accelerator, model,
 
 
 def _micro_batch_flops(accelerator, raw: TransformerPrior, host: tuple[torch.Tensor, torch.Tensor]) -> int:
-    """FLOPs of one micro-batch's forward and backward, counted once without touching the run (evaluation mode,
-    the random state restored, gradients by autograd.grad: none accumulated, no DDP hook)."""
+    """FLOPs of one micro-batch's forward and backward (`engine.micro_batch_flops`)."""
     codes, labels = (t.to(accelerator.device) for t in host)
-    params = [p for p in raw.parameters() if p.requires_grad]
-    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
 
-    def forward_backward() -> None:
+    def loss() -> torch.Tensor:
         with accelerator.autocast():
-            logits = raw(codes, _labels_for(raw, labels), check=False)
-        torch.autograd.grad(code_nll(logits, codes), params, allow_unused=True)
+            return code_nll(raw(codes, _labels_for(raw, labels), check=False), codes)
 
-    was_training = raw.training
-    raw.eval()
-    try:
-        with torch.random.fork_rng(devices=devices):
-            return count_flops(forward_backward)
-    finally:
-        raw.train(was_training)
+    return micro_batch_flops(accelerator, raw, loss)
 
 
 def _micro_batch(config: PriorTrainConfig, accelerator) -> int:

@@ -241,3 +241,35 @@ def test_throughput_reports_tflops_and_mfu():
     assert logs["steps_per_s"] == pytest.approx(2.0, rel=0.01)
     assert logs["tflops"] == pytest.approx(4.0, rel=0.01)  # 1 TFLOP per step per process, 2 processes, 2 steps/s
     assert logs["mfu"] == pytest.approx(4.0 / 200.0, rel=0.01)
+
+
+def test_the_weights_ema_saves_contiguous_copies_of_channels_last_weights(tmp_path):
+    """On CUDA the convolutional models train channels_last; the EMA's copies must stay contiguous, or safetensors
+    refuses to save them in the checkpoint."""
+    from safetensors.torch import save_file
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 4, 1))
+    engine.to_channels_last(model)
+    assert not model[0].weight.is_contiguous()
+    ema = engine.WeightsEMA(model, 0.9)
+    assert all(t.is_contiguous() for t in ema.shadow.values())
+    save_file(ema.shadow, tmp_path / "ema.safetensors")
+
+
+def test_a_device_skip_survives_an_optimizer_step_that_clears_found_inf():
+    """A GradScaler's step sets and deletes `found_inf` itself: step_unless must not fail afterwards."""
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = engine.make_adamw([param], lr=0.1, betas=(0.9, 0.99), weight_decay=0.0)
+    original = optimizer.step
+
+    def step_like_a_scaler(*args, **kwargs):
+        original(*args, **kwargs)
+        del optimizer.found_inf
+
+    optimizer.step = step_like_a_scaler
+    param.grad = torch.ones(3)
+    assert engine.takes_device_skip(optimizer)
+    engine.step_unless(optimizer, torch.tensor(True))
+    assert torch.equal(param.detach(), torch.ones(3))  # skipped
+    engine.step_unless(optimizer, torch.tensor(False))
+    assert not torch.equal(param.detach(), torch.ones(3))  # applied

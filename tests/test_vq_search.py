@@ -120,9 +120,13 @@ interpreted = pytest.mark.skipif(
 def test_triton_kernel_under_the_interpreter():
     """The Triton kernel's tests (named *interpreted*) in a fresh process with TRITON_INTERPRET=1, which triton must
     see when it is imported (its own reductions are kernels too): the kernel then runs on CPU tensors via numpy."""
-    pytest.importorskip("triton")
+    triton = pytest.importorskip("triton")
     if INTERPRETED:
         pytest.skip("already under the interpreter")
+    if tuple(int(part) for part in triton.__version__.split(".")[:2]) < (3, 3):
+        # seen with triton 3.2 (torch 2.6) and numpy 2.4: its interpreter turns a loop bound given as a kernel argument
+        # into a 1-element array, which numpy 2 refuses to convert to an int (a compiled kernel takes the bound as a scalar)
+        pytest.skip(f"triton {triton.__version__}'s interpreter cannot run loops over a runtime bound under numpy 2")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),

@@ -94,19 +94,18 @@ class StaticKVCache:
     one for all): a compiled step then scatters into each in place, where writing into a view of a shared tensor
     makes inductor copy the whole cache every step."""
 
-    def __init__(self, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, *,
-                 device: torch.device, dtype: torch.dtype):
-        shape = (batch, n_head, max_len, head_dim)
-        # zeros, not empty: masked positions get weight 0, and 0 * NaN from uninitialised memory would be NaN
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor]):
+        """A cache over existing tensors, n_layer of each [B, H, max_len, D] (inside a compiled step, whose inputs
+        they are); `zeros` makes a new one."""
+        self.keys, self.values = keys, values
 
     @classmethod
-    def wrap(cls, keys: list[torch.Tensor], values: list[torch.Tensor]) -> StaticKVCache:
-        """A cache over existing tensors (inside a compiled step, whose inputs they are)."""
-        cache = cls.__new__(cls)
-        cache.keys, cache.values = keys, values
-        return cache
+    def zeros(cls, n_layer: int, batch: int, n_head: int, max_len: int, head_dim: int, *,
+              device: torch.device, dtype: torch.dtype) -> StaticKVCache:
+        shape = (batch, n_head, max_len, head_dim)
+        # zeros, not empty: masked positions get weight 0, and 0 * NaN from uninitialised memory would be NaN
+        return cls([torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)],
+                   [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)])
 
     def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -429,7 +428,7 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
         """One fixed-shape decode step: the codes [B] at `position` [1] (a LongTensor, so one graph serves every
         position) are written into the static cache (keys, values: n_layer tensors [B, H, seq_len, D], in place) and
         give the next position's logits [B, vocab]."""
-        hidden = self._trunk(self.token_emb(tokens)[:, None], position, StaticKVCache.wrap(keys, values))
+        hidden = self._trunk(self.token_emb(tokens)[:, None], position, StaticKVCache(keys, values))
         return self._logits(hidden[:, -1])
 
     def _compiled_decode_step(self) -> Any:
@@ -480,7 +479,7 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
 
     def _new_cache(self, batch: int, dtype: torch.dtype, static: bool = False) -> KVCache | StaticKVCache:
         c = self.config
-        kind = StaticKVCache if static else KVCache
+        kind = StaticKVCache.zeros if static else KVCache
         return kind(c.n_layer, batch, c.n_head, c.seq_len, c.n_embd // c.n_head, device=self.head.weight.device,
                     dtype=dtype)
 

@@ -12,8 +12,8 @@ offset shifts an even grid by half a level; b(0) = 0 either way). The decoder ge
 With L = 2 the offset puts the rounding threshold (b = -1/2) at z = -atanh(0.999) - s, far from 0: such a channel is
 lopsided (the peer refuses L = 2 for this reason); prefer L >= 3.
 
-Gradient: the rounding is straight-through, d round_ste(b) / d b = 1 everywhere (the output is round(b) exactly, not
-b + (round(b) - b) with its float error), so d out / d z = tanh'(z + s) * half_l / (L // 2): the bound's smooth
+Gradient: the rounding is straight-through, d round_ste(b) / d b = 1 everywhere (an autograd function whose output
+is torch.round(b) itself), so d out / d z = tanh'(z + s) * half_l / (L // 2): the bound's smooth
 derivative. There is no hard bound: the gradient decays with |z| (below 1e-3 of its peak past |z + s| ~ 4.5) and
 underflows to 0 in float32 past |z + s| ~ 9 (tanh saturates); it is never clipped.
 

@@ -255,3 +255,16 @@ def test_an_fsq_tokenizer_trains_encodes_and_feeds_a_prior_that_samples(tmp_path
     assert codes.shape == (2, 8, 8) and 0 <= int(codes.min()) and int(codes.max()) < 64_000
     images = prior.tokenizer.decode(codes)
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+
+
+def test_codebook_health_and_warnings_cover_fsq():
+    from vqtok.train.evaluate import MIN_CODE_USAGE, codebook_health, codebook_warnings
+
+    model = vqtok.Autoencoder(tiny_config(FSQConfig(levels=(8, 5)))).train()
+    assert codebook_health(model) == {"codebook_initialized": True, "train_code_usage": None}  # no step yet
+    model(torch.rand(2, 3, 16, 16) * 2 - 1)
+    model.on_optimizer_step()
+    health = codebook_health(model)
+    assert health["codebook_initialized"] and 0 < health["train_code_usage"] <= 1
+    [warning] = codebook_warnings({**health, "train_code_usage": MIN_CODE_USAGE / 2}, model.config.bottleneck, 5)
+    assert "FSQ codes are barely used" in warning and "40 codes" in warning and "\n" not in warning

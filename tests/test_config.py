@@ -31,7 +31,7 @@ def test_unknown_key_names_key_and_file(tmp_path):
         ({"base_channels": True}, "'base_channels' must be an integer"),
         ({"channel_mult": 4}, "'channel_mult' must be a list"),
         ({"input_range": "0,255"}, "'input_range' must be one of"),
-        ({"bottleneck": {"kind": "fsq"}}, "bottleneck'.kind must be one of"),
+        ({"bottleneck": {"kind": "pq"}}, "bottleneck'.kind must be one of"),
         ({"bottleneck": {"dim": 4}}, "must be a mapping with a 'kind' key"),
         ({"bottleneck": {"kind": "vq", "decay": 1.5}}, "bottleneck.decay must be in"),
         ({"bottleneck": {"kind": "vq", "codebook_weight": 1.0}}, "codebook_weight is set but ema is true"),

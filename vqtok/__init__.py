@@ -7,7 +7,15 @@
     codes = prior.generate(16, labels=3, cfg_scale=2.0, seed=0)
 """
 
-from vqtok.config import AutoencoderConfig, ConfigError, GaussianConfig, PriorConfig, VQConfig, load_yaml
+from vqtok.config import (
+    AutoencoderConfig,
+    ConfigError,
+    FSQConfig,
+    GaussianConfig,
+    PriorConfig,
+    VQConfig,
+    load_yaml,
+)
 from vqtok.data import TokenDataset, encode_dataset
 from vqtok.hub import load
 from vqtok.models import (
@@ -29,6 +37,7 @@ __all__ = [
     "ConfigError",
     "DecoderOutput",
     "EncoderOutput",
+    "FSQConfig",
     "GaussianConfig",
     "HierarchicalVAE",
     "HierarchicalVAEConfig",

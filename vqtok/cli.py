@@ -1183,6 +1183,9 @@ def _summary(config: Any, parameters: int) -> list[str]:
     if b.kind == "vq":
         kind = f"VQ, {b.codebook_size:,} codes of dim {b.dim}{' (l2-normalised)' if b.l2_normalize else ''}"
         shapes = ", ".join(f"{s}x{s} -> {s // f}x{s // f} codes" for s in sizes)
+    elif b.kind == "fsq":
+        kind = f"FSQ, levels {list(b.levels)}: {b.vocab_size:,} codes of dim {b.dim}"
+        shapes = ", ".join(f"{s}x{s} -> {s // f}x{s // f} codes" for s in sizes)
     else:
         kind = f"Gaussian (KL), {b.dim} latent channels"
         shapes = ", ".join(f"{s}x{s} -> {b.dim}x{s // f}x{s // f}" for s in sizes)

@@ -1,10 +1,18 @@
 """Bottlenecks: one interface (`Bottleneck`), several implementations."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from vqtok.bottleneck.base import Bottleneck, BottleneckOutput
+from vqtok.bottleneck.fsq import FiniteScalarQuantizer, FSQConfig
 from vqtok.bottleneck.gaussian import DiagonalGaussian, GaussianBottleneck, image_noise
 from vqtok.bottleneck.search import nearest_code
 from vqtok.bottleneck.vq import VectorQuantizer
-from vqtok.config import BottleneckConfig, GaussianConfig, VQConfig
+from vqtok.config import GaussianConfig, VQConfig
+
+if TYPE_CHECKING:  # defined at the end of vqtok.config, which imports this package while it loads
+    from vqtok.config import BottleneckConfig
 
 
 def build_bottleneck(config: BottleneckConfig) -> Bottleneck:
@@ -13,6 +21,8 @@ def build_bottleneck(config: BottleneckConfig) -> Bottleneck:
         return GaussianBottleneck(config)
     if isinstance(config, VQConfig):
         return VectorQuantizer(config)
+    if isinstance(config, FSQConfig):
+        return FiniteScalarQuantizer(config)
     raise TypeError(f"unknown bottleneck config {type(config).__name__}")
 
 
@@ -20,6 +30,8 @@ __all__ = [
     "Bottleneck",
     "BottleneckOutput",
     "DiagonalGaussian",
+    "FSQConfig",
+    "FiniteScalarQuantizer",
     "GaussianBottleneck",
     "VectorQuantizer",
     "build_bottleneck",

@@ -1,6 +1,7 @@
 """The tokenizer: encoder -> quant_conv -> bottleneck -> post_quant_conv -> decoder.
 
-One class for every bottleneck. With a VQ bottleneck `encode` gives integer codes [B, h, w] and `decode` takes them;
+One class for every bottleneck. With a discrete one (VQ, FSQ) `encode` gives integer codes [B, h, w] and `decode` takes
+them;
 with a Gaussian one `encode` gives the posterior (`.sample()`, `.mode()`, `.kl()`) and `decode` takes latents.
 `encode(x, return_dict=True)` gives an `EncoderOutput` with everything at once (codes, the quantized vectors, the
 features before quantization; or the posterior and a sample), `decode(..., return_dict=True)` a `DecoderOutput`;
@@ -295,7 +296,7 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
         encoded = (f"posterior = tok.encode(x{given})  # q(z | x): .mode() its mean, .sample() a draw\n"
                    "z = posterior.mode()")
         if not self.is_gaussian:
-            encoded = f"codes = tok.encode(x{given})  # LongTensor [B, h, w], values in [0, {b.codebook_size})"
+            encoded = f"codes = tok.encode(x{given})  # LongTensor [B, h, w], values in [0, {self.vocab_size})"
         if self.is_conditional:
             encoded = (f"y = [3] * len(x)  # each image's class in [0, {c.num_classes}); labels=None (or "
                        f"{c.num_classes}, the null label) is the unconditional pass\n{encoded}")
@@ -315,9 +316,9 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
             use = ("Compressing images into continuous latents for latent generative models (diffusion, flow "
                    "matching) and decoding theirs back into images; research on image autoencoders.")
         else:
-            description = "VQ image tokenizer"
+            description = "FSQ image tokenizer" if b.kind == "fsq" else "VQ image tokenizer"
             what = (f"{c.resolution}x{c.resolution} images become {grid} grids of codes from a vocabulary of "
-                    f"{b.codebook_size:,}")
+                    f"{self.vocab_size:,}" + (f" (levels {list(b.levels)})" if b.kind == "fsq" else ""))
             use = ("Turning images into grids of discrete codes, to train and sample generative models over codes "
                    "(an autoregressive transformer such as `vqtok train-prior`'s, a masked model), and decoding codes "
                    "back into images; research on image tokenizers.")
@@ -337,7 +338,7 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
             "description": description,
             "intro": f"{indefinite_article(description).capitalize()} {description} made with "
                      f"[vqtok](https://github.com/vqtok/vqtok): {what}, and back.",
-            "tags": ["image-tokenizer", "vae" if self.is_gaussian else "vq-vae"]
+            "tags": ["image-tokenizer", {"gaussian": "vae", "fsq": "fsq"}.get(b.kind, "vq-vae")]
                     + (["class-conditional"] if self.is_conditional else []),
             "pipeline_tag": "unconditional-image-generation" if self.is_generative else None,
             "usage": usage,

@@ -6,7 +6,8 @@ What is measured, per (K, D) configuration and per implementation, on N vectors 
   backward to the input, and the EMA codebook update. vqtok applies the update in ``vq.on_optimizer_step()``
   (called after backward); the peer applies it inside its forward in training mode. Both are in ``train()`` mode,
   use an EMA codebook with the same K, D and decay, commitment weight 0.25, no k-means init, no dead-code
-  restarts, and the peer's rotation trick is switched off (plain straight-through estimator, like vqtok).
+  restarts, and the rotation trick is switched off in both (plain straight-through estimator) unless
+  ``--rotation-trick`` switches it on in both (vqtok's ``VQConfig.rotation_trick``, the peer's ``rotation_trick``).
   Both start from the same codebook (vqtok's initial one, copied into the peer) and see the same input vectors:
   channels-first ``[1, D, H, W]`` with ``H * W = N`` for vqtok, channels-last ``[1, N, D]`` for the peer. The
   inputs are leaf tensors that require grad, so backward produces an ``N x D`` input gradient in both.
@@ -218,6 +219,7 @@ def vqtok_initial_codebook(k: int, d: int) -> torch.Tensor:
 
 
 SEARCH = "torch"  # VQConfig.search of the vqtok runs (--search)
+ROTATION_TRICK = False  # the rotation trick in both implementations (--rotation-trick)
 
 
 def make_vqtok(n: int, k: int, d: int, device: torch.device, autocast: str | None) -> Runner:
@@ -226,7 +228,7 @@ def make_vqtok(n: int, k: int, d: int, device: torch.device, autocast: str | Non
 
     h, w = grid_for(n)
     vq = VectorQuantizer(VQConfig(codebook_size=k, dim=d, beta=BETA, decay=DECAY, kmeans_init=False, dead_threshold=0.0,
-                                  search=SEARCH))
+                                  search=SEARCH, rotation_trick=ROTATION_TRICK))
     vq.to(device).train()
     weight = torch.randn(1, d, h, w, generator=torch.Generator().manual_seed(1)).to(device)
 
@@ -248,8 +250,9 @@ def make_peer(n: int, k: int, d: int, initial_codebook: torch.Tensor, device: to
               autocast: str | None) -> Runner:
     from vector_quantize_pytorch import VectorQuantize
 
-    peer = VectorQuantize(dim=d, codebook_size=k, decay=DECAY, commitment_weight=BETA, rotation_trick=False)
-    assert peer.ema_update and not peer.rotation_trick and not peer.learnable_codebook
+    peer = VectorQuantize(dim=d, codebook_size=k, decay=DECAY, commitment_weight=BETA,
+                         rotation_trick=ROTATION_TRICK)
+    assert peer.ema_update and peer.rotation_trick == ROTATION_TRICK and not peer.learnable_codebook
     codebook = peer._codebook
     assert codebook.embed.shape == (1, k, d) and bool(codebook.initted)
     with torch.no_grad():  # same start as vqtok; embed_avg = embed * cluster_size (= 1), as the peer initialises it
@@ -503,6 +506,8 @@ def main() -> None:
     parser.add_argument("--search", choices=["torch", "auto"], default="torch",
                         help="vqtok's VQConfig.search: torch (the matmul search, the default), or auto (the fused "
                              "Triton kernel on CUDA where D <= 64 and triton is installed, else torch)")
+    parser.add_argument("--rotation-trick", action="store_true",
+                        help="the rotation trick (Fifty et al. 2024) instead of the straight-through gradient, in both")
     parser.add_argument("--steps", type=int, default=5, help="minimum timed steps per configuration (median reported)")
     parser.add_argument("--min-seconds", type=float, default=20.0,
                         help="keep timing past --steps until the timed steps took this long (cheap configurations)")
@@ -524,15 +529,15 @@ def main() -> None:
     n = args.n or (CUDA_N if device.type == "cuda" else 16384)
     configs = args.configs or list(CUDA_CONFIGS if device.type == "cuda" else DEFAULT_CONFIGS)
     autocast = None if args.autocast == "off" else args.autocast
-    global SEARCH
-    SEARCH = args.search
+    global SEARCH, ROTATION_TRICK
+    SEARCH, ROTATION_TRICK = args.search, args.rotation_trick
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     impls = ["vqtok", "peer"] if args.impl == "both" else [args.impl]
     env = environment(device)
     for key, value in env.items():
         print(f"{key}: {value}")
-    print(f"N={n}, device={device}, autocast={args.autocast}, search={args.search}, warmup={args.warmup}, timed steps: at least "
+    print(f"N={n}, device={device}, autocast={args.autocast}, search={args.search}, rotation_trick={args.rotation_trick}, warmup={args.warmup}, timed steps: at least "
           f"{args.steps}, more up to {args.max_steps} until {args.min_seconds:g} s of timed steps; decay={DECAY}, "
           f"beta={BETA}\n")
 
@@ -546,7 +551,8 @@ def main() -> None:
     print("\nvqtok targets: " + ("all met" if not misses else "MISSED\n  " + "\n  ".join(misses)))
 
     if args.json is not None:
-        payload = {"environment": env, "n": n, "device": str(device), "autocast": args.autocast, "search": args.search, "warmup": args.warmup, "min_steps": args.steps,
+        payload = {"environment": env, "n": n, "device": str(device), "autocast": args.autocast, "search": args.search,
+                   "rotation_trick": args.rotation_trick, "warmup": args.warmup, "min_steps": args.steps,
                    "min_seconds": args.min_seconds, "max_steps": args.max_steps,
                    "results": [asdict(r) for r in results], "missed_targets": misses}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")

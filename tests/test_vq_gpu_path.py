@@ -19,6 +19,8 @@ CONFIGS = {  # name -> VQConfig keywords; k-means init on, so the step after it 
     "ema": dict(dead_threshold=0.0),
     "gradient codebook+restarts": dict(ema=False, codebook_weight=1.0, dead_threshold=0.5),
     "l2+restarts": dict(l2_normalize=True, dead_threshold=0.5),
+    "rotation trick+restarts": dict(rotation_trick=True, dead_threshold=0.5),
+    "l2+rotation trick": dict(l2_normalize=True, rotation_trick=True, dead_threshold=0.0),
 }
 
 

@@ -80,6 +80,10 @@ class VQConfig:
     `vqtok.bottleneck.search`). `search: auto` takes the fused Triton search where it applies (CUDA, triton
     installed, dim <= 64: no distance matrix at all) and the matmul search elsewhere; `torch` (the default until the
     kernel is measured on a GPU, see BENCHMARKS.md) always the matmul search. Both are exact in float32.
+    `rotation_trick` (Fifty et al. 2024) replaces the straight-through gradient by one through the rotation and
+    rescaling that carry z onto its code: the decoder still gets the code exactly, the encoder gets
+    (||e|| / ||z||) R^T g instead of g (R the rotation of z/||z|| onto e/||e||; lambda = 1 with `l2_normalize`).
+    Off by default until a benchmark says otherwise; the commitment and codebook losses are unchanged.
     """
 
     kind: Literal["vq"] = "vq"
@@ -98,6 +102,7 @@ class VQConfig:
     usage_window: int = 100
     search_chunk: int | None = None
     search: Literal["torch", "auto"] = "torch"
+    rotation_trick: bool = False
 
     def __post_init__(self) -> None:
         _require(self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}")

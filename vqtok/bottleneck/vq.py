@@ -100,8 +100,15 @@ def _assign(buffer: torch.Tensor, new: torch.Tensor, keep: torch.Tensor | None) 
     buffer.copy_(new if keep is None else torch.where(keep, new, buffer))
 
 
+# The rotation trick's degenerate cases (see _rotated_gradient): a norm at or below NORM_FLOOR counts as zero, and
+# 1 + cos(z, e) at or below ANTIPODAL as z/||z|| = -e/||e||.
+NORM_FLOOR = 1e-6
+ANTIPODAL = 1e-4
+
+
 class _QuantizeWithCommitment(torch.autograd.Function):
-    """(h, e) -> (e, mean((h - e)^2)) with the straight-through gradient: d out / d h = I, nothing to e.
+    """(h, e) -> (e, mean((h - e)^2)) with the straight-through gradient: d out / d h = I, nothing to e; with
+    `rotation_trick`, d out / d h = sg(lambda R) instead (see `_rotated_gradient`), the output still e exactly.
 
     h and e are [B, D, H, W] (e a view of the looked-up [N, D] rows). One function for both so that backward writes
     the encoder's gradient, g_out + g_commit * 2 (h - e) / numel, into a single new buffer in h's own layout, and
@@ -109,16 +116,80 @@ class _QuantizeWithCommitment(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, quantized: torch.Tensor):
+    def forward(ctx, h: torch.Tensor, quantized: torch.Tensor, rotation_trick: bool = False, unit: bool = False):
         ctx.save_for_backward(h, quantized)
+        ctx.rotation_trick, ctx.unit = rotation_trick, unit
         commitment = torch.linalg.vector_norm(h - quantized).pow(2) / h.numel()
         return quantized, commitment
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor, grad_commitment: torch.Tensor):
         h, quantized = ctx.saved_tensors
-        grad = torch.sub(h, quantized).mul_(grad_commitment * (2.0 / h.numel()))
-        return grad.add_(grad_out), None
+        scale = grad_commitment * (2.0 / h.numel())
+        if ctx.rotation_trick:
+            return _rotated_gradient(h, quantized, grad_out.to(h.dtype), scale, unit=ctx.unit), None, None, None
+        grad = torch.sub(h, quantized).mul_(scale)
+        return grad.add_(grad_out), None, None, None
+
+
+def _rotated_gradient(
+    e: torch.Tensor, q: torch.Tensor, g: torch.Tensor, commitment_scale: torch.Tensor, *, unit: bool
+) -> torch.Tensor:
+    """The encoder's gradient with the rotation trick (Fifty et al. 2024, section 4.2), reductions along dim 1:
+    lambda R^T g + commitment_scale * (e - q), for features e, their codes q and the output's gradient g.
+
+    Per position, with e^ = e/||e||, q^ = q/||q||, r = (e^ + q^)/||e^ + q^||, the forward pass is treated as
+    out = sg(lambda R) e with lambda = ||q||/||e|| (exactly 1 when `unit`: both on the sphere) and
+
+        R = I - 2 r r^T + 2 q^ e^^T,
+
+    the rotation in the plane of e and q that carries e^ onto q^ (the product of the reflections I - 2 q^ q^^T and
+    I - 2 r r^T), so out = q. With ||e^ + q^||^2 = 2 (1 + cos), cos = e^ . q^:
+
+        R^T g = g + (2 q^.g - t) e^ - t q^,    t = (e^.g + q^.g) / (1 + cos),
+
+    i.e. lambda g + c_e e + c_q q with per-position scalars c_e, c_q from five reductions over D (||e||, ||q||,
+    e.q, e.g, q.g): no D x D matrix and no r, e^ or q^ vectors. In e's dtype: float32 in the quantizer, whatever
+    the autocast dtype.
+
+    Degenerate positions, chosen on the device by `torch.where` (no host sync), never NaN:
+      - e = 0 or q = 0 (R, lambda undefined), or a norm <= NORM_FLOOR, where lambda and c_e ~ ||q|| / ||e||^2
+        would reach float32's range (the floor of vector-quantize-pytorch's safe division): the identity, i.e. the
+        straight-through gradient g;
+      - 1 + cos <= ANTIPODAL (e^ = -q^ to within 0.8 degrees, where R stops being unique and t's rounding error
+        grows as eps / (1 + cos)): t is taken as 0, which makes R = I - 2 e^ e^^T, the reflection that also
+        maps e^ onto q^ = -e^ (vector-quantize-pytorch's result at e^ = -q^, where its normalised r is 0).
+
+    Memory: one new N x D buffer, as the straight-through path: it holds e*g, e*e, q*g, e*q for the reductions and
+    then the gradient; beyond it, about a dozen transient [N] scalars (what a D-wide buffer costs at D ~ 12). Time:
+    about 4x the straight-through backward on a CPU (8.4 vs 2.0 ms at N = 16384, D = 64, one thread), mostly the
+    passes that mix the features' [B, D, H, W] layout with the codes' [N, D] rows (q*g, e*q, e - q).
+    """
+    buffer = torch.mul(e, g)
+    eg = buffer.sum(1, keepdim=True)
+    qg = torch.mul(q, g, out=buffer).sum(1, keepdim=True)
+    eq = torch.mul(e, q, out=buffer).sum(1, keepdim=True)
+    e_norm = _norm_along_1(e, buffer)
+    q_norm = _norm_along_1(q, buffer)
+    valid = (e_norm > NORM_FLOOR) & (q_norm > NORM_FLOOR)
+    e_norm = torch.where(valid, e_norm, 1.0)  # safe divisors; the invalid positions' values are discarded below
+    q_norm = torch.where(valid, q_norm, 1.0)
+    scale = torch.ones_like(e_norm) if unit else torch.where(valid, q_norm / e_norm, 1.0)
+    qg = qg.div_(q_norm)  # q^.g
+    one_plus_cos = eq.div_(e_norm * q_norm).add_(1.0)
+    t = torch.where(one_plus_cos > ANTIPODAL, eg.div_(e_norm).add_(qg) / one_plus_cos, 0.0)
+    c_e = torch.where(valid, scale * (2.0 * qg - t) / e_norm, 0.0)
+    c_q = torch.where(valid, -scale * t / q_norm, 0.0)
+    grad = torch.sub(e, q, out=buffer).mul_(commitment_scale)  # the commitment term as the plain path computes it
+    return grad.addcmul_(g, scale).addcmul_(e, c_e).addcmul_(q, c_q)
+
+
+def _norm_along_1(x: torch.Tensor, scratch: torch.Tensor) -> torch.Tensor:
+    """||x|| along dim 1 (keepdim). A strided reduction (dim 1 not innermost, as in NCHW features) by
+    `vector_norm` is several times slower on a CPU than squaring into `scratch` (x's shape) and summing."""
+    if x.stride(1) == 1:
+        return torch.linalg.vector_norm(x, dim=1, keepdim=True)
+    return torch.mul(x, x, out=scratch).sum(1, keepdim=True).sqrt_()
 
 
 class VectorQuantizer(Bottleneck):
@@ -189,7 +260,9 @@ class VectorQuantizer(Bottleneck):
         codes = nearest_code(z, codebook.detach(), chunk_elements=self.config.search_chunk, method=self.config.search)
         quantized = F.embedding(codes, codebook)
         as_grid = lambda rows: rearrange(rows, "(b h w) d -> b d h w", b=b, h=height, w=width)  # noqa: E731 (a view)
-        out, commitment = _QuantizeWithCommitment.apply(features, as_grid(quantized.detach()))
+        out, commitment = _QuantizeWithCommitment.apply(
+            features, as_grid(quantized.detach()), self.config.rotation_trick, self.config.l2_normalize
+        )
         loss = self.config.beta * commitment
         terms = {"commitment": commitment}
         if not self.config.ema:

@@ -16,6 +16,17 @@ from typing import Any
 import torch
 from torch import nn
 
+NEVER = -(1 << 62)  # `last_used` of a code never assigned (discrete bottlenecks' usage statistics)
+
+
+def applied_mask(skipped: bool | torch.Tensor) -> torch.Tensor | None:
+    """A 0-d bool tensor `skipped` as the mask of a step that is applied (None: a plain, unmasked step)."""
+    if isinstance(skipped, torch.Tensor):
+        if skipped.numel() != 1 or skipped.dtype != torch.bool:
+            raise ValueError(f"skipped must be a bool or a 0-d bool tensor, got {skipped.dtype} {tuple(skipped.shape)}")
+        return ~skipped.reshape(())
+    return None
+
 
 @dataclass
 class BottleneckOutput:

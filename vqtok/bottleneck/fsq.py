@@ -40,9 +40,8 @@ import torch
 from einops import rearrange
 
 from vqtok import distributed as dist
-from vqtok.bottleneck.base import Bottleneck, BottleneckOutput
+from vqtok.bottleneck.base import NEVER, Bottleneck, BottleneckOutput, applied_mask
 from vqtok.bottleneck.search import code_counts
-from vqtok.bottleneck.vq import NEVER, _as_keep
 from vqtok.config import _require, _require_size
 from vqtok.metrics import perplexity
 
@@ -222,7 +221,7 @@ class FiniteScalarQuantizer(Bottleneck):
         the step runs and its buffer updates are masked, so a skipped step leaves `steps` and `last_used` as they
         were. Returns the step's perplexity (over all its micro-batches and ranks) and `codebook_stats`."""
         had_pending, self._has_pending = self._has_pending, False
-        keep = _as_keep(skipped)
+        keep = applied_mask(skipped)
         if keep is None and skipped:
             return {}
         if not had_pending and dist.world_size() == 1:

@@ -46,13 +46,12 @@ from einops import rearrange
 from torch import nn
 
 from vqtok import distributed as dist
-from vqtok.bottleneck.base import Bottleneck, BottleneckOutput
+from vqtok.bottleneck.base import NEVER, Bottleneck, BottleneckOutput, applied_mask
 from vqtok.bottleneck.kmeans import kmeans
 from vqtok.bottleneck.search import code_counts, nearest_code
 from vqtok.config import VQConfig
 from vqtok.metrics import perplexity
 
-NEVER = -(1 << 62)  # `last_used` of a code never assigned
 _MASK62 = (1 << 62) - 1
 
 
@@ -84,15 +83,6 @@ def random_indices(seed: torch.Tensor, step: torch.Tensor, salt: int, keys: torc
     x = _mix64(x ^ _as_int64((salt * 0x9E3779B97F4A7C15 + 0x2545F491) % (1 << 64)))
     x = _mix64(x + keys * _GOLDEN)
     return (x & _MASK62) % high
-
-
-def _as_keep(skipped: bool | torch.Tensor) -> torch.Tensor | None:
-    """A 0-d bool tensor `skipped` as the mask of a step that is applied (None: a plain, unmasked step)."""
-    if isinstance(skipped, torch.Tensor):
-        if skipped.numel() != 1 or skipped.dtype != torch.bool:
-            raise ValueError(f"skipped must be a bool or a 0-d bool tensor, got {skipped.dtype} {tuple(skipped.shape)}")
-        return ~skipped.reshape(())
-    return None
 
 
 def _assign(buffer: torch.Tensor, new: torch.Tensor, keep: torch.Tensor | None) -> None:
@@ -415,7 +405,7 @@ class VectorQuantizer(Bottleneck):
         draws what it would have drawn without the skip. Before initialisation a tensor is read (this may sync).
         """
         had_pending, self._has_pending = self._has_pending, False
-        keep = _as_keep(skipped)
+        keep = applied_mask(skipped)
         if keep is not None and not self._initialized():
             skipped, keep = bool(skipped), None  # the k-means phase may synchronise (once per run)
         if keep is None and skipped:

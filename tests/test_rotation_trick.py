@@ -136,8 +136,7 @@ def test_the_quantizer_gradient_equals_the_dense_reference():
 def test_the_gradient_equals_vector_quantize_pytorchs(d, l2):
     """The peer's VectorQuantize(rotation_trick=True) with vqtok's codebook, side by side on random vectors: the same
     codes, the same encoder gradient (the peer's output is the code only up to rounding; vqtok's exactly)."""
-    from vector_quantize_pytorch import VectorQuantize
-
+    VectorQuantize = pytest.importorskip("vector_quantize_pytorch").VectorQuantize
     torch.manual_seed(0)
     k, n = 32, 300
     vq = quantizer(codebook_size=k, dim=d, beta=0.0, l2_normalize=l2)

@@ -85,3 +85,16 @@ class Bottleneck(nn.Module, ABC):
             raise ValueError(
                 f"{type(self).__name__} expects features [B, {self.in_channels}, h, w], got {tuple(h.shape)}"
             )
+
+
+def check_codes(codes: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """A discrete bottleneck's codes [B, h, w] checked (an integer tensor, values in [0, vocab_size)) and as int64
+    (uint16 codes, a token store's, have no min/max kernels); one-line errors naming the problem."""
+    if not torch.is_tensor(codes) or codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
+        raise TypeError(f"codes must be an integer tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
+    codes = codes.long()
+    if codes.ndim != 3:
+        raise ValueError(f"codes must have shape [B, h, w], got {tuple(codes.shape)}")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= vocab_size):
+        raise ValueError(f"codes must lie in [0, {vocab_size}), got values in [{int(codes.min())}, {int(codes.max())}]")
+    return codes

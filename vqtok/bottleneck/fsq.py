@@ -40,7 +40,7 @@ import torch
 from einops import rearrange
 
 from vqtok import distributed as dist
-from vqtok.bottleneck.base import NEVER, Bottleneck, BottleneckOutput, applied_mask
+from vqtok.bottleneck.base import NEVER, Bottleneck, BottleneckOutput, applied_mask, check_codes
 from vqtok.bottleneck.search import code_counts
 from vqtok.config import _require, _require_size
 from vqtok.metrics import perplexity
@@ -170,20 +170,8 @@ class FiniteScalarQuantizer(Bottleneck):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, h, w] -> decoder input [B, dim, h, w] (float32)."""
-        codes = self._checked_codes(codes)
+        codes = check_codes(codes, self.vocab_size)
         return rearrange(self.codes_to_vectors(codes), "b h w d -> b d h w")
-
-    def _checked_codes(self, codes: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(codes) or codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise TypeError(f"codes must be an integer tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
-        codes = codes.long()  # uint16 codes (a token store's) have no min/max kernels
-        if codes.ndim != 3:
-            raise ValueError(f"codes must have shape [B, h, w], got {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.vocab_size):
-            raise ValueError(
-                f"codes must lie in [0, {self.vocab_size}), got values in [{int(codes.min())}, {int(codes.max())}]"
-            )
-        return codes
 
     def code_levels(self, codes: torch.Tensor) -> torch.Tensor:
         """Code indices [...] (int64) -> each channel's level k_i in [0, L_i), [..., d] (the inverse of the basis)."""

@@ -46,7 +46,7 @@ from einops import rearrange
 from torch import nn
 
 from vqtok import distributed as dist
-from vqtok.bottleneck.base import NEVER, Bottleneck, BottleneckOutput, applied_mask
+from vqtok.bottleneck.base import NEVER, Bottleneck, BottleneckOutput, applied_mask, check_codes
 from vqtok.bottleneck.kmeans import kmeans
 from vqtok.bottleneck.search import code_counts, nearest_code
 from vqtok.config import VQConfig
@@ -279,15 +279,7 @@ class VectorQuantizer(Bottleneck):
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes [B, h, w] -> decoder input [B, dim, h, w] (float32: the codebook's dtype)."""
-        if not torch.is_tensor(codes) or codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
-            raise TypeError(f"codes must be an integer tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
-        codes = codes.long()  # uint16 codes (a token store's) have no min/max kernels
-        if codes.ndim != 3:
-            raise ValueError(f"codes must have shape [B, h, w], got {tuple(codes.shape)}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.vocab_size):
-            raise ValueError(
-                f"codes must lie in [0, {self.vocab_size}), got values in [{int(codes.min())}, {int(codes.max())}]"
-            )
+        codes = check_codes(codes, self.vocab_size)
         return rearrange(F.embedding(codes, self.code_vectors()), "b h w d -> b d h w")
 
     def code_vectors(self) -> torch.Tensor:

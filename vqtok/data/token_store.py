@@ -401,6 +401,12 @@ def _encoder_prepared(tokenizer: Tokenizer, *, compile: bool, channels_last: boo
                 module.to(memory_format=torch.contiguous_format)
 
 
+def manifest_precision(manifest: dict[str, Any]) -> str:
+    """The precision a store's manifest records (`args.precision`; absent: float32, as in stores of older vqtok)."""
+    args = manifest["args"]
+    return args.get("precision", "float32") if isinstance(args, dict) else "float32"
+
+
 def encode_autocast(device: torch.device | str, precision: str) -> contextlib.AbstractContextManager:
     """The autocast an encode runs under: bfloat16 for precision 'bf16', none for 'float32'."""
     if precision not in PRECISIONS:
@@ -667,8 +673,7 @@ class TokenDataset(Dataset):
     @property
     def precision(self) -> str:
         """The encoder's arithmetic that made the store: 'float32' or 'bf16' (autocast; see `encode_dataset`)."""
-        args = self.manifest["args"]
-        return args.get("precision", "float32") if isinstance(args, dict) else "float32"
+        return manifest_precision(self.manifest)
 
     def label_range(self) -> tuple[int, int]:
         """The smallest and largest label in the store (-1 marks images without one)."""
@@ -815,7 +820,7 @@ def _check_declared_fields(m: dict[str, Any], where: Path) -> None:
             and len(set(augmentations)) == len(augmentations) and set(augmentations) <= set(AUGMENTATIONS)):
         raise TokenStoreError(f"{where}: augmentations {augmentations!r} must start with 'none' and list each of "
                               f"{AUGMENTATIONS} at most once")
-    precision = m["args"].get("precision", "float32") if isinstance(m["args"], dict) else "float32"
+    precision = manifest_precision(m)
     if precision not in PRECISIONS:
         raise TokenStoreError(f"{where}: args.precision {precision!r} is not one of {PRECISIONS}")
     if "groups" in m:

@@ -96,13 +96,12 @@ class ImageLosses:
 
     def discriminator_step(self) -> dict[str, torch.Tensor | float]:
         """Clip, then update - or skip when the gradient norm is not finite (the tokenizer's step decides its own),
-        decided on the device like the tokenizer's (engine.step_unless)."""
+        decided on the device like the tokenizer's (engine.step_unless); under fp16 the GradScaler's step skips an
+        overflow itself, and without a fused kernel the decision is read on the host."""
         grad_norm = grad_norm_of(self.accelerator, self.discriminator.parameters(), self.config.clip_grad_norm)
         if self.accelerator.scaler is None and takes_device_skip(self.optimizer):
             step_unless(self.optimizer, ~torch.isfinite(grad_norm))
-        elif self.accelerator.scaler is not None:  # fp16: the GradScaler's step skips an overflow itself
-            self.optimizer.step()
-        elif math.isfinite(float(grad_norm)):  # no fused kernel here: decided on the host
+        elif self.accelerator.scaler is not None or math.isfinite(float(grad_norm)):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {"d_grad_norm": grad_norm}

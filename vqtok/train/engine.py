@@ -66,6 +66,13 @@ class Counters:
         """skipped_total as it is held (a device tensor once a step ran): for the logs, read at log steps."""
         return self._skipped
 
+    def take_longest_run(self) -> int:
+        """The longest run of consecutive skips since the last call (reads the device), then starts counting afresh
+        from the current run."""
+        worst = int(self._worst)
+        self._worst = self._consecutive
+        return worst
+
     def record(self, skipped: torch.Tensor | bool) -> None:
         """Count one optimizer step, skipped or not (`skipped`: a 0-d bool tensor on the device, or a bool), without
         reading it on the host."""
@@ -85,8 +92,7 @@ class Counters:
 def check_skips(config: RunConfig, counters: Counters, grad_norm: Any = None) -> None:
     """Raise TooManySkippedSteps if more than `max_consecutive_skips` updates in a row were skipped since the last
     check (reads the device counters: call it at log and checkpoint steps)."""
-    worst = int(counters._worst)
-    counters._worst = counters._consecutive
+    worst = counters.take_longest_run()
     if worst > config.max_consecutive_skips:
         last = f" (last gradient norm {float(grad_norm):.3g})" if grad_norm is not None else ""
         raise TooManySkippedSteps(

@@ -1,5 +1,6 @@
 """Two processes (torchrun, gloo, DDP with buffer broadcast off): the EMA statistics after a step equal those of
-one process on the concatenated batch, and k-means initialisation and restarts are identical on every rank."""
+one process on the concatenated batch (VQ, every residual VQ level; FSQ's perplexity and usage), and k-means
+initialisation and restarts are identical on every rank."""
 
 import os
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.scripts.common import batch, ema_model, train_step
+from tests.scripts.common import batch, ema_model, fsq_model, rvq_model, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,3 +46,27 @@ def test_kmeans_and_restarts_are_identical_on_every_rank(two_ranks):
     assert int(r0["restarted"]) > 0  # restarts happened, so their agreement is earned
     assert torch.equal(r0["kmeans_codebook"], r1["kmeans_codebook"])
     assert torch.equal(r0["kmeans_ema_count"], r1["kmeans_ema_count"])
+
+
+def test_fsq_statistics_are_those_of_the_whole_batch(two_ranks):
+    model = fsq_model()
+    stats = train_step(model, model, batch())
+    for rank in two_ranks:
+        assert torch.equal(rank["fsq_last_used"], model.bottleneck.last_used)
+        assert float(rank["fsq_perplexity"]) == pytest.approx(float(stats["perplexity"]), rel=1e-5)
+        assert float(rank["fsq_usage"]) == float(stats["usage"])
+    half = fsq_model()  # one rank's half alone is not the whole batch's: the reduction is what makes them equal
+    assert float(train_step(half, half, batch().chunk(2)[0])["perplexity"]) != pytest.approx(float(stats["perplexity"]))
+
+
+def test_every_residual_level_reduces_its_statistics_over_the_whole_batch(two_ranks):
+    model = rvq_model()
+    stats = train_step(model, model, batch())
+    state = model.bottleneck.state_dict()
+    for rank in two_ranks:
+        for level in range(2):
+            key = f"levels.{level}.ema_count"
+            torch.testing.assert_close(rank[f"rvq_{key}"], state[key], rtol=0, atol=0)
+            torch.testing.assert_close(rank[f"rvq_levels.{level}.codebook"], state[f"levels.{level}.codebook"],
+                                       rtol=1e-5, atol=1e-6)
+        assert float(rank["rvq_perplexity"]) == pytest.approx(float(stats["perplexity"]), rel=1e-5)

@@ -351,7 +351,7 @@ def test_shard_records_out_of_order_duplicated_or_overlapping_are_refused(refere
      r"codes-\d{5}\.npy: its record gives codes in \[\d+, (\d+)\], outside the vocabulary 0\.\.\d+ of the manifest"),
     (lambda m: set_vocab(m, 8, tokenizer_too=False),
      r"manifest\.json: vocab_size 8, but the recorded tokenizer has 16"),
-    (lambda m: m.update(grid=[4, 4]), r"manifest\.json: grid \[4, 4\] is not the items' last two sizes"),
+    (lambda m: m.update(grid=[4, 4]), r"manifest\.json: grid \[4, 4\] is not one view's code shape"),
     (lambda m: m.update(grid=[4, 4], item_shape=[1, 4, 4]),
      r"codes-00000\.npy: uint8 \[100, 1, 8, 8\], the manifest declares uint8 \[100, 1, 4, 4\]"),
     (lambda m: m.update(augmentations=["none", "hflip"]),

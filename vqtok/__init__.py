@@ -13,6 +13,7 @@ from vqtok.config import (
     FSQConfig,
     GaussianConfig,
     PriorConfig,
+    RVQConfig,
     VQConfig,
     load_yaml,
 )
@@ -43,6 +44,7 @@ __all__ = [
     "HierarchicalVAEConfig",
     "PriorConfig",
     "PriorTokenizerMismatch",
+    "RVQConfig",
     "TokenDataset",
     "TransformerPrior",
     "VQConfig",

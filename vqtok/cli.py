@@ -851,7 +851,7 @@ def _diagnostics_collector(model: Any) -> dict[str, Any]:
 
     if model.kl_objective is not None:
         return {"latents": LatentStatistics()}
-    return {"codes": CodeCounts(model.vocab_size)}
+    return {"codes": CodeCounts(model.vocab_size, model.bottleneck.code_depth)}
 
 
 def _diagnostics_report(model: Any, args: argparse.Namespace, metrics: dict[str, Any],
@@ -972,9 +972,10 @@ def _read_codes(path: Path, tokenizer: Any, n: int) -> Any:
         if array.dtype.kind != "f" or array.ndim != 4 or array.shape[1] != dim:
             raise ValueError(f"{path}: a Gaussian tokenizer decodes float latents [n, {dim}, h, w], got {array.dtype} "
                              f"{list(array.shape)}")
-    elif array.dtype.kind not in "iu" or array.ndim != 3:
+    elif array.dtype.kind not in "iu" or array.ndim != 1 + len(tokenizer.code_shape):
         kind = "float values (not codes; they would be truncated)" if array.dtype.kind in "fc" else str(array.dtype)
-        raise ValueError(f"{path}: codes must be integers [n, h, w], got {kind} of shape {list(array.shape)}")
+        axes = "n, h, w" + (", r" if tokenizer.bottleneck.code_depth else "")
+        raise ValueError(f"{path}: codes must be integers [{axes}], got {kind} of shape {list(array.shape)}")
     if array.size == 0:
         raise ValueError(f"{path}: holds no codes (shape {list(array.shape)})")
     first = np.array(array[:n])
@@ -1183,6 +1184,10 @@ def _summary(config: Any, parameters: int) -> list[str]:
     if b.kind == "vq":
         kind = f"VQ, {b.codebook_size:,} codes of dim {b.dim}{' (l2-normalised)' if b.l2_normalize else ''}"
         shapes = ", ".join(f"{s}x{s} -> {s // f}x{s // f} codes" for s in sizes)
+    elif b.kind == "rvq":
+        kind = (f"residual VQ, {b.depth} levels of {b.codebook_size:,} codes of dim {b.dim}"
+                + (f", quantizer dropout {b.quantizer_dropout}" if b.quantizer_dropout else ""))
+        shapes = ", ".join(f"{s}x{s} -> {s // f}x{s // f}x{b.depth} codes" for s in sizes)
     elif b.kind == "fsq":
         kind = f"FSQ, levels {list(b.levels)}: {b.vocab_size:,} codes of dim {b.dim}"
         shapes = ", ".join(f"{s}x{s} -> {s // f}x{s // f} codes" for s in sizes)

@@ -8,6 +8,7 @@ discriminator or a value of the wrong type is an error that names the key and wh
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import reprlib
 import types
@@ -148,8 +149,8 @@ class VQConfig:
         return self.kmeans_samples if self.kmeans_samples is not None else max(4096, 4 * self.codebook_size)
 
 
-# BottleneckConfig, the union of the bottlenecks' configs, is defined at the end of this module: FSQConfig lives
-# beside its quantizer (vqtok/bottleneck/fsq.py), which imports the helpers above.
+# BottleneckConfig, the union of the bottlenecks' configs, is defined at the end of this module: FSQConfig and
+# RVQConfig live beside their quantizers (vqtok/bottleneck/fsq.py, rvq.py), which import the helpers above.
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -773,7 +774,9 @@ class TokenizerRef:
 class PriorConfig:
     """An autoregressive transformer over a tokenizer's code grid in raster order (decoder-only, pre-norm, GPT-2).
 
-    `vocab_size`, `grid` ([h, w]) and `num_classes` (0: unconditional) describe the codes; left at None in a
+    `vocab_size`, `grid` (one image's code shape: [h, w], or [h, w, R] for a residual VQ's R levels per position,
+    modelled as one sequence in raster order with the levels fastest: position (i, j) gives its R codes coarse to
+    fine before the next position's) and `num_classes` (0: unconditional) describe the codes; left at None in a
     training config they are read from the token store (num_classes: 1 + the largest label, 0 when no image has
     one; a store where only some have labels needs an explicit 0). The sequence starts with a class token (or a start token when unconditional); `label_dropout` replaces
     the label with the null class that often in training so that classifier-free guidance works (None: 0.1 when
@@ -796,8 +799,8 @@ class PriorConfig:
     def __post_init__(self) -> None:
         _freeze_lists(self)
         _require(self.vocab_size is None or self.vocab_size >= 2, f"vocab_size must be >= 2, got {self.vocab_size}")
-        _require(self.grid is None or (len(self.grid) == 2 and all(g >= 1 for g in self.grid)),
-                 f"grid must be [h, w] with positive sides, got {self.grid}")
+        _require(self.grid is None or (len(self.grid) in (2, 3) and all(g >= 1 for g in self.grid)),
+                 f"grid must be [h, w] (or [h, w, R]: a residual VQ's levels) with positive sizes, got {self.grid}")
         _require(self.num_classes is None or self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
         for name in ("n_layer", "n_head", "n_embd", "mlp_ratio"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
@@ -828,8 +831,8 @@ class PriorConfig:
 
     @property
     def seq_len(self) -> int:
-        h, w = self.grid
-        return h * w
+        """Codes per image: h * w (times R for a residual VQ's grid [h, w, R])."""
+        return math.prod(self.grid)
 
     @property
     def class_dropout(self) -> float:
@@ -1170,10 +1173,11 @@ def _convert_dataclass(cls: Any, value: Any, *, path: str, source: str) -> Any:
 # Configs that live beside their components, imported last, when every name they use from here exists. (Types in
 # annotations are resolved when a config is parsed, by then.)
 from vqtok.bottleneck.fsq import FSQConfig  # noqa: E402
+from vqtok.bottleneck.rvq import RVQConfig  # noqa: E402
 from vqtok.models.hierarchical_vae import HierarchicalVAEConfig  # noqa: E402
 
-BottleneckConfig = Union[GaussianConfig, VQConfig, FSQConfig]
-"""What an autoencoder's `bottleneck` may be, by its `kind`: gaussian, vq or fsq."""
+BottleneckConfig = Union[GaussianConfig, VQConfig, FSQConfig, RVQConfig]
+"""What an autoencoder's `bottleneck` may be, by its `kind`: gaussian, vq, fsq or rvq."""
 
 ModelConfig = Union[AutoencoderConfig, HierarchicalVAEConfig]
 """What a training config's `model` may be: an autoencoder's (no `kind` key) or a hierarchical VAE's."""

@@ -162,23 +162,48 @@ class LatentStatistics:
 
 class CodeCounts:
     """How often a VQ tokenizer used each of its `vocab_size` codes over the images added (int64, on the codes'
-    device)."""
+    device). With `depth` (a residual VQ's codes [..., depth]), each level's codes are counted apart: `counts` holds
+    depth x vocab_size counts, level after level."""
 
-    def __init__(self, vocab_size: int) -> None:
+    def __init__(self, vocab_size: int, depth: int | None = None) -> None:
         self.vocab_size = vocab_size
+        self.depth = depth
         self.counts: torch.Tensor | None = None
 
     def add(self, codes: torch.Tensor) -> None:
-        counts = torch.bincount(codes.flatten(), minlength=self.vocab_size)
+        if self.depth is not None:  # level l's code k counted at l * vocab_size + k
+            offsets = torch.arange(codes.shape[-1], device=codes.device) * self.vocab_size
+            codes = codes.long() + offsets
+        counts = torch.bincount(codes.flatten(), minlength=self.vocab_size * (self.depth or 1))
         self.counts = counts if self.counts is None else self.counts + counts
 
-    def to_dict(self) -> dict[str, Any]:
-        """The count of every code and the codes never used, as JSON holds them."""
+    def level_counts(self) -> list[torch.Tensor]:
+        """Each level's counts [vocab_size] (one level without `depth`)."""
         if self.counts is None:
             raise ValueError("no codes were added to these code counts")
-        return {"vocab_size": self.vocab_size, "code_counts": self.counts.tolist(),
-                "unused_codes": torch.nonzero(self.counts == 0).flatten().tolist(), **{
-                    f"code_{k}": v for k, v in code_usage(self.counts).items()}}
+        return list(self.counts.view(self.depth or 1, self.vocab_size))
+
+    def usage(self) -> dict[str, float]:
+        """`code_usage` of the counts; with `depth`, usage and unused over every level's codes together, the
+        perplexity the mean of the levels' (as the residual VQ's training statistics), and each level's under
+        `level_l/`."""
+        if self.depth is None:
+            return code_usage(self.counts)
+        levels = [code_usage(counts) for counts in self.level_counts()]
+        out = {**code_usage(self.counts), "perplexity": sum(level["perplexity"] for level in levels) / len(levels)}
+        for l, level in enumerate(levels):
+            out.update({f"{k}/level_{l}": v for k, v in level.items()})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The count of every code and the codes never used, as JSON holds them (per level, with `depth`)."""
+        if self.counts is None:
+            raise ValueError("no codes were added to these code counts")
+        counts = self.level_counts()
+        unused = [torch.nonzero(c == 0).flatten().tolist() for c in counts]
+        layout = ({"code_counts": counts[0].tolist(), "unused_codes": unused[0]} if self.depth is None else
+                  {"depth": self.depth, "code_counts": [c.tolist() for c in counts], "unused_codes": unused})
+        return {"vocab_size": self.vocab_size, **layout, **{f"code_{k}": v for k, v in self.usage().items()}}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,19 @@ def kmeans_restart_model() -> Autoencoder:
     return Autoencoder(tiny_config(config)).train()
 
 
+def fsq_model() -> Autoencoder:
+    torch.manual_seed(2)
+    from vqtok.bottleneck.fsq import FSQConfig
+    return Autoencoder(tiny_config(FSQConfig(levels=(5, 4, 3)))).train()
+
+
+def rvq_model() -> Autoencoder:
+    torch.manual_seed(3)
+    from vqtok.bottleneck.rvq import RVQConfig
+    return Autoencoder(tiny_config(RVQConfig(depth=2, codebook_size=16, dim=4, kmeans_init=False,
+                                             dead_threshold=0.0))).train()
+
+
 def train_step(module, model: Autoencoder, x: torch.Tensor) -> dict:
     """Forward (through DDP when given), backward, SGD step, then the once-per-step bottleneck hook."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)

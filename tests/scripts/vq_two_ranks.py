@@ -13,7 +13,14 @@ import torch.distributed as dist  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
-from tests.scripts.common import batch, ema_model, kmeans_restart_model, train_step  # noqa: E402
+from tests.scripts.common import (  # noqa: E402
+    batch,
+    ema_model,
+    fsq_model,
+    kmeans_restart_model,
+    rvq_model,
+    train_step,
+)
 
 dist.init_process_group("gloo")
 rank, world = dist.get_rank(), dist.get_world_size()
@@ -29,9 +36,17 @@ other = kmeans_restart_model()
 ddp = DistributedDataParallel(other, broadcast_buffers=False)
 restarted = sum(int(train_step(ddp, other, local).get("restarted", 0)) for _ in range(4))
 
+fsq = fsq_model()  # statistics reduced once per step: perplexity and usage of the whole batch
+fsq_stats = train_step(DistributedDataParallel(fsq, broadcast_buffers=False), fsq, local)
+rvq = rvq_model()  # every level's EMA over the whole batch
+rvq_stats = train_step(DistributedDataParallel(rvq, broadcast_buffers=False), rvq, local)
+
 vq, vq2 = model.bottleneck, other.bottleneck
 tensors = {"ema_count": vq.ema_count, "ema_sum": vq.ema_sum, "codebook": vq.codebook,
            "kmeans_codebook": vq2.codebook, "kmeans_ema_count": vq2.ema_count,
-           "restarted": torch.tensor(restarted), "world": torch.tensor(world)}
+           "restarted": torch.tensor(restarted), "world": torch.tensor(world),
+           "fsq_perplexity": fsq_stats["perplexity"], "fsq_usage": fsq_stats["usage"],
+           "fsq_last_used": fsq.bottleneck.last_used, "rvq_perplexity": rvq_stats["perplexity"],
+           **{f"rvq_{k}": v for k, v in rvq.bottleneck.state_dict().items() if "ema_count" in k or "codebook" in k}}
 save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"rank{rank}.safetensors"))
 dist.destroy_process_group()

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from vqtok.bottleneck.base import Bottleneck, BottleneckOutput
 from vqtok.bottleneck.fsq import FiniteScalarQuantizer, FSQConfig
 from vqtok.bottleneck.gaussian import DiagonalGaussian, GaussianBottleneck, image_noise
+from vqtok.bottleneck.rvq import ResidualVectorQuantizer, RVQConfig
 from vqtok.bottleneck.search import nearest_code
 from vqtok.bottleneck.vq import VectorQuantizer
 from vqtok.config import GaussianConfig, VQConfig
@@ -19,6 +20,8 @@ def build_bottleneck(config: BottleneckConfig) -> Bottleneck:
     """The bottleneck a config describes."""
     if isinstance(config, GaussianConfig):
         return GaussianBottleneck(config)
+    if isinstance(config, RVQConfig):  # (before VQConfig: an RVQConfig is a VQConfig with levels)
+        return ResidualVectorQuantizer(config)
     if isinstance(config, VQConfig):
         return VectorQuantizer(config)
     if isinstance(config, FSQConfig):
@@ -33,6 +36,8 @@ __all__ = [
     "FSQConfig",
     "FiniteScalarQuantizer",
     "GaussianBottleneck",
+    "RVQConfig",
+    "ResidualVectorQuantizer",
     "VectorQuantizer",
     "build_bottleneck",
     "image_noise",

@@ -57,7 +57,8 @@ class Bottleneck(nn.Module, ABC):
 
     in_channels: int
     dim: int
-    vocab_size: int | None = None  # number of codes for discrete bottlenecks
+    vocab_size: int | None = None  # number of codes for discrete bottlenecks (per level for a residual VQ)
+    code_depth: int | None = None  # codes [B, h, w, code_depth] (a residual VQ's levels); None: codes [B, h, w]
 
     @abstractmethod
     def forward(self, h: torch.Tensor) -> BottleneckOutput: ...
@@ -87,14 +88,18 @@ class Bottleneck(nn.Module, ABC):
             )
 
 
-def check_codes(codes: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """A discrete bottleneck's codes [B, h, w] checked (an integer tensor, values in [0, vocab_size)) and as int64
-    (uint16 codes, a token store's, have no min/max kernels); one-line errors naming the problem."""
+def check_codes(codes: torch.Tensor, vocab_size: int, depth: int | None = None) -> torch.Tensor:
+    """A discrete bottleneck's codes [B, h, w] (with `depth`: [B, h, w, r], any prefix 1 <= r <= depth of a residual
+    VQ's levels) checked (an integer tensor, values in [0, vocab_size)) and as int64 (uint16 codes, a token store's,
+    have no min/max kernels); one-line errors naming the problem."""
     if not torch.is_tensor(codes) or codes.is_floating_point() or codes.is_complex() or codes.dtype == torch.bool:
         raise TypeError(f"codes must be an integer tensor, got {getattr(codes, 'dtype', type(codes).__name__)}")
     codes = codes.long()
-    if codes.ndim != 3:
+    if depth is None and codes.ndim != 3:
         raise ValueError(f"codes must have shape [B, h, w], got {tuple(codes.shape)}")
+    if depth is not None and (codes.ndim != 4 or not 1 <= codes.shape[-1] <= depth):
+        raise ValueError(f"codes must have shape [B, h, w, r] with 1 <= r <= {depth} (the levels to decode), got "
+                         f"{tuple(codes.shape)}")
     if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= vocab_size):
         raise ValueError(f"codes must lie in [0, {vocab_size}), got values in [{int(codes.min())}, {int(codes.max())}]")
     return codes

@@ -241,7 +241,9 @@ class VectorQuantizer(Bottleneck):
     # ------------------------------------------------------------------------------------------------------------
     # Forward, encode, decode
 
-    def forward(self, h: torch.Tensor) -> BottleneckOutput:
+    def forward(self, h: torch.Tensor, accumulate: bool = True) -> BottleneckOutput:
+        """Quantize features [B, dim, h, w]; in training mode, also gather this batch's statistics for the next
+        `on_optimizer_step` (unless `accumulate` is False: a residual VQ's level whose input is not final yet)."""
         self.check_features(h)
         b, _, height, width = h.shape
         features = self._prepared(h)
@@ -259,7 +261,7 @@ class VectorQuantizer(Bottleneck):
             terms["codebook"] = F.mse_loss(quantized, z)
             loss = loss + self.config.codebook_weight * terms["codebook"]
         counts = code_counts(codes, self.vocab_size)
-        if self.training:
+        if self.training and accumulate:
             self._accumulate(z, codes, counts, commitment.detach())
         out = out.to(h.dtype)
         stats = {"perplexity": perplexity(counts), "quant_error": commitment.detach()}

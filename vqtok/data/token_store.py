@@ -6,9 +6,11 @@ Layout of a store folder:
                                   preprocessing, data source and the identity of its inputs, grid, vocabulary,
                                   dtype), and every shard's record
     shards/codes-00000.npy        [n, A, h, w] codes in the smallest integer dtype holding the vocabulary
-                                  (uint8/uint16/int32), or [n, A, C, h, w] float16 latents (posterior mode) for
-                                  Gaussian tokenizers; A is the augmentation axis ('none', 'hflip'). The manifest
-                                  gives the items' shape [A, h, w] or [A, C, h, w] (`item_shape`) and `grid` [h, w]
+                                  (uint8/uint16/int32; a residual VQ's [n, A, h, w, R], its R levels last), or
+                                  [n, A, C, h, w] float16 latents (posterior mode) for Gaussian tokenizers; A is the
+                                  augmentation axis ('none', 'hflip'). The manifest gives the items' shape [A, h, w],
+                                  [A, h, w, R] or [A, C, h, w] (`item_shape`) and `grid`, one view's code shape [h, w]
+                                  or [h, w, R] (the tokenizer's `code_shape`; for latents [h, w])
     shards/latents-g0-00000.npy   in place of codes-*, for a hierarchical VAE: one file per latent group g (top
     shards/latents-g1-00000.npy   first), [n, A, C_g, h_g, w_g] float16 posterior means (each group's given the means
     ...                           of the groups above, as `encode` gives them); the manifest gives `groups`, every
@@ -571,7 +573,8 @@ def _finish_store(out: Path, args: EncodeArgs, inputs: dict[str, Any], image_sha
     first = [np.load(out / f["path"], mmap_mode="r", allow_pickle=False) for f in records[0]["files"][:-1]]
     gaussian = tokenizer.is_gaussian
     layout = ({"groups": [list(array.shape[2:]) for array in first]} if isinstance(tokenizer, HierarchicalVAE)
-              else {"item_shape": list(first[0].shape[1:]), "grid": list(first[0].shape[-2:])})
+              else {"item_shape": list(first[0].shape[1:]),
+                    "grid": list(first[0].shape[-2:] if gaussian else first[0].shape[2:])})
     manifest = {
         "format": FORMAT,
         "format_version": _format_version(tokenizer),
@@ -608,9 +611,9 @@ class TokenDataset(Dataset):
     docstring) and that every shard has its recorded size and shape; each shard's codes are checked against the
     vocabulary (latents: checked finite) before their first read. `verify=True` also checks every file's sha256 and
     every shard's codes now. `tokenizer=` refuses a tokenizer whose weights differ from the store's. Item i is image
-    i // A under augmentation i % A: (LongTensor [h, w] codes, or float16 latents [C, h, w], or for a hierarchical
-    VAE's store a tuple of every group's float16 latents [C_g, h_g, w_g], top first; int label). `grid` is the code
-    grid (None for a hierarchical store), `group_shapes` every group's [C_g, h_g, w_g] (None for a single grid).
+    i // A under augmentation i % A: (LongTensor [h, w] codes ([h, w, R] a residual VQ's), or float16 latents [C, h, w], or for a hierarchical
+    VAE's store a tuple of every group's float16 latents [C_g, h_g, w_g], top first; int label). `grid` is one
+    item's code shape ([h, w] or [h, w, R]; latents: [h, w]; None for a hierarchical store), `group_shapes` every group's [C_g, h_g, w_g] (None for a single grid).
     """
 
     def __init__(self, path: str | Path, *, tokenizer: Tokenizer | None = None, verify: bool = False):
@@ -843,17 +846,25 @@ def _check_declared_fields(m: dict[str, Any], where: Path) -> None:
 
 
 def _check_item_shape(m: dict[str, Any], where: Path) -> None:
-    """A store of one grid: item_shape [A, h, w] (codes) or [A, C, h, w] (latents), grid [h, w], from a tokenizer of
-    one grid."""
+    """A store of one grid: item_shape [A, h, w] (codes; [A, h, w, R] a residual VQ's, with the recorded tokenizer's
+    depth R) or [A, C, h, w] (latents), grid one view's codes' shape (item_shape without A) or the latents' [h, w],
+    from a tokenizer of one grid."""
     kind, augmentations, shape = m["kind"], m["augmentations"], m["item_shape"]
-    axes = ["A", "h", "w"] if kind == "discrete" else ["A", "C", "h", "w"]
+    bottleneck = _recorded_config(m, "bottleneck")
+    depth = bottleneck.get("depth") if isinstance(bottleneck, dict) and bottleneck.get("kind") == "rvq" else None
+    axes = ["A", "C", "h", "w"] if kind != "discrete" else ["A", "h", "w"] + (["R"] if depth is not None else [])
     if not (isinstance(shape, list) and len(shape) == len(axes) and all(_is_int(d) and d >= 1 for d in shape)):
         raise TokenStoreError(f"{where}: item_shape {shape!r} is not a {kind} store's [{', '.join(axes)}]")
     if shape[0] != len(augmentations):
         raise TokenStoreError(f"{where}: items hold {shape[0]} view(s) (item_shape {shape}) but augmentations lists "
                               f"{len(augmentations)}: {augmentations}")
-    if m["grid"] != shape[-2:]:
+    if kind == "discrete" and m["grid"] != shape[1:]:
+        raise TokenStoreError(f"{where}: grid {m['grid']} is not one view's code shape (item_shape {shape})")
+    if kind != "discrete" and m["grid"] != shape[-2:]:
         raise TokenStoreError(f"{where}: grid {m['grid']} is not the items' last two sizes (item_shape {shape})")
+    if depth is not None and shape[-1] != depth:
+        raise TokenStoreError(f"{where}: items hold {shape[-1]} residual levels (item_shape {shape}), but the "
+                              f"recorded tokenizer has {depth}")
     if _recorded_config(m, "latent_shapes") is not None:
         raise TokenStoreError(f"{where}: one grid (item_shape {shape}), but the recorded tokenizer has latent groups "
                               "(a hierarchical VAE's store lists its groups)")

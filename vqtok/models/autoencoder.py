@@ -120,7 +120,17 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
 
     @property
     def vocab_size(self) -> int | None:
+        """Codes per position (per level for a residual VQ); None for a Gaussian autoencoder."""
         return self.bottleneck.vocab_size
+
+    @property
+    def code_shape(self) -> tuple[int, ...] | None:
+        """One image's codes: (h, w), or (h, w, depth) for a residual VQ (its levels fastest); None for a Gaussian
+        autoencoder. What `encode` gives per image, a token store holds per view, and a prior models."""
+        if self.vocab_size is None:
+            return None
+        depth = self.bottleneck.code_depth
+        return tuple(self.config.latent_grid) + ((depth,) if depth is not None else ())
 
     # ------------------------------------------------------------------------------------------------------------
     # The pipeline
@@ -139,7 +149,8 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
 
     def encode(self, x: torch.Tensor, return_dict: bool = False, *, labels: Labels = None,
                generator: torch.Generator | None = None) -> Any:
-        """Images in the model range [B, C, H, W] -> codes LongTensor [B, h, w] (VQ) or the posterior (Gaussian).
+        """Images in the model range [B, C, H, W] -> codes LongTensor [B, h, w] (VQ, FSQ; [B, h, w, depth] for a
+        residual VQ) or the posterior (Gaussian).
 
         `labels`: each image's class, for a conditional model (one int for all, or [B]; None: the null label).
         `return_dict=True`: an `EncoderOutput` with the codes, their vectors and the features before quantization
@@ -154,7 +165,8 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
 
     def decode(self, representation: torch.Tensor, return_dict: bool = False, *,
                labels: Labels = None) -> torch.Tensor | DecoderOutput:
-        """Codes [B, h, w] (VQ) or latents [B, dim, h, w] (Gaussian) -> images in the model range
+        """Codes [B, h, w] (VQ, FSQ; a residual VQ's [B, h, w, r], any prefix of its levels) or latents
+        [B, dim, h, w] (Gaussian) -> images in the model range
         (`return_dict=True`: as a `DecoderOutput`'s `sample`). `labels`: the class to decode each as (conditional
         models; one int for all, or [B]; None: the null label)."""
         labels = self.check_labels(labels, representation.shape[0])
@@ -296,7 +308,8 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
         encoded = (f"posterior = tok.encode(x{given})  # q(z | x): .mode() its mean, .sample() a draw\n"
                    "z = posterior.mode()")
         if not self.is_gaussian:
-            encoded = f"codes = tok.encode(x{given})  # LongTensor [B, h, w], values in [0, {self.vocab_size})"
+            shape = "B, h, w" + (f", {b.depth}" if b.kind == "rvq" else "")
+            encoded = f"codes = tok.encode(x{given})  # LongTensor [{shape}], values in [0, {self.vocab_size})"
         if self.is_conditional:
             encoded = (f"y = [3] * len(x)  # each image's class in [0, {c.num_classes}); labels=None (or "
                        f"{c.num_classes}, the null label) is the unconditional pass\n{encoded}")
@@ -316,9 +329,12 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
             use = ("Compressing images into continuous latents for latent generative models (diffusion, flow "
                    "matching) and decoding theirs back into images; research on image autoencoders.")
         else:
-            description = "FSQ image tokenizer" if b.kind == "fsq" else "VQ image tokenizer"
+            description = {"fsq": "FSQ image tokenizer", "rvq": "residual VQ image tokenizer"}.get(
+                b.kind, "VQ image tokenizer")
             what = (f"{c.resolution}x{c.resolution} images become {grid} grids of codes from a vocabulary of "
-                    f"{self.vocab_size:,}" + (f" (levels {list(b.levels)})" if b.kind == "fsq" else ""))
+                    f"{self.vocab_size:,}" + (f" (levels {list(b.levels)})" if b.kind == "fsq" else "")
+                    + (f", {b.depth} residual levels per position (codes [{grid.replace('x', ', ')}, {b.depth}], "
+                       "coarse to fine)" if b.kind == "rvq" else ""))
             use = ("Turning images into grids of discrete codes, to train and sample generative models over codes "
                    "(an autoregressive transformer such as `vqtok train-prior`'s, a masked model), and decoding codes "
                    "back into images; research on image tokenizers.")
@@ -338,7 +354,7 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
             "description": description,
             "intro": f"{indefinite_article(description).capitalize()} {description} made with "
                      f"[vqtok](https://github.com/vqtok/vqtok): {what}, and back.",
-            "tags": ["image-tokenizer", {"gaussian": "vae", "fsq": "fsq"}.get(b.kind, "vq-vae")]
+            "tags": ["image-tokenizer", {"gaussian": "vae", "fsq": "fsq", "rvq": "rvq"}.get(b.kind, "vq-vae")]
                     + (["class-conditional"] if self.is_conditional else []),
             "pipeline_tag": "unconditional-image-generation" if self.is_generative else None,
             "usage": usage,

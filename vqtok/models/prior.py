@@ -1,7 +1,9 @@
 """The prior: an autoregressive transformer over a tokenizer's code grid in raster order, and sampling from it.
 
 Decoder-only and pre-norm (GPT-2): the sequence is [class token, c_0, ..., c_{T-2}] and position t predicts code c_t,
-so T = h * w positions give the T codes of one image. The first token is the image's class (conditional priors) or
+so T = h * w positions give the T codes of one image (a residual VQ's codes [h, w, R]: T = h * w * R, in raster order
+with the levels fastest, so each position's coarse-to-fine codes come together and its finer levels see its coarser
+ones; the learned or rotary position of each token tells its level). The first token is the image's class (conditional priors) or
 the null class (unconditional priors, and the dropped labels that make classifier-free guidance work). Attention is
 `F.scaled_dot_product_attention` (flash / memory-efficient kernels where available); positions are learned absolute
 embeddings or rotary (RoPE on queries and keys).
@@ -245,13 +247,13 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
 
     def _check_codes(self, codes: torch.Tensor, values: bool = True) -> torch.Tensor:
         c = self.config
+        shape = ", ".join(str(n) for n in c.grid)
         if not torch.is_tensor(codes) or codes.is_floating_point() or codes.is_complex():
-            raise TypeError(f"codes must be an integer tensor [B, {c.grid[0]}, {c.grid[1]}], got {getattr(codes, 'dtype', type(codes).__name__)}")
-        if codes.ndim == 3 and tuple(codes.shape[1:]) == tuple(c.grid):
-            codes = codes.flatten(1)
+            raise TypeError(f"codes must be an integer tensor [B, {shape}], got {getattr(codes, 'dtype', type(codes).__name__)}")
+        if codes.ndim == 1 + len(c.grid) and tuple(codes.shape[1:]) == tuple(c.grid):
+            codes = codes.flatten(1)  # raster order, a residual VQ's levels fastest
         if codes.ndim != 2 or codes.shape[1] != c.seq_len:
-            raise ValueError(f"codes must have shape [B, {c.grid[0]}, {c.grid[1]}] (or [B, {c.seq_len}]), "
-                             f"got {tuple(codes.shape)}")
+            raise ValueError(f"codes must have shape [B, {shape}] (or [B, {c.seq_len}]), got {tuple(codes.shape)}")
         if values and codes.numel():
             low, high = (int(v) for v in torch.aminmax(codes))  # one device sync, not two
             if low < 0 or high >= c.vocab_size:
@@ -295,7 +297,7 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
         cache: str | None = None,
         compile: bool = False,  # noqa: A002 - the name torch and transformers use
     ) -> torch.Tensor:
-        """Sample n code grids LongTensor [n, h, w], batched, with a KV cache.
+        """Sample n code grids LongTensor [n, h, w] ([n, h, w, R] for a residual VQ's grid), batched, with a KV cache.
 
         labels: one class for all, one per sample, or None (unconditional; the null class of a conditional prior).
         temperature 0 is greedy decoding; top_k / top_p (nucleus) restrict each step's distribution. cfg_scale != 1
@@ -561,7 +563,7 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
                      "[vqtok](https://github.com/vqtok/vqtok).",
             "tags": ["autoregressive-prior"],
             "pipeline_tag": "unconditional-image-generation",
-            "usage": (f"import vqtok\n\nprior = {load}\ncodes = {sample}  # LongTensor [16, h, w]\ntokenizer = "
+            "usage": (f"import vqtok\n\nprior = {load}\ncodes = {sample}  # LongTensor [16, h, w{', R' if len(c.grid) == 3 else ''}]\ntokenizer = "
                       "prior.load_tokenizer()  # the recorded tokenizer, checked by its weights' hash\nimages = "
                       "tokenizer.postprocess(tokenizer.decode(codes), output_type=\"pil\")"),
             "intended_use": "Sampling new images code by code (of a chosen class when it is class-conditional, with "

@@ -23,7 +23,7 @@ from vqtok.diagnostics import (
 )
 from vqtok.images import is_binary, uint8_to_range
 from vqtok.losses import DISCRETE_LIKELIHOODS
-from vqtok.metrics import code_usage, psnr_from_mse, squared_error, ssim
+from vqtok.metrics import psnr_from_mse, squared_error, ssim
 from vqtok.models import Autoencoder, HierarchicalVAE
 from vqtok.nn.conditioning import dataset_labels, label_arguments
 from vqtok.nn.perceptual import LPIPS
@@ -61,7 +61,8 @@ def evaluate(
     (`kl_nats/group_L`, `active_units/group_L`). The KL per channel or group sums to `kl_nats_per_image`: with a
     discrete likelihood, the hierarchical VAE's are the negative ELBO's, at one posterior sample of the groups above;
     otherwise at their posterior means (the forward pass's). VQ tokenizers report the usage, perplexity and unused
-    fraction of their codes (`code_usage`, `code_perplexity`, `code_unused`). To keep the per-element arrays, pass an
+    fraction of their codes (`code_usage`, `code_perplexity`, `code_unused`; a residual VQ's over all its levels, the
+    perplexity the mean of the levels', and each level's under `/level_l`). To keep the per-element arrays, pass an
     empty LatentStatistics as `latents` (VAEs) or an empty CodeCounts as `codes` (VQ: the count of every code): this
     fills them.
 
@@ -83,7 +84,8 @@ def evaluate(
                          "on binary images, or logistic_mixture)")
     generator = torch.Generator(device).manual_seed(0)  # the posterior samples of the code length and the bounds
     kl_groups, statistics = 0.0, latents if latents is not None else LatentStatistics()
-    codes = codes if codes is not None else CodeCounts(model.vocab_size or 0)
+    codes = codes if codes is not None else CodeCounts(model.vocab_size or 0, getattr(model.bottleneck, "code_depth",
+                                                                                      None) if model.vocab_size else None)
     n = dims = values = 0
     num_classes = getattr(model.config, "num_classes", 0)
     bar = tqdm(total=len(dataset), unit="img", desc="eval", disable=not progress)
@@ -145,7 +147,7 @@ def evaluate(
             metrics["iwae_bits_per_dim"] = bits(metrics["iwae_nats"])
             metrics["iwae_samples"] = iwae
     if model.vocab_size:
-        metrics.update({f"code_{k}": v for k, v in code_usage(codes.counts).items()})
+        metrics.update({f"code_{k}": v for k, v in codes.usage().items()})
         if (initialized := getattr(getattr(model, "bottleneck", None), "initialized", None)) is not None:
             metrics["codebook_initialized"] = bool(initialized)
     if variational:
@@ -200,6 +202,10 @@ def codebook_warnings(health: dict[str, Any], vq: Any, steps: int | None = None)
         return [f"the FSQ codes are barely used: {health['train_code_usage']:.1%} of its {vq.vocab_size:,} codes "
                 f"(levels {list(vq.levels)}) over the last {vq.usage_window} steps (warning below "
                 f"{MIN_CODE_USAGE:.0%}); train longer, or use fewer levels"]
+    if health["train_code_usage"] is not None and health["train_code_usage"] < MIN_CODE_USAGE and vq.kind == "rvq":
+        return [f"the residual VQ's codebooks are barely used: {health['train_code_usage']:.1%} of its {vq.depth} x "
+                f"{vq.codebook_size} codes over the last {vq.usage_window} steps (warning below {MIN_CODE_USAGE:.0%}); "
+                "train longer, or use smaller codebooks or dead-code restarts (dead_threshold)"]
     if health["train_code_usage"] is not None and health["train_code_usage"] < MIN_CODE_USAGE:
         return [f"the VQ codebook is barely used: {health['train_code_usage']:.1%} of its {vq.codebook_size} codes "
                 f"over the last {vq.usage_window} steps (warning below {MIN_CODE_USAGE:.0%}); most codes are dead - "

@@ -232,7 +232,7 @@ def test_loss_and_codes_equal_the_peers(d, spherical):
         torch.testing.assert_close(mine.terms["commitment"], commitment, rtol=1e-6, atol=1e-7)
         slack = (1 << d) * 1e-5 / math.e + 1e-5
         for name, theirs in (("sample_entropy", per_sample), ("batch_entropy", batch)):
-            gap = float(mine.terms[name] - theirs)
+            gap = float((mine.terms[name] - theirs).detach())
             assert -1e-5 <= gap <= slack, (name, gap)
         if inv_temperature == 1.0:  # soft: no probability under 1e-5, the peer's clamp is inactive
             torch.testing.assert_close(mine.loss, aux, rtol=1e-5, atol=1e-6)
@@ -338,7 +338,7 @@ def test_save_load_strict_model_card_and_info(tmp_path, capsys):
     with pytest.raises(RuntimeError, match="last_used"):
         loaded.load_state_dict({k: v for k, v in state.items() if k != "bottleneck.last_used"})
     readme = (tmp_path / "tok" / "README.md").read_text()
-    assert "BSQ image tokenizer" in readme and "vocabulary of 1,024 (10 bits)" in readme
+    assert "A BSQ image tokenizer made with" in readme and "vocabulary of 1,024 (10 bits)" in readme
     assert vqtok.cli.main(["info", str(tmp_path / "tok")]) == 0
     assert '"kind": "lfq"' in capsys.readouterr().out
     assert vqtok.cli._summary(model.config, 1)[0] == "bottleneck: BSQ, 10 bits: 1,024 codes of dim 10 (on the unit sphere)"

@@ -91,11 +91,7 @@ def test_every_index_maps_to_its_bits_and_back():
         assert torch.equal(q.encode(as_grid(vectors)).view(-1), idx)
         out = q(as_grid(vectors))
         assert torch.equal(as_rows(out.z), vectors) and torch.equal(out.codes.view(-1), idx)
-        assert torch.equal(q.decode(idx.view(1, 32, 32)), rearrange_grid(vectors))
-
-
-def rearrange_grid(vectors: torch.Tensor) -> torch.Tensor:
-    return vectors.view(1, 32, 32, -1).permute(0, 3, 1, 2)
+        assert torch.equal(q.decode(idx.view(1, 32, 32)), vectors.view(1, 32, 32, 10).permute(0, 3, 1, 2))
 
 
 @pytest.mark.parametrize("spherical", [False, True])
@@ -147,6 +143,11 @@ def test_straight_through_gradient_and_the_commitment(spherical):
     assert torch.equal(torch.autograd.grad(y, x, torch.arange(1.0, 6.0))[0], torch.arange(1.0, 6.0))
 
 
+def normalised(z: torch.Tensor, spherical: bool) -> torch.Tensor:
+    """u: z itself, or l2-normalised over the channels (BSQ)."""
+    return z / z.norm(dim=1, keepdim=True) if spherical else z
+
+
 TEMPERATURES = (0.01, 0.1, 1.0)
 
 
@@ -159,7 +160,7 @@ def test_entropies_equal_a_float64_brute_force_over_all_codes(d, spherical):
     z = torch.randn(96, d, generator=g, dtype=torch.float64) * torch.logspace(-3, 0, 96, dtype=torch.float64)[:, None]
     s = 1 / math.sqrt(d) if spherical else 1.0
     for temperature in TEMPERATURES:
-        u = (z / z.norm(dim=1, keepdim=True) if spherical else z).requires_grad_()
+        u = normalised(z, spherical).requires_grad_()
         ours = sample_entropy(u * (4 * s / temperature)), batch_entropy(u * (4 * s / temperature), (d,))
         reference = brute_force_entropies(u, temperature, spherical)
         for a, b in zip(ours, reference):
@@ -176,10 +177,6 @@ def test_entropies_equal_a_float64_brute_force_over_all_codes(d, spherical):
         torch.testing.assert_close(terms["batch_entropy"].double(), reference32[1], rtol=1e-5, atol=1e-5)
 
 
-def normalised(z: torch.Tensor, spherical: bool) -> torch.Tensor:
-    return z / z.norm(dim=1, keepdim=True) if spherical else z
-
-
 @pytest.mark.parametrize("spherical", [False, True])
 @pytest.mark.parametrize("d, groups", [(4, (2, 2)), (4, (1, 1, 1, 1)), (10, (4, 3, 3)), (10, (5, 5))])
 def test_grouped_batch_entropy_is_the_sum_of_group_marginal_entropies(d, groups, spherical):
@@ -189,7 +186,7 @@ def test_grouped_batch_entropy_is_the_sum_of_group_marginal_entropies(d, groups,
     z = torch.randn(64, d, generator=g, dtype=torch.float64) * 0.05
     s = 1 / math.sqrt(d) if spherical else 1.0
     for temperature in TEMPERATURES:
-        u = (z / z.norm(dim=1, keepdim=True) if spherical else z).requires_grad_()
+        u = normalised(z, spherical).requires_grad_()
         ours = batch_entropy(u * (4 * s / temperature), groups)
         _, joint, grouped = brute_force_entropies(u, temperature, spherical, groups)
         torch.testing.assert_close(ours, grouped, rtol=1e-10, atol=1e-12)

@@ -338,7 +338,8 @@ def test_save_load_strict_model_card_and_info(tmp_path, capsys):
     assert "A BSQ image tokenizer made with" in readme and "vocabulary of 1,024 (10 bits)" in readme
     assert vqtok.cli.main(["info", str(tmp_path / "tok")]) == 0
     assert '"kind": "lfq"' in capsys.readouterr().out
-    assert vqtok.cli._summary(model.config, 1)[0] == "bottleneck: BSQ, 10 bits: 1,024 codes of dim 10 (on the unit sphere)"
+    summary = vqtok.cli._summary(model.config, 1)[0]
+    assert summary == "bottleneck: BSQ, 10 bits: 1,024 codes of dim 10 (on the unit sphere)"
 
 
 def test_bad_codes_are_refused_in_one_line():

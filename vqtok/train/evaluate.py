@@ -174,9 +174,9 @@ def collapse_metrics(model: Autoencoder | HierarchicalVAE, statistics: LatentSta
 
 def codebook_health(model: Autoencoder | HierarchicalVAE) -> dict[str, Any]:
     """For a discrete tokenizer (VQ, FSQ, LFQ), from the state saved with it: whether k-means initialised its
-    codebook (`codebook_initialized`; always true for FSQ and LFQ, whose codebooks are implicit) and the fraction of codes used over
-    its last `usage_window` training steps (`train_code_usage`; None when its quantizer recorded no training step:
-    converted from another library, or never initialised); {} for other models."""
+    codebook (`codebook_initialized`; always true for FSQ and LFQ, whose codebooks are implicit) and the fraction of
+    codes used over its last `usage_window` training steps (`train_code_usage`; None when its quantizer recorded no
+    training step: converted from another library, or never initialised); {} for other models."""
     bottleneck = getattr(model, "bottleneck", None)
     if getattr(bottleneck, "codebook_stats", None) is None:
         return {}

@@ -1191,6 +1191,10 @@ def _summary(config: Any, parameters: int) -> list[str]:
     elif b.kind == "fsq":
         kind = f"FSQ, levels {list(b.levels)}: {b.vocab_size:,} codes of dim {b.dim}"
         shapes = ", ".join(f"{s}x{s} -> {s // f}x{s // f} codes" for s in sizes)
+    elif b.kind == "lfq":
+        kind = (f"{'BSQ' if b.spherical else 'LFQ'}, {b.bits} bits: {b.vocab_size:,} codes of dim {b.dim}"
+                f"{' (on the unit sphere)' if b.spherical else ''}")
+        shapes = ", ".join(f"{s}x{s} -> {s // f}x{s // f} codes" for s in sizes)
     else:
         kind = f"Gaussian (KL), {b.dim} latent channels"
         shapes = ", ".join(f"{s}x{s} -> {b.dim}x{s // f}x{s // f}" for s in sizes)

@@ -149,8 +149,9 @@ class VQConfig:
         return self.kmeans_samples if self.kmeans_samples is not None else max(4096, 4 * self.codebook_size)
 
 
-# BottleneckConfig, the union of the bottlenecks' configs, is defined at the end of this module: FSQConfig and
-# RVQConfig live beside their quantizers (vqtok/bottleneck/fsq.py, rvq.py), which import the helpers above.
+# BottleneckConfig, the union of the bottlenecks' configs, is defined at the end of this module: FSQConfig,
+# LFQConfig and RVQConfig live beside their quantizers (vqtok/bottleneck/fsq.py, lfq.py, rvq.py), which import the
+# helpers above.
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1173,11 +1174,12 @@ def _convert_dataclass(cls: Any, value: Any, *, path: str, source: str) -> Any:
 # Configs that live beside their components, imported last, when every name they use from here exists. (Types in
 # annotations are resolved when a config is parsed, by then.)
 from vqtok.bottleneck.fsq import FSQConfig  # noqa: E402
+from vqtok.bottleneck.lfq import LFQConfig  # noqa: E402
 from vqtok.bottleneck.rvq import RVQConfig  # noqa: E402
 from vqtok.models.hierarchical_vae import HierarchicalVAEConfig  # noqa: E402
 
-BottleneckConfig = Union[GaussianConfig, VQConfig, FSQConfig, RVQConfig]
-"""What an autoencoder's `bottleneck` may be, by its `kind`: gaussian, vq, fsq or rvq."""
+BottleneckConfig = Union[GaussianConfig, VQConfig, FSQConfig, LFQConfig, RVQConfig]
+"""What an autoencoder's `bottleneck` may be, by its `kind`: gaussian, vq, fsq, lfq or rvq."""
 
 ModelConfig = Union[AutoencoderConfig, HierarchicalVAEConfig]
 """What a training config's `model` may be: an autoencoder's (no `kind` key) or a hierarchical VAE's."""

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from vqtok.bottleneck.base import Bottleneck, BottleneckOutput
 from vqtok.bottleneck.fsq import FiniteScalarQuantizer, FSQConfig
 from vqtok.bottleneck.gaussian import DiagonalGaussian, GaussianBottleneck, image_noise
+from vqtok.bottleneck.lfq import LFQConfig, LookupFreeQuantizer
 from vqtok.bottleneck.rvq import ResidualVectorQuantizer, RVQConfig
 from vqtok.bottleneck.search import nearest_code
 from vqtok.bottleneck.vq import VectorQuantizer
@@ -26,6 +27,8 @@ def build_bottleneck(config: BottleneckConfig) -> Bottleneck:
         return VectorQuantizer(config)
     if isinstance(config, FSQConfig):
         return FiniteScalarQuantizer(config)
+    if isinstance(config, LFQConfig):
+        return LookupFreeQuantizer(config)
     raise TypeError(f"unknown bottleneck config {type(config).__name__}")
 
 
@@ -36,6 +39,8 @@ __all__ = [
     "FSQConfig",
     "FiniteScalarQuantizer",
     "GaussianBottleneck",
+    "LFQConfig",
+    "LookupFreeQuantizer",
     "RVQConfig",
     "ResidualVectorQuantizer",
     "VectorQuantizer",

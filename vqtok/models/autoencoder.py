@@ -1,8 +1,8 @@
 """The tokenizer: encoder -> quant_conv -> bottleneck -> post_quant_conv -> decoder.
 
-One class for every bottleneck. With a discrete one (VQ, FSQ) `encode` gives integer codes [B, h, w] and `decode` takes
-them;
-with a Gaussian one `encode` gives the posterior (`.sample()`, `.mode()`, `.kl()`) and `decode` takes latents.
+One class for every bottleneck. With a discrete one (VQ, FSQ, LFQ) `encode` gives integer codes [B, h, w] and
+`decode` takes them; with a Gaussian one `encode` gives the posterior (`.sample()`, `.mode()`, `.kl()`) and `decode`
+takes latents.
 `encode(x, return_dict=True)` gives an `EncoderOutput` with everything at once (codes, the quantized vectors, the
 features before quantization; or the posterior and a sample), `decode(..., return_dict=True)` a `DecoderOutput`;
 the forward pass's `AutoencoderOutput` holds the loss terms (`.bottleneck.terms`, `.bottleneck.loss`).
@@ -329,12 +329,18 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
             use = ("Compressing images into continuous latents for latent generative models (diffusion, flow "
                    "matching) and decoding theirs back into images; research on image autoencoders.")
         else:
-            description = {"fsq": "FSQ image tokenizer", "rvq": "residual VQ image tokenizer"}.get(
-                b.kind, "VQ image tokenizer")
+            name, detail = "VQ", ""
+            if b.kind == "fsq":
+                name, detail = "FSQ", f" (levels {list(b.levels)})"
+            elif b.kind == "lfq":
+                name, detail = "BSQ" if b.spherical else "LFQ", f" ({b.bits} bits)"
+            elif b.kind == "rvq":
+                name = "residual VQ"
+                detail = (f", {b.depth} residual levels per position (codes [{grid.replace('x', ', ')}, {b.depth}], "
+                          "coarse to fine)")
+            description = f"{name} image tokenizer"
             what = (f"{c.resolution}x{c.resolution} images become {grid} grids of codes from a vocabulary of "
-                    f"{self.vocab_size:,}" + (f" (levels {list(b.levels)})" if b.kind == "fsq" else "")
-                    + (f", {b.depth} residual levels per position (codes [{grid.replace('x', ', ')}, {b.depth}], "
-                       "coarse to fine)" if b.kind == "rvq" else ""))
+                    f"{self.vocab_size:,}{detail}")
             use = ("Turning images into grids of discrete codes, to train and sample generative models over codes "
                    "(an autoregressive transformer such as `vqtok train-prior`'s, a masked model), and decoding codes "
                    "back into images; research on image tokenizers.")
@@ -354,7 +360,7 @@ class Autoencoder(PixelModel, HubModel, model_type="autoencoder"):
             "description": description,
             "intro": f"{indefinite_article(description).capitalize()} {description} made with "
                      f"[vqtok](https://github.com/vqtok/vqtok): {what}, and back.",
-            "tags": ["image-tokenizer", {"gaussian": "vae", "fsq": "fsq", "rvq": "rvq"}.get(b.kind, "vq-vae")]
+            "tags": ["image-tokenizer", {"gaussian": "vae", "vq": "vq-vae"}.get(b.kind, b.kind)]
                     + (["class-conditional"] if self.is_conditional else []),
             "pipeline_tag": "unconditional-image-generation" if self.is_generative else None,
             "usage": usage,

@@ -175,10 +175,10 @@ def collapse_metrics(model: Autoencoder | HierarchicalVAE, statistics: LatentSta
 
 
 def codebook_health(model: Autoencoder | HierarchicalVAE) -> dict[str, Any]:
-    """For a discrete tokenizer (VQ, FSQ), from the state saved with it: whether k-means initialised its codebook
-    (`codebook_initialized`; always true for FSQ, whose codebook is implicit) and the fraction of codes used over
-    its last `usage_window` training steps (`train_code_usage`; None when its quantizer recorded no training step:
-    converted from another library, or never initialised); {} for other models."""
+    """For a discrete tokenizer (VQ, FSQ, LFQ), from the state saved with it: whether k-means initialised its
+    codebook (`codebook_initialized`; always true for FSQ and LFQ, whose codebooks are implicit) and the fraction of
+    codes used over its last `usage_window` training steps (`train_code_usage`; None when its quantizer recorded no
+    training step: converted from another library, or never initialised); {} for other models."""
     bottleneck = getattr(model, "bottleneck", None)
     if getattr(bottleneck, "codebook_stats", None) is None:
         return {}
@@ -188,8 +188,8 @@ def codebook_health(model: Autoencoder | HierarchicalVAE) -> dict[str, Any]:
 
 
 def codebook_warnings(health: dict[str, Any], vq: Any, steps: int | None = None) -> list[str]:
-    """What is wrong with a trained discrete bottleneck, from `codebook_health` (and its config `vq`, a VQConfig or
-    FSQConfig, after `steps` of training when known): one sentence each, none when it is healthy."""
+    """What is wrong with a trained discrete bottleneck, from `codebook_health` (and its config `vq`, a VQConfig,
+    FSQConfig or LFQConfig, after `steps` of training when known): one sentence each, none when it is healthy."""
     if not health:
         return []
     if not health["codebook_initialized"]:
@@ -202,6 +202,10 @@ def codebook_warnings(health: dict[str, Any], vq: Any, steps: int | None = None)
         return [f"the FSQ codes are barely used: {health['train_code_usage']:.1%} of its {vq.vocab_size:,} codes "
                 f"(levels {list(vq.levels)}) over the last {vq.usage_window} steps (warning below "
                 f"{MIN_CODE_USAGE:.0%}); train longer, or use fewer levels"]
+    if health["train_code_usage"] is not None and health["train_code_usage"] < MIN_CODE_USAGE and vq.kind == "lfq":
+        return [f"the LFQ codes are barely used: {health['train_code_usage']:.1%} of its {vq.vocab_size:,} codes "
+                f"({vq.bits} bits) over the last {vq.usage_window} steps (warning below {MIN_CODE_USAGE:.0%}); "
+                "train longer, raise entropy_weight or diversity_weight, or use fewer bits"]
     if health["train_code_usage"] is not None and health["train_code_usage"] < MIN_CODE_USAGE and vq.kind == "rvq":
         return [f"the residual VQ's codebooks are barely used: {health['train_code_usage']:.1%} of its {vq.depth} x "
                 f"{vq.codebook_size} codes over the last {vq.usage_window} steps (warning below {MIN_CODE_USAGE:.0%}); "

@@ -20,7 +20,7 @@ CPU budget: the models of one invocation share the cores; `--threads` sets torch
 
 Evaluation after training, on the CIFAR-10 test split: `vqtok.train.evaluate.evaluate` (PSNR/SSIM on 8-bit images,
 usage = fraction of the codes the test images use, perplexity of those codes; for RVQ over every level's codes
-together, plus each level's own usage and perplexity).
+together, the perplexity the mean of the levels', plus each level's).
 
 The runs can be split over invocations (`--json` each) and joined into one table with `--table A.json B.json ...`
 (time per step is then best compared within one invocation: `--timing-only` runs every quantizer for a few steps,
@@ -174,26 +174,6 @@ def train(models: dict[str, Autoencoder], args: argparse.Namespace, device: torc
                    "final_train_loss": statistics.mean(losses[name][-50:])} for name in models}
 
 
-def level_stats(model: Autoencoder, test_set, args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """Each RVQ level's test usage and perplexity (its own codes only)."""
-    from vqtok.diagnostics import code_usage
-
-    codes = []
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(test_set, range(min(args.eval_images,
-                                                                                      len(test_set)))),
-                                         batch_size=250)
-    with torch.no_grad():
-        for images, _ in loader:
-            codes.append(model.encode(uint8_to_range(images.to(device), model.config.value_range)))
-    codes = torch.cat(codes)
-    out = {}
-    for level in range(codes.shape[-1]):
-        usage = code_usage(torch.bincount(codes[..., level].flatten(), minlength=model.vocab_size))
-        out[f"level{level}_usage"] = usage["usage"]
-        out[f"level{level}_perplexity"] = usage["perplexity"]
-    return out
-
-
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     names = list(QUANTIZERS) if args.timing_only else args.quantizers.split(",")
@@ -219,8 +199,6 @@ def run(args: argparse.Namespace) -> dict:
                              size=32)
     for name, model in models.items():
         metrics = evaluate(model, test_set, limit=args.eval_images, batch_size=250)
-        if name == "rvq":
-            metrics.update(level_stats(model, test_set, args, device))
         results["quantizers"][name].update(metrics, vocab_size=model.vocab_size)
         assert math.isfinite(metrics["psnr"]), name
     return results
@@ -244,11 +222,10 @@ def table(results: list[dict]) -> str:
         ms = timing.get(name, m["ms_per_step"])
         lines.append(f"| {name} | {m['vocab_size']:,} | {m['psnr']:.2f} dB | {m['ssim']:.3f} | "
                      f"{100 * m['code_usage']:.1f}% | {m['code_perplexity']:.1f} | {ms:.0f} |")
-        levels = [k for k in m if k.startswith("level") and k.endswith("_usage")]
-        for key in sorted(levels):
-            level = key[len("level"):-len("_usage")]
-            lines.append(f"| rvq level {level} | {m['vocab_size']:,} | | | {100 * m[key]:.1f}% | "
-                         f"{m[f'level{level}_perplexity']:.1f} | |")
+        for key in sorted(k for k in m if k.startswith("code_usage/level_")):  # a residual VQ's levels
+            level = key.rsplit("_", 1)[1]
+            lines.append(f"| {name} level {level} | {m['vocab_size']:,} | | | {100 * m[key]:.1f}% | "
+                         f"{m[f'code_perplexity/level_{level}']:.1f} | |")
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """Two processes (torchrun, gloo, DDP with buffer broadcast off): the EMA statistics after a step equal those of
-one process on the concatenated batch (VQ, every residual VQ level; FSQ's perplexity and usage), and k-means
+one process on the concatenated batch (VQ, every residual VQ level; FSQ's and LFQ's perplexity and usage, LFQ's
+bit entropy), and k-means
 initialisation and restarts are identical on every rank."""
 
 import os
@@ -11,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.scripts.common import batch, ema_model, fsq_model, rvq_model, train_step
+from tests.scripts.common import batch, ema_model, fsq_model, lfq_model, rvq_model, train_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,3 +71,15 @@ def test_every_residual_level_reduces_its_statistics_over_the_whole_batch(two_ra
             torch.testing.assert_close(rank[f"rvq_levels.{level}.codebook"], state[f"levels.{level}.codebook"],
                                        rtol=1e-5, atol=1e-6)
         assert float(rank["rvq_perplexity"]) == pytest.approx(float(stats["perplexity"]), rel=1e-5)
+
+
+def test_lfq_code_and_bit_statistics_are_those_of_the_whole_batch(two_ranks):
+    model = lfq_model()
+    stats = train_step(model, model, batch())
+    for rank in two_ranks:
+        assert torch.equal(rank["lfq_last_used"], model.bottleneck.last_used)
+        assert float(rank["lfq_perplexity"]) == pytest.approx(float(stats["perplexity"]), rel=1e-5)
+        assert float(rank["lfq_bit_entropy"]) == pytest.approx(float(stats["bit_entropy"]), rel=1e-5)
+    half = lfq_model()
+    assert float(train_step(half, half, batch().chunk(2)[0])["bit_entropy"]) != pytest.approx(
+        float(stats["bit_entropy"]), rel=1e-5)

@@ -301,3 +301,15 @@ def test_build_bottleneck_and_the_config_union():
     assert RVQConfig(depth=3, codebook_size=8, dim=2).level_config == vqtok.VQConfig(codebook_size=8, dim=2)
     config = load_yaml("configs/cifar10_rvq.yaml", TrainConfig)
     assert config.model.bottleneck == RVQConfig(depth=2, codebook_size=32, dim=64)
+
+
+def test_bf16_autocast_quantizes_in_float32():
+    q = rvq(depth=3).train()
+    h = features(4).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = q(h)
+    assert out.z.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+    assert torch.equal(out.codes, q.eval().encode(h.detach().float()))  # the bf16 values' float32 search
+    assert torch.equal(out.z, q.decode(out.codes).bfloat16())
+    out.loss.backward()
+    assert h.grad.dtype == torch.bfloat16 and torch.isfinite(h.grad.float()).all()

@@ -28,6 +28,12 @@ def fsq_model() -> Autoencoder:
     return Autoencoder(tiny_config(FSQConfig(levels=(5, 4, 3)))).train()
 
 
+def lfq_model() -> Autoencoder:
+    torch.manual_seed(4)
+    from vqtok.bottleneck.lfq import LFQConfig
+    return Autoencoder(tiny_config(LFQConfig(bits=6))).train()
+
+
 def rvq_model() -> Autoencoder:
     torch.manual_seed(3)
     from vqtok.bottleneck.rvq import RVQConfig

@@ -17,6 +17,7 @@ from tests.scripts.common import (  # noqa: E402
     batch,
     ema_model,
     fsq_model,
+    lfq_model,
     kmeans_restart_model,
     rvq_model,
     train_step,
@@ -38,6 +39,8 @@ restarted = sum(int(train_step(ddp, other, local).get("restarted", 0)) for _ in 
 
 fsq = fsq_model()  # statistics reduced once per step: perplexity and usage of the whole batch
 fsq_stats = train_step(DistributedDataParallel(fsq, broadcast_buffers=False), fsq, local)
+lfq = lfq_model()  # code and bit counts reduced once per step
+lfq_stats = train_step(DistributedDataParallel(lfq, broadcast_buffers=False), lfq, local)
 rvq = rvq_model()  # every level's EMA over the whole batch
 rvq_stats = train_step(DistributedDataParallel(rvq, broadcast_buffers=False), rvq, local)
 
@@ -46,7 +49,8 @@ tensors = {"ema_count": vq.ema_count, "ema_sum": vq.ema_sum, "codebook": vq.code
            "kmeans_codebook": vq2.codebook, "kmeans_ema_count": vq2.ema_count,
            "restarted": torch.tensor(restarted), "world": torch.tensor(world),
            "fsq_perplexity": fsq_stats["perplexity"], "fsq_usage": fsq_stats["usage"],
-           "fsq_last_used": fsq.bottleneck.last_used, "rvq_perplexity": rvq_stats["perplexity"],
+           "fsq_last_used": fsq.bottleneck.last_used, "lfq_last_used": lfq.bottleneck.last_used,
+           "lfq_perplexity": lfq_stats["perplexity"], "lfq_bit_entropy": lfq_stats["bit_entropy"], "rvq_perplexity": rvq_stats["perplexity"],
            **{f"rvq_{k}": v for k, v in rvq.bottleneck.state_dict().items() if "ema_count" in k or "codebook" in k}}
 save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"rank{rank}.safetensors"))
 dist.destroy_process_group()

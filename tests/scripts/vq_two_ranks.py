@@ -17,8 +17,8 @@ from tests.scripts.common import (  # noqa: E402
     batch,
     ema_model,
     fsq_model,
-    lfq_model,
     kmeans_restart_model,
+    lfq_model,
     rvq_model,
     train_step,
 )

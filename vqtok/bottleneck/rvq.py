@@ -22,11 +22,13 @@ Codes are [B, h, w, R] (level fastest), `vocab_size` = K per level. `decode` tak
 Quantizer dropout (SoundStream): with `quantizer_dropout` p > 0, in training each image, with probability p, gives
 the decoder only a prefix of the levels, its length uniform in 1 .. R (so full depth with probability 1 - p + p/R),
 so that the decoder learns to decode every prefix. The draw is a counter-based hash of (rng_seed, steps, micro-batch,
-image) on the device (nothing read on the host; the same on resume). Only the decoder's input changes: every level
+rank, image) on the device (nothing read on the host; the same on resume). Only the decoder's input changes: every level
 still quantizes (its residual r_l does not depend on the dropout), keeps its statistics and its commitment term.
 
 Statistics: each level's (usage over its window, dead codes, perplexity, ...) under `level_l/`, and overall `usage`
-(the fraction of all R x K level codes used recently) and `perplexity` (the mean of the levels').
+(the fraction of all R x K level codes used recently) and `perplexity` (the mean of the levels'), from the step hook;
+forward's are the batch's `quant_error` (mean squared error of the full sum: what the decoder's input misses) and
+each level's (its residual's error).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from typing import Literal
 import torch
 from einops import rearrange
 
+from vqtok import distributed as dist
 from vqtok.bottleneck.base import Bottleneck, BottleneckOutput, check_codes
 from vqtok.bottleneck.vq import VectorQuantizer, random_indices
 from vqtok.config import VQConfig, _require, _require_size
@@ -111,7 +114,7 @@ class ResidualVectorQuantizer(Bottleneck):
         z = h.float()
         residual, total = z, torch.zeros_like(z)
         keep = self._dropout_masks(z) if self.training and self.config.quantizer_dropout > 0 else None
-        loss, codes, terms, stats = torch.zeros((), device=h.device), [], {}, {}
+        loss, codes, terms, stats, perplexities = torch.zeros((), device=h.device), [], {}, {}, []
         ready = True  # every level above is initialised: this one may gather its k-means reservoir
         for l, level in enumerate(self.levels):
             out = level(residual, accumulate=ready)
@@ -122,11 +125,14 @@ class ResidualVectorQuantizer(Bottleneck):
             loss = loss + out.loss
             codes.append(out.codes)
             terms.update({f"level_{l}/{k}": v for k, v in out.terms.items()})
-            stats.update({f"level_{l}/{k}": v for k, v in out.stats.items()})
+            stats[f"level_{l}/quant_error"] = out.stats["quant_error"]
+            perplexities.append(out.stats["perplexity"])
         if self.training:
             self._micro_batches += 1
         terms["commitment"] = sum(terms[f"level_{l}/commitment"] for l in range(len(self.levels)))
-        stats["perplexity"] = torch.stack([stats[f"level_{l}/perplexity"] for l in range(len(self.levels))]).mean()
+        # this batch's: the training loop takes the step's perplexities from on_optimizer_step instead
+        stats["perplexity"] = torch.stack(perplexities).mean()
+        stats["quant_error"] = (z.detach() - total).square().mean()  # what the decoder's input misses
         out = total + (z - z.detach())  # exactly the codes' sum (x - x = 0), d out / d z = I: one straight-through
         return BottleneckOutput(z=out.to(h.dtype), loss=loss, terms=terms, stats=stats,
                                 codes=torch.stack(codes, dim=-1))
@@ -135,7 +141,8 @@ class ResidualVectorQuantizer(Bottleneck):
         """[depth, B, 1, 1, 1] float masks: level l reaches image b's decoder input when l < its prefix length,
         drawn on the device (module docstring)."""
         b = z.shape[0]
-        images = torch.arange(b, device=z.device) + self._micro_batches * (1 << 32)
+        stream = self._micro_batches * dist.world_size() + dist.rank()  # each rank's images draw apart
+        images = torch.arange(b, device=z.device) + stream * (1 << 32)
         coin = random_indices(self.rng_seed, self.steps, DROPOUT_SALT, images, 1 << 20).float() / (1 << 20)
         prefix = random_indices(self.rng_seed, self.steps, DROPOUT_SALT + 1, images, self.config.depth) + 1
         depth = torch.where(coin < self.config.quantizer_dropout, prefix, self.config.depth)

@@ -5,9 +5,9 @@ such latents back into images; `value_range` is the range of the images both tak
 gives the space of a vqtok model:
 
 - a Gaussian `Autoencoder`: the posterior mean q(z | x), one group [B, dim, h, w];
-- a VQ (or FSQ, LFQ) `Autoencoder`: the encoder's continuous features before quantization, one group [B, dim, h,
+- a VQ (or FSQ, LFQ, residual VQ) `Autoencoder`: the encoder's continuous features before quantization, one group [B, dim, h,
   w]. Decoding quantizes them first (the bottleneck's `encode`: VQ's exact nearest-code search, l2-normalised where
-  the codebook is; FSQ's bound and rounding; LFQ's signs) and decodes
+  the codebook is; FSQ's bound and rounding; LFQ's signs; residual VQ's levels) and decodes
   the codes, so whatever latents are decoded - an interpolated or shifted point included - the image is that of a real
   code grid;
 - a `HierarchicalVAE`: the posterior mean of every group, top first (each conditioned on the means above it, as

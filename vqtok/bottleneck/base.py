@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vqtok import distributed as dist
+
 NEVER = -(1 << 62)  # `last_used` of a code never assigned (discrete bottlenecks' usage statistics)
 
 
@@ -86,6 +88,66 @@ class Bottleneck(nn.Module, ABC):
             raise ValueError(
                 f"{type(self).__name__} expects features [B, {self.in_channels}, h, w], got {tuple(h.shape)}"
             )
+
+
+class ImplicitCodebookUsage:
+    """Usage statistics of a bottleneck whose codebook is implicit (FSQ, LFQ: no parameters to update), mixed into its
+    `Bottleneck` class: the only buffers are `steps` (optimizer steps applied) and `last_used` (the last step that used
+    each code), saved and loaded strictly; forward adds its counts to a plain attribute (`_accumulate`), which
+    `_reduce_step` all-reduces once per optimizer step (every rank joins), and `codebook_stats` gives the fraction of
+    codes used over the last `config.usage_window` steps.
+
+    Counts are a flat float tensor whose first `vocab_size` entries are the code counts; a bottleneck may append
+    `extra` entries of its own (LFQ: each bit's ones) to be reduced in the same call. Sync-free: a skipped step given
+    as a 0-d bool device tensor is applied masked (`torch.where`), never read on the host."""
+
+    def _register_usage(self, vocab_size: int, extra: int = 0) -> None:
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("last_used", torch.full((vocab_size,), NEVER, dtype=torch.long))
+        self._pending: torch.Tensor | None = None  # the counts gathered since the last optimizer step
+        self._has_pending = False
+        self._pending_size = vocab_size + extra
+
+    @torch.no_grad()
+    def _accumulate(self, counts: torch.Tensor) -> None:
+        if self._pending is None or self._pending.device != counts.device:
+            self._pending = torch.zeros_like(counts)
+        elif not self._has_pending:
+            self._pending.zero_()
+        self._pending += counts
+        self._has_pending = True
+
+    @torch.no_grad()
+    def _reduce_step(self, skipped: bool | torch.Tensor) -> torch.Tensor | None:
+        """The step's counts summed over its micro-batches and ranks, after advancing `steps` and `last_used`; None
+        when there is nothing to apply (`skipped` True as a bool, or nothing gathered on one process). With `skipped`
+        a 0-d bool tensor the step runs and its buffer updates are masked: a skipped step leaves both buffers as they
+        were."""
+        had_pending, self._has_pending = self._has_pending, False
+        keep = applied_mask(skipped)
+        if keep is None and skipped:
+            return None
+        if not had_pending and dist.world_size() == 1:
+            return None
+        if self._pending is None or self._pending.device != self.last_used.device:
+            self._pending = torch.zeros(self._pending_size, device=self.last_used.device)
+        elif not had_pending:
+            self._pending.zero_()
+        packed = dist.all_reduce_sum_(self._pending)
+        applied = packed[: self.last_used.numel()] > 0
+        if keep is None:
+            self.steps += 1
+        else:
+            self.steps += keep.long()
+            applied &= keep
+        self.last_used.copy_(torch.where(applied, self.steps, self.last_used))
+        return packed
+
+    @torch.no_grad()
+    def codebook_stats(self) -> dict[str, torch.Tensor]:
+        """From the saved buffers: the fraction of the codes used over the last `usage_window` steps."""
+        recent = self.last_used > self.steps - self.config.usage_window
+        return {"usage": recent.float().mean()}
 
 
 def check_codes(codes: torch.Tensor, vocab_size: int, depth: int | None = None) -> torch.Tensor:

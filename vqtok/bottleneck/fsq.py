@@ -39,8 +39,7 @@ from typing import Literal
 import torch
 from einops import rearrange
 
-from vqtok import distributed as dist
-from vqtok.bottleneck.base import NEVER, Bottleneck, BottleneckOutput, applied_mask, check_codes
+from vqtok.bottleneck.base import Bottleneck, BottleneckOutput, ImplicitCodebookUsage, check_codes
 from vqtok.bottleneck.search import code_counts
 from vqtok.config import _require, _require_size
 from vqtok.metrics import perplexity
@@ -102,7 +101,7 @@ def round_ste(b: torch.Tensor) -> torch.Tensor:
     return _RoundStraightThrough.apply(b)
 
 
-class FiniteScalarQuantizer(Bottleneck):
+class FiniteScalarQuantizer(ImplicitCodebookUsage, Bottleneck):
     """FSQ behind the `Bottleneck` interface: codes [B, h, w] in [0, prod(levels)), no parameters, loss 0."""
 
     def __init__(self, config: FSQConfig):
@@ -120,10 +119,7 @@ class FiniteScalarQuantizer(Bottleneck):
         basis = torch.cumprod(torch.tensor((1, *config.levels[:-1]), dtype=torch.long), 0)
         self.register_buffer("_levels", torch.tensor(config.levels, dtype=torch.long), persistent=False)
         self.register_buffer("_basis", basis, persistent=False)
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("last_used", torch.full((self.vocab_size,), NEVER, dtype=torch.long))
-        self._pending: torch.Tensor | None = None  # code counts gathered since the last optimizer step
-        self._has_pending = False
+        self._register_usage(self.vocab_size)
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         """Keep the bound's constants float32 under .half() / .to(bfloat16)."""
@@ -192,47 +188,14 @@ class FiniteScalarQuantizer(Bottleneck):
     # ------------------------------------------------------------------------------------------------------------
     # Statistics, once per optimizer step
 
-    @torch.no_grad()
-    def _accumulate(self, counts: torch.Tensor) -> None:
-        if self._pending is None or self._pending.device != counts.device:
-            self._pending = torch.zeros_like(counts)
-        elif not self._has_pending:
-            self._pending.zero_()
-        self._pending += counts
-        self._has_pending = True
-
-    @torch.no_grad()
     def on_optimizer_step(self, skipped: bool | torch.Tensor = False) -> dict[str, torch.Tensor]:
-        """All-reduce the step's code counts (one call; every rank joins), then advance `steps` and `last_used`.
-
-        `skipped` True (a bool) drops the counts and returns {}; a 0-d bool device tensor is never read on the host:
-        the step runs and its buffer updates are masked, so a skipped step leaves `steps` and `last_used` as they
-        were. Returns the step's perplexity (over all its micro-batches and ranks) and `codebook_stats`."""
-        had_pending, self._has_pending = self._has_pending, False
-        keep = applied_mask(skipped)
-        if keep is None and skipped:
+        """All-reduce the step's code counts (one call; every rank joins), then advance `steps` and `last_used`
+        (`ImplicitCodebookUsage`; a skipped step's 0-d bool tensor is never read, its updates masked). Returns the
+        step's perplexity (over all its micro-batches and ranks) and `codebook_stats`; {} when nothing is applied."""
+        counts = self._reduce_step(skipped)
+        if counts is None:
             return {}
-        if not had_pending and dist.world_size() == 1:
-            return {}
-        if self._pending is None or self._pending.device != self.last_used.device:
-            self._pending = torch.zeros(self.vocab_size, device=self.last_used.device)
-        elif not had_pending:
-            self._pending.zero_()
-        counts = dist.all_reduce_sum_(self._pending)
-        applied = counts > 0
-        if keep is None:
-            self.steps += 1
-        else:
-            self.steps += keep.long()
-            applied &= keep
-        self.last_used.copy_(torch.where(applied, self.steps, self.last_used))
         return {**self.codebook_stats(), "perplexity": perplexity(counts)}
-
-    @torch.no_grad()
-    def codebook_stats(self) -> dict[str, torch.Tensor]:
-        """From the saved buffers: the fraction of the prod(levels) codes used over the last `usage_window` steps."""
-        recent = self.last_used > self.steps - self.config.usage_window
-        return {"usage": recent.float().mean()}
 
 
 __all__ = ["FSQConfig", "FiniteScalarQuantizer", "round_ste"]

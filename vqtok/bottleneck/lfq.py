@@ -70,8 +70,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from vqtok import distributed as dist
-from vqtok.bottleneck.base import NEVER, Bottleneck, BottleneckOutput, applied_mask, check_codes
+from vqtok.bottleneck.base import Bottleneck, BottleneckOutput, ImplicitCodebookUsage, check_codes
 from vqtok.bottleneck.search import code_counts
 from vqtok.config import _finite, _require, _require_size
 from vqtok.metrics import perplexity
@@ -199,7 +198,7 @@ def sign_ste(u: torch.Tensor, value: float = 1.0) -> torch.Tensor:
     return _SignStraightThrough.apply(u, value)
 
 
-class LookupFreeQuantizer(Bottleneck):
+class LookupFreeQuantizer(ImplicitCodebookUsage, Bottleneck):
     """LFQ (BSQ with `spherical`) behind the `Bottleneck` interface: codes [B, h, w] in [0, 2^bits), no parameters,
     the commitment and entropy loss."""
 
@@ -209,10 +208,7 @@ class LookupFreeQuantizer(Bottleneck):
         self.dim = self.in_channels = config.bits
         self.vocab_size = config.vocab_size
         self.register_buffer("_powers", 1 << torch.arange(config.bits, dtype=torch.long), persistent=False)
-        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self.register_buffer("last_used", torch.full((self.vocab_size,), NEVER, dtype=torch.long))
-        self._pending: torch.Tensor | None = None  # code counts, then each bit's ones, since the last optimizer step
-        self._has_pending = False
+        self._register_usage(self.vocab_size, extra=config.bits)  # code counts, then each bit's ones
 
     # ------------------------------------------------------------------------------------------------------------
     # The quantizer
@@ -278,51 +274,17 @@ class LookupFreeQuantizer(Bottleneck):
     # ------------------------------------------------------------------------------------------------------------
     # Statistics, once per optimizer step
 
-    @torch.no_grad()
-    def _accumulate(self, counts: torch.Tensor) -> None:
-        if self._pending is None or self._pending.device != counts.device:
-            self._pending = torch.zeros_like(counts)
-        elif not self._has_pending:
-            self._pending.zero_()
-        self._pending += counts
-        self._has_pending = True
-
-    @torch.no_grad()
     def on_optimizer_step(self, skipped: bool | torch.Tensor = False) -> dict[str, torch.Tensor]:
         """All-reduce the step's code and bit counts (one call; every rank joins), then advance `steps` and
-        `last_used`.
-
-        `skipped` True (a bool) drops the counts and returns {}; a 0-d bool device tensor is never read on the host:
-        the step runs and its buffer updates are masked, so a skipped step leaves `steps` and `last_used` as they
-        were. Returns the step's perplexity and bit entropy (over all its micro-batches and ranks) and
-        `codebook_stats`."""
-        had_pending, self._has_pending = self._has_pending, False
-        keep = applied_mask(skipped)
-        if keep is None and skipped:
+        `last_used` (`ImplicitCodebookUsage`; a skipped step's 0-d bool tensor is never read, its updates masked).
+        Returns the step's perplexity and bit entropy (over all its micro-batches and ranks) and `codebook_stats`;
+        {} when nothing is applied."""
+        packed = self._reduce_step(skipped)
+        if packed is None:
             return {}
-        if not had_pending and dist.world_size() == 1:
-            return {}
-        if self._pending is None or self._pending.device != self.last_used.device:
-            self._pending = torch.zeros(self.vocab_size + self.config.bits, device=self.last_used.device)
-        elif not had_pending:
-            self._pending.zero_()
-        packed = dist.all_reduce_sum_(self._pending)
-        counts, ones = packed[:self.vocab_size], packed[self.vocab_size:]
-        applied = counts > 0
-        if keep is None:
-            self.steps += 1
-        else:
-            self.steps += keep.long()
-            applied &= keep
-        self.last_used.copy_(torch.where(applied, self.steps, self.last_used))
+        counts, ones = packed[: self.vocab_size], packed[self.vocab_size :]
         return {**self.codebook_stats(), "perplexity": perplexity(counts),
                 "bit_entropy": bit_entropy(ones, counts.sum())}
-
-    @torch.no_grad()
-    def codebook_stats(self) -> dict[str, torch.Tensor]:
-        """From the saved buffers: the fraction of the 2^bits codes used over the last `usage_window` steps."""
-        recent = self.last_used > self.steps - self.config.usage_window
-        return {"usage": recent.float().mean()}
 
 
 def bit_entropy(ones: torch.Tensor, total: torch.Tensor) -> torch.Tensor:

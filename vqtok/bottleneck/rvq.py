@@ -6,8 +6,9 @@ float32),
     c_l = argmin_k ||r_l - e^l_k||^2,    q_l = e^l_{c_l},    r_{l+1} = r_l - q_l,     l = 0 .. R - 1,
 
 and the decoder gets the sum z^ = q_0 + ... + q_{R-1} exactly, with one straight-through gradient for the whole sum
-(RQ-VAE's: d z^ / d z = I whatever the depth, written z^ + (z - sg(z)), which adds an exact 0; a straight-through estimator per level, as SoundStream
-and vector-quantize-pytorch sum them, would scale the encoder's gradient by R). Each level is a `VectorQuantizer`
+(RQ-VAE's: d z^ / d z = I whatever the depth, written z^ + (z - sg(z)), which adds an exact 0; a straight-through
+estimator per level, as SoundStream and vector-quantize-pytorch sum them, would scale the encoder's gradient by R).
+Each level is a `VectorQuantizer`
 with the VQ fields of the config: the same exact float32 search, EMA codebook, k-means initialisation, dead-code
 restarts, usage statistics, the same sync-free, masked `on_optimizer_step`. A level's k-means reservoir starts to
 fill only once every level above it is initialised, so that it clusters the residuals of trained codebooks, not of

@@ -8,11 +8,11 @@ float32),
 and the decoder gets the sum z^ = q_0 + ... + q_{R-1} exactly, with one straight-through gradient for the whole sum
 (RQ-VAE's: d z^ / d z = I whatever the depth, written z^ + (z - sg(z)), which adds an exact 0; a straight-through
 estimator per level, as SoundStream and vector-quantize-pytorch sum them, would scale the encoder's gradient by R).
-Each level is a `VectorQuantizer`
-with the VQ fields of the config: the same exact float32 search, EMA codebook, k-means initialisation, dead-code
-restarts, usage statistics, the same sync-free, masked `on_optimizer_step`. A level's k-means reservoir starts to
-fill only once every level above it is initialised, so that it clusters the residuals of trained codebooks, not of
-random ones (level l is initialised about l x kmeans_samples / vectors-per-step steps after the first).
+Each level is a `VectorQuantizer` with the VQ fields of the config: the same exact float32 search, EMA codebook,
+k-means initialisation, dead-code restarts, usage statistics, the same sync-free, masked `on_optimizer_step`. A
+level's k-means reservoir starts to fill only once every level above it is initialised, so that it clusters the
+residuals of trained codebooks, not of random ones (level l is initialised about l x kmeans_samples /
+vectors-per-step steps after the first).
 
 Loss: sum over levels of beta x ||r_l - sg(q_l)||^2 (each level's commitment, mean over elements; plus each level's
 codebook term without EMA). The encoder gets the commitment of every level through r_l = z - sg(q_0 + .. q_{l-1}).

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vq_training import batches, train_step  # noqa: E402 (the shared training loop of the VQ comparison)
+from bench_vq_training import add_training_arguments, batches, train_step  # noqa: E402 (the VQ comparison's)
 
 from vqtok.bottleneck import Bottleneck, BottleneckOutput  # noqa: E402
 from vqtok.config import AutoencoderConfig, DataConfig, VQConfig  # noqa: E402
@@ -232,20 +232,10 @@ def table(results: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quantizers", default=",".join(QUANTIZERS), help=f"comma-separated: {', '.join(QUANTIZERS)}")
-    parser.add_argument("--train", default="data/train", help="CIFAR-10 training image folder")
-    parser.add_argument("--test", default="data/test", help="CIFAR-10 test image folder")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=4e-4)
-    parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--base-channels", type=int, default=32)
-    parser.add_argument("--res-blocks", type=int, default=1)
-    parser.add_argument("--eval-images", type=int, default=10000)
+    add_training_arguments(parser)
     parser.add_argument("--skip-first", type=int, default=5, help="steps left out of the time median (warm-up)")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--timing-only", action="store_true", help="every quantizer, no evaluation: times only")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--table", nargs="+", metavar="JSON", help="print the table of earlier runs' JSON files")
     args = parser.parse_args()

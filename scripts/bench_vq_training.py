@@ -109,8 +109,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data, budget, network size, evaluation and device options of the CIFAR-10 training comparisons (this
+    script's and bench_quantizers.py's)."""
     parser.add_argument("--train", default="data/train", help="CIFAR-10 training image folder")
     parser.add_argument("--test", default="data/test", help="CIFAR-10 test image folder")
     parser.add_argument("--steps", type=int, default=1000)
@@ -122,6 +123,11 @@ def main() -> None:
     parser.add_argument("--eval-images", type=int, default=10000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_training_arguments(parser)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -149,3 +149,48 @@ def run_two_ranks(out, **env: str) -> None:
     result = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=600, cwd=root)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert [json.loads((Path(out) / f"world{r}.json").read_text())["world"] for r in range(2)] == [2, 2]
+
+
+def bottleneck_config_error(tmp_path, bottleneck: dict) -> str:
+    """The one-line ConfigError of a training YAML whose model.bottleneck is `bottleneck`."""
+    import json
+
+    import pytest
+
+    from vqtok.config import ConfigError, TrainConfig, load_yaml
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps({"model": {"bottleneck": bottleneck}}))
+    with pytest.raises(ConfigError) as error:
+        load_yaml(path, TrainConfig)
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def through_store_and_prior(tok_dir, tmp_path, *, vocab_size: int, dtype: str):
+    """A trained discrete tokenizer -> train and test token stores of the digits (codes in `dtype`) -> a two-step
+    prior -> two sampled code grids -> images; returns the prior."""
+    import numpy as np
+
+    import vqtok
+    from vqtok.config import DataConfig, PriorConfig, PriorTrainConfig
+    from vqtok.data import TokenDataset, encode_dataset
+    from vqtok.train.prior import train_prior
+
+    for split, limit in (("train", 64), ("test", 16)):
+        encode_dataset(str(tok_dir), DataConfig(source="digits", split=split, limit=limit), tmp_path / split,
+                       num_workers=0, progress=False, shard_size=32)
+    store = TokenDataset(tmp_path / "train")
+    assert store.vocab_size == vocab_size and store.manifest["dtype"] == dtype
+    assert np.load(next((tmp_path / "train" / "shards").glob("codes-*.npy"))).dtype == np.dtype(dtype)
+    prior_dir = train_prior(PriorTrainConfig(
+        prior=PriorConfig(n_layer=1, n_head=2, n_embd=16), tokens=str(tmp_path / "train"),
+        eval_tokens=str(tmp_path / "test"), output_dir=str(tmp_path / "prior"), max_steps=2, batch_size=8, lr=1e-3,
+        warmup_steps=1, eval_every=2, checkpoint_every=2, log_every=1, num_samples=2))
+    prior = vqtok.load(prior_dir)
+    assert prior.config.vocab_size == vocab_size and prior.config.grid == store.grid
+    codes = prior.generate(2, seed=0)
+    assert codes.shape == (2, *store.grid) and 0 <= int(codes.min()) and int(codes.max()) < vocab_size
+    images = prior.tokenizer.decode(codes)
+    assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
+    return prior

@@ -21,6 +21,7 @@ from vqtok.data import TokenDataset
 from vqtok.data.token_store import TokenStoreError
 from vqtok.diagnostics import CodeCounts
 from vqtok.train.loop import train
+from vqtok.train.prior import unigram_bits
 
 
 def rvq(**kw) -> ResidualVectorQuantizer:
@@ -254,6 +255,14 @@ def test_an_rvq_tokenizer_goes_through_encode_train_prior_sample_and_decode(tmp_
     store = TokenDataset("store")
     assert store.grid == (8, 8, 2) and store.manifest["item_shape"] == [1, 8, 8, 2]
     assert store.manifest["dtype"] == "uint8" and store[0][0].shape == (8, 8, 2)
+    items = np.arange(len(store))
+    stored = np.stack([store[int(i)][0].numpy() for i in items])
+    entropies = []
+    for level in range(2):  # the prior's unigram baseline: each level's marginal, not the levels' codes pooled
+        counts = np.bincount(stored[..., level].ravel(), minlength=16)
+        p = counts[counts > 0] / counts.sum()
+        entropies.append(-(p * np.log2(p)).sum())
+    assert unigram_bits(store, items) == pytest.approx(np.mean(entropies), rel=1e-9)
     tokenizer = vqtok.load(tok)
     (tmp_path / "prior.yaml").write_text(
         "tokens: store\noutput_dir: prior\nmax_steps: 2\nbatch_size: 8\nwarmup_steps: 1\neval_every: 2\n"

@@ -228,13 +228,17 @@ def resolve_prior_config(prior: PriorConfig, data: PriorData) -> PriorConfig:
 
 
 def unigram_bits(store: TokenDataset, items: np.ndarray, chunk: int = 8192) -> float:
-    """Entropy in bits of the codes' marginal distribution over `items`."""
-    counts = torch.zeros(store.vocab_size, dtype=torch.float64)
+    """Entropy in bits per code of the codes' marginal distribution over `items`; for a residual VQ's store (grid
+    [h, w, depth]) each level's marginal, averaged over the levels (a level's codes mean nothing at another level,
+    and the prior knows each token's level from its position)."""
+    levels = store.grid[2] if len(store.grid) == 3 else 1
+    counts = torch.zeros(levels, store.vocab_size, dtype=torch.float64)
     for start in range(0, len(items), chunk):
         codes, _ = store.gather(items[start : start + chunk])
-        counts += torch.bincount(codes.reshape(-1), minlength=store.vocab_size).double()
-    p = counts[counts > 0] / counts.sum()
-    return float(-(p * p.log2()).sum())
+        for level, level_codes in enumerate(codes.reshape(-1, levels).T):
+            counts[level] += torch.bincount(level_codes, minlength=store.vocab_size).double()
+    p = counts / counts.sum(dim=1, keepdim=True)
+    return float(-torch.special.xlogy(p, p).sum(dim=1).mean() / math.log(2))
 
 
 def _labels_for(model: TransformerPrior, labels: torch.Tensor) -> torch.Tensor | None:

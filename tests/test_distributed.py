@@ -83,3 +83,10 @@ def test_lfq_code_and_bit_statistics_are_those_of_the_whole_batch(two_ranks):
     half = lfq_model()
     assert float(train_step(half, half, batch().chunk(2)[0])["bit_entropy"]) != pytest.approx(
         float(stats["bit_entropy"]), rel=1e-5)
+
+
+def test_ranks_draw_their_own_quantizer_dropout(two_ranks):
+    r0, r1 = (rank["rvq_dropout_masks"] for rank in two_ranks)
+    assert r0.shape == (3, 64, 1, 1, 1) and not torch.equal(r0, r1)  # same seed, step and images, other ranks
+    one = rvq_model(depth=3, quantizer_dropout=1.0).bottleneck._dropout_masks(torch.zeros(64, 4, 1, 1))
+    assert torch.equal(one, r0)  # rank 0's first micro-batch draws as one process's does; rank 1 its own

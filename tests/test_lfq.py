@@ -357,22 +357,33 @@ def test_bad_codes_are_refused_in_one_line():
 
 
 @pytest.mark.parametrize("bottleneck, match", [
-    ({"kind": "lfq", "bits": 0}, r"bottleneck.bits must be in \[1, 24\], got 0"),
-    ({"kind": "lfq", "bits": 25}, r"bits must be in \[1, 24\], got 25"),
+    ({"kind": "lfq", "bits": 0}, r"bottleneck.bits must be an integer in \[1, 24\], got 0"),
+    ({"kind": "lfq", "bits": 25}, r"bits must be an integer in \[1, 24\], got 25"),
     ({"kind": "lfq", "bits": 2.5}, r"'model.bottleneck.bits' must be an integer"),
-    ({"kind": "lfq", "temperature": 0}, "temperature must be finite and > 0, got 0"),
+    ({"kind": "lfq", "temperature": 0}, "temperature must be finite and >= 1e-06, got 0"),
+    ({"kind": "lfq", "temperature": 1e-37}, "temperature must be finite and >= 1e-06"),
     ({"kind": "lfq", "beta": -1}, "beta must be finite and >= 0"),
     ({"kind": "lfq", "entropy_weight": -0.1}, "entropy_weight must be finite and >= 0"),
     ({"kind": "lfq", "diversity_weight": -0.5}, "diversity_weight must be finite and >= 0"),
     ({"kind": "lfq", "bits": 10, "entropy_group_bits": 11}, r"entropy_group_bits must be in \[1, 10\]"),
     ({"kind": "lfq", "bits": 20, "entropy_group_bits": 17}, r"entropy_group_bits must be in \[1, 16\]"),
-    ({"kind": "lfq", "entropy_group_bits": 5, "entropy_weight": 0}, "entropy_group_bits is set but entropy_weight"),
+    ({"kind": "lfq", "entropy_group_bits": 5, "entropy_weight": 0}, "entropy_group_bits set but entropy_weight is 0"),
+    ({"kind": "lfq", "temperature": 0.1, "diversity_weight": 2, "entropy_weight": 0},
+     "diversity_weight, temperature set but entropy_weight is 0, so there is no entropy loss for them to shape"),
     ({"kind": "lfq", "usage_window": 0}, "usage_window must be >= 1"),
     ({"kind": "lfq", "dim": 10}, "unknown key"),
     ({"kind": "lfq", "spherical": "yes"}, "spherical"),
 ])
 def test_bad_configs_are_refused_in_one_line(tmp_path, bottleneck, match):
     assert re.search(match, bottleneck_config_error(tmp_path, bottleneck))
+
+
+def test_the_entropy_loss_defaults_are_written_out_only_when_there_is_one():
+    assert (LFQConfig().temperature, LFQConfig().diversity_weight) == (0.01, 1.0)
+    assert LFQConfig() == LFQConfig(temperature=0.01, diversity_weight=1.0)  # a saved config reloads equal
+    off = LFQConfig(entropy_weight=0)
+    assert (off.temperature, off.diversity_weight, off.entropy_group_bits) == (None, None, None)
+    assert LookupFreeQuantizer(off)(torch.randn(2, 10, 2, 2)).terms.keys() == {"commitment"}
 
 
 def test_non_finite_weights_are_refused():

@@ -141,11 +141,28 @@ def test_quantizer_dropout_gives_each_image_a_prefix_keyed_by_step_and_micro_bat
     assert not torch.equal(q._dropout_masks(h), masks)
     q._micro_batches -= 1
     assert torch.equal(q._dropout_masks(h), masks)
+    q._micro_batches = 1  # as forward left it
     q.on_optimizer_step()  # the next step draws anew (and starts its micro-batches at 0)
     assert q._micro_batches == 0 and not torch.equal(q._dropout_masks(h), masks)
     assert torch.equal(q.eval()(h).z, q.decode(q.encode(h)))  # no dropout in eval mode
     full = initialised(depth=3, quantizer_dropout=0.0)
     assert torch.equal(full(h).z, full.decode(full.encode(h)))
+
+
+def test_dropout_draws_change_from_the_first_step_while_the_levels_wait_for_k_means():
+    q = rvq(depth=2, kmeans_init=True, kmeans_samples=4096, quantizer_dropout=1.0).train()  # never initialised here
+    h = features(16)  # 1,024 vectors a step
+    draws = []
+    for _ in range(3):
+        q(h)
+        q._micro_batches = 0
+        draws.append(q._dropout_masks(h))
+        q._micro_batches = 1
+        q.on_optimizer_step()
+    assert int(q.steps) == 3 and int(q.levels[0].steps) == 0 and not bool(q.levels[0].initialized)
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    q.eval()(h)
+    assert q.on_optimizer_step() == {} and int(q.steps) == 3  # no training forward: no step
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.5])
@@ -164,7 +181,7 @@ def test_a_training_step_is_sync_free_and_a_skipped_one_leaves_every_buffer(drop
     assert all(torch.equal(before[k], v) for k, v in q.state_dict().items())
     q(features(seed=4) * 3)
     q.on_optimizer_step(torch.tensor(False))
-    assert int(q.steps) == int(before["levels.0.steps"]) + 1
+    assert int(q.steps) == int(before["steps"]) + 1 and int(q.levels[0].steps) == int(before["levels.0.steps"]) + 1
 
 
 def test_codes_equal_the_peers_residual_vq_with_the_same_codebooks():
@@ -204,6 +221,7 @@ def test_save_load_is_strict_and_the_card_says_rvq(tmp_path):
 
 @pytest.mark.parametrize("bottleneck, match", [
     ({"kind": "rvq", "depth": 0}, "depth must be an integer >= 1, got 0"),
+    ({"kind": "rvq", "depth": 1, "quantizer_dropout": 0.5}, "quantizer_dropout 0.5 needs depth >= 2"),
     ({"kind": "rvq", "quantizer_dropout": 1.5}, r"quantizer_dropout must be in \[0, 1\], got 1.5"),
     ({"kind": "rvq", "l2_normalize": True}, "l2_normalize is not supported by rvq"),
     ({"kind": "rvq", "rotation_trick": True}, "rotation_trick is not supported by rvq"),
@@ -277,6 +295,9 @@ def test_an_rvq_tokenizer_goes_through_encode_train_prior_sample_and_decode(tmp_
     assert torch.equal(torch.from_numpy(codes), prior.generate(3, seed=0))
     np.save("coarse.npy", codes[..., :1])  # a prefix: the first level only
     assert vqtok.cli.main(["decode", "coarse.npy", "--tokenizer", str(tok), "--out", "d.png"]) == 0
+    np.save("deep.npy", np.concatenate([codes, codes[..., :1]], axis=-1))  # three levels of a two-level RVQ
+    assert vqtok.cli.main(["decode", "deep.npy", "--tokenizer", str(tok), "--out", "f.png"]) == 1
+    assert "deep.npy: a residual VQ of 2 levels decodes codes [n, h, w, r] with 1 <= r <= 2" in capsys.readouterr().err
     np.save("flat.npy", codes[..., 0])
     assert vqtok.cli.main(["decode", "flat.npy", "--tokenizer", str(tok), "--out", "e.png"]) == 1
     assert "codes must be integers [n, h, w, r]" in capsys.readouterr().err
@@ -319,3 +340,20 @@ def test_bf16_autocast_quantizes_in_float32():
     assert torch.equal(out.z, q.decode(out.codes).bfloat16())
     out.loss.backward()
     assert h.grad.dtype == torch.bfloat16 and torch.isfinite(h.grad.float()).all()
+
+
+def test_rotary_positions_are_refused_for_a_residual_grid():
+    from vqtok.config import ConfigError, PriorConfig
+
+    assert PriorConfig(vocab_size=16, grid=(8, 8), num_classes=0, positions="rotary").grid == (8, 8)
+    with pytest.raises(ConfigError, match=r"rotary positions cannot tell a residual VQ's levels apart \(grid \[8, 8"):
+        PriorConfig(vocab_size=16, grid=(8, 8, 2), num_classes=0, positions="rotary")
+
+
+def test_the_warning_for_levels_never_initialised_names_the_residual_levels():
+    from vqtok.train.evaluate import codebook_warnings
+
+    config = RVQConfig(depth=3, codebook_size=16, dim=4, kmeans_samples=64)
+    [warning] = codebook_warnings({"codebook_initialized": False, "train_code_usage": None}, config, 7)
+    assert "residual VQ codebook was never initialised" in warning and "7 training steps" in warning
+    assert "all 3 levels" in warning and "\n" not in warning

@@ -174,8 +174,9 @@ def _code_bits(prior: TransformerPrior, codes: torch.Tensor) -> torch.Tensor:
     float64."""
     grid = tuple(prior.config.grid)
     if tuple(codes.shape[1:]) != grid:
-        raise ValueError(f"the prior models grids of {grid[0]}x{grid[1]} codes (a sequence of {prior.config.seq_len}), "
-                         f"but the tokenizer gives {codes.shape[1]}x{codes.shape[2]} codes for these images")
+        given = "x".join(str(n) for n in codes.shape[1:])
+        raise ValueError(f"the prior models grids of {'x'.join(str(n) for n in grid)} codes (a sequence of "
+                         f"{prior.config.seq_len}), but the tokenizer gives {given} codes for these images")
     flat = codes.flatten(1)
     log_p = torch.log_softmax(prior(flat).double(), dim=-1).gather(-1, flat[..., None]).squeeze(-1)
     return -log_p.sum(dim=1) / math.log(2)

@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", required=True,
                         help=f"PNG grid to write (of the first {MAX_GRID_IMAGES} images at most)")
     sample.add_argument("--images-dir", default=None, help="also write each image as a PNG into this folder")
-    sample.add_argument("--codes", default=None, help="also write the sampled codes [n, h, w] to this .npy file")
+    sample.add_argument("--codes", default=None, help="also write the sampled codes [n, h, w] "
+                        "([n, h, w, depth] for a residual VQ) to this .npy file")
     sample.set_defaults(run=_sample)
 
     evaluate = commands.add_parser("eval", help="PSNR, SSIM, codebook usage (VQ), likelihood bounds and "
@@ -200,8 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     encode.set_defaults(run=_encode)
 
     decode = commands.add_parser("decode", help="decode stored codes back to images (a PNG grid)")
-    decode.add_argument("codes", help="a token store folder, or a .npy file of codes [n, h, w] (latents [n, dim, h, w] "
-                        "for a Gaussian tokenizer; needs --tokenizer; not for a hierarchical VAE: decode its store). A "
+    decode.add_argument("codes", help="a token store folder, or a .npy file of codes [n, h, w] ([n, h, w, r]: a "
+                        "prefix of a residual VQ's levels; latents [n, dim, h, w] for a Gaussian "
+                        "tokenizer; needs --tokenizer; not for a hierarchical VAE: decode its store). A "
                         "class-conditional tokenizer decodes a store's codes with the store's labels, a .npy file's "
                         "with its null label")
     decode.add_argument("--out", required=True, help="PNG file to write")
@@ -956,8 +958,9 @@ def _decode(args: argparse.Namespace) -> int:
 
 
 def _read_codes(path: Path, tokenizer: Any, n: int) -> Any:
-    """The first n items of a .npy file, checked against the tokenizer: integer codes [n, h, w] in its vocabulary
-    (VQ), or finite float latents [n, dim, h, w] (Gaussian). A float array is never truncated into codes."""
+    """The first n items of a .npy file, checked against the tokenizer: integer codes [n, h, w] in its vocabulary (VQ;
+    a residual VQ's [n, h, w, r], a prefix of its levels), or finite float latents [n, dim, h, w] (Gaussian). A float
+    array is never truncated into codes."""
     import numpy as np
     import torch
 
@@ -976,6 +979,9 @@ def _read_codes(path: Path, tokenizer: Any, n: int) -> Any:
         kind = "float values (not codes; they would be truncated)" if array.dtype.kind in "fc" else str(array.dtype)
         axes = "n, h, w" + (", r" if tokenizer.bottleneck.code_depth else "")
         raise ValueError(f"{path}: codes must be integers [{axes}], got {kind} of shape {list(array.shape)}")
+    elif (depth := tokenizer.bottleneck.code_depth) and not 1 <= array.shape[-1] <= depth:
+        raise ValueError(f"{path}: a residual VQ of {depth} levels decodes codes [n, h, w, r] with 1 <= r <= {depth}, "
+                         f"got shape {list(array.shape)}")
     if array.size == 0:
         raise ValueError(f"{path}: holds no codes (shape {list(array.shape)})")
     first = np.array(array[:n])

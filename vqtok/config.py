@@ -803,6 +803,9 @@ class PriorConfig:
         _require(self.grid is None or (len(self.grid) in (2, 3) and all(g >= 1 for g in self.grid)),
                  f"grid must be [h, w] (or [h, w, R]: a residual VQ's levels) with positive sizes, got {self.grid}")
         _require(self.num_classes is None or self.num_classes >= 0, f"num_classes must be >= 0, got {self.num_classes}")
+        _require(self.positions != "rotary" or self.grid is None or len(self.grid) == 2,
+                 f"rotary positions cannot tell a residual VQ's levels apart (grid {list(self.grid or ())}: its tokens "
+                 "share one vocabulary, and RoPE gives attention only relative offsets): use positions: learned")
         for name in ("n_layer", "n_head", "n_embd", "mlp_ratio"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         _require(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")

@@ -185,8 +185,8 @@ class CodeCounts:
 
     def usage(self) -> dict[str, float]:
         """`code_usage` of the counts; with `depth`, usage and unused over every level's codes together, the
-        perplexity the mean of the levels' (as the residual VQ's training statistics), and each level's under
-        `level_l/`."""
+        perplexity the mean of the levels' (as the residual VQ's training statistics), and each level's as
+        `usage/level_l`, `perplexity/level_l`, `unused/level_l`."""
         if self.depth is None:
             return code_usage(self.counts)
         levels = [code_usage(counts) for counts in self.level_counts()]

@@ -34,11 +34,11 @@ def lfq_model() -> Autoencoder:
     return Autoencoder(tiny_config(LFQConfig(bits=6))).train()
 
 
-def rvq_model() -> Autoencoder:
+def rvq_model(**overrides) -> Autoencoder:
     torch.manual_seed(3)
     from vqtok.bottleneck.rvq import RVQConfig
-    return Autoencoder(tiny_config(RVQConfig(depth=2, codebook_size=16, dim=4, kmeans_init=False,
-                                             dead_threshold=0.0))).train()
+    settings = dict(depth=2, codebook_size=16, dim=4, kmeans_init=False, dead_threshold=0.0)
+    return Autoencoder(tiny_config(RVQConfig(**{**settings, **overrides}))).train()
 
 
 def train_step(module, model: Autoencoder, x: torch.Tensor) -> dict:

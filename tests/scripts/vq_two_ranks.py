@@ -44,13 +44,17 @@ lfq_stats = train_step(DistributedDataParallel(lfq, broadcast_buffers=False), lf
 rvq = rvq_model()  # every level's EMA over the whole batch
 rvq_stats = train_step(DistributedDataParallel(rvq, broadcast_buffers=False), rvq, local)
 
+dropout = rvq_model(depth=3, quantizer_dropout=1.0).bottleneck  # the same seed and step on both ranks
+dropout_masks = dropout._dropout_masks(torch.zeros(64, 4, 1, 1))
+
 vq, vq2 = model.bottleneck, other.bottleneck
 tensors = {"ema_count": vq.ema_count, "ema_sum": vq.ema_sum, "codebook": vq.codebook,
            "kmeans_codebook": vq2.codebook, "kmeans_ema_count": vq2.ema_count,
            "restarted": torch.tensor(restarted), "world": torch.tensor(world),
            "fsq_perplexity": fsq_stats["perplexity"], "fsq_usage": fsq_stats["usage"],
            "fsq_last_used": fsq.bottleneck.last_used, "lfq_last_used": lfq.bottleneck.last_used,
-           "lfq_perplexity": lfq_stats["perplexity"], "lfq_bit_entropy": lfq_stats["bit_entropy"], "rvq_perplexity": rvq_stats["perplexity"],
+           "lfq_perplexity": lfq_stats["perplexity"], "lfq_bit_entropy": lfq_stats["bit_entropy"],
+           "rvq_perplexity": rvq_stats["perplexity"], "rvq_dropout_masks": dropout_masks,
            **{f"rvq_{k}": v for k, v in rvq.bottleneck.state_dict().items() if "ema_count" in k or "codebook" in k}}
 save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / f"rank{rank}.safetensors"))
 dist.destroy_process_group()

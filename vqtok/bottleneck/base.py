@@ -39,7 +39,7 @@ class BottleneckOutput:
         reconstruction objective.
     terms: the unweighted parts of `loss` for logging (e.g. 'kl' in nats per image, 'commitment', 'codebook').
     stats: detached diagnostics of this batch (e.g. perplexity, quantization error).
-    codes: integer codes [B, h, w] for discrete bottlenecks, else None.
+    codes: integer codes [B, h, w] for discrete bottlenecks ([B, h, w, code_depth] for a residual VQ), else None.
     posterior: the approximate posterior for Gaussian bottlenecks, else None.
     kl_units: for Gaussian bottlenecks, the KL per image and free-bits unit [B, U] in nats (differentiable), from
         which the training loop forms the regulariser over the optimizer step's whole batch (kl.KLObjective).

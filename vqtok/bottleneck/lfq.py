@@ -77,6 +77,8 @@ from vqtok.metrics import perplexity
 
 MAX_BITS = 24  # 16.8M codes: `last_used` alone is 128 MiB; codes fit a token store's int32
 DEFAULT_GROUP_BITS = 10  # the batch entropy is exact up to 1,024 codes
+DEFAULT_TEMPERATURE = 0.01  # vector-quantize-pytorch's LFQ: inv_temperature 100
+MIN_TEMPERATURE = 1e-6  # keeps the bits' logits 4 s u / temperature finite in float32 for any |u| < 1e32
 MAX_GROUP_BITS = 16  # a group's N x 65,536 probabilities
 
 
@@ -87,6 +89,8 @@ class LFQConfig:
     features l2-normalised and codes +-1/sqrt(bits). Loss: `beta` * commitment + `entropy_weight` * (per-sample
     entropy - `diversity_weight` * batch entropy), the soft assignment at `temperature` (module docstring).
     `entropy_group_bits`: at most this many bits per group in the batch entropy (None: 10; exact when >= bits).
+    `diversity_weight` (None: 1.0), `temperature` (None: 0.01, at least MIN_TEMPERATURE) and `entropy_group_bits`
+    shape the entropy loss: with `entropy_weight` 0 there is none, and setting them is refused.
     `usage_window`: the steps over which training usage is counted, as the VQ's."""
 
     kind: Literal["lfq"] = "lfq"
@@ -94,24 +98,32 @@ class LFQConfig:
     spherical: bool = False
     beta: float = 0.25
     entropy_weight: float = 0.1
-    diversity_weight: float = 1.0
-    temperature: float = 0.01
+    diversity_weight: float | None = None
+    temperature: float | None = None
     entropy_group_bits: int | None = None
     usage_window: int = 100
 
     def __post_init__(self) -> None:
-        _require(1 <= self.bits <= MAX_BITS, f"bits must be in [1, {MAX_BITS}], got {self.bits}")
+        _require(isinstance(self.bits, int) and not isinstance(self.bits, bool) and 1 <= self.bits <= MAX_BITS,
+                 f"bits must be an integer in [1, {MAX_BITS}], got {self.bits}")
         for name in ("beta", "entropy_weight", "diversity_weight"):
             value = getattr(self, name)
-            _require(value >= 0 and _finite(value), f"{name} must be finite and >= 0, got {value}")
-        _require(self.temperature > 0 and _finite(self.temperature),
-                 f"temperature must be finite and > 0, got {self.temperature}")
+            _require(value is None or (value >= 0 and _finite(value)), f"{name} must be finite and >= 0, got {value}")
+        _require(self.temperature is None or (self.temperature >= MIN_TEMPERATURE and _finite(self.temperature)),
+                 f"temperature must be finite and >= {MIN_TEMPERATURE}, got {self.temperature}")
         if self.entropy_group_bits is not None:
             _require(1 <= self.entropy_group_bits <= min(self.bits, MAX_GROUP_BITS),
                      f"entropy_group_bits must be in [1, {min(self.bits, MAX_GROUP_BITS)}] (at most bits, "
                      f"{self.bits}, and {MAX_GROUP_BITS}), got {self.entropy_group_bits}")
-            _require(self.entropy_weight > 0, "entropy_group_bits is set but entropy_weight is 0, so there is no "
-                     "entropy loss to group: remove entropy_group_bits or set entropy_weight > 0")
+        if self.entropy_weight == 0:
+            given = [n for n in ("diversity_weight", "temperature", "entropy_group_bits") if getattr(self, n) is not None]
+            _require(not given, f"{', '.join(given)} set but entropy_weight is 0, so there is no entropy loss for "
+                     f"them to shape: remove {'them' if len(given) > 1 else 'it'} or set entropy_weight > 0")
+        else:  # the defaults, written out (a saved config says what was used)
+            if self.diversity_weight is None:
+                object.__setattr__(self, "diversity_weight", 1.0)
+            if self.temperature is None:
+                object.__setattr__(self, "temperature", DEFAULT_TEMPERATURE)
         _require(self.usage_window >= 1, f"usage_window must be >= 1, got {self.usage_window}")
         _require_size(self.num_elements, f"bits {self.bits} give usage statistics")
 

@@ -23,10 +23,12 @@ Codes are [B, h, w, R] (level fastest), `vocab_size` = K per level. `decode` tak
 Quantizer dropout (SoundStream): with `quantizer_dropout` p > 0, in training each image, with probability p, gives
 the decoder only a prefix of the levels, its length uniform in 1 .. R (so full depth with probability 1 - p + p/R),
 so that the decoder learns to decode every prefix. The draw is a counter-based hash of (rng_seed, steps, micro-batch,
-rank, image) on the device (nothing read on the host; the same on resume). Only the decoder's input changes: every level
+rank, image) on the device (nothing read on the host; the same on resume), `steps` counting every applied step
+from the first (a level's own steps start after its k-means). Only the decoder's input changes: every level
 still quantizes (its residual r_l does not depend on the dropout), keeps its statistics and its commitment term.
 
-Statistics: each level's (usage over its window, dead codes, perplexity, ...) under `level_l/`, and overall `usage`
+Statistics (each level's step hook reduces its own across processes: one all-reduce per level, depth per optimizer
+step): each level's (usage over its window, dead codes, perplexity, ...) under `level_l/`, and overall `usage`
 (the fraction of all R x K level codes used recently) and `perplexity` (the mean of the levels'), from the step hook;
 forward's are the batch's `quant_error` (mean squared error of the full sum: what the decoder's input misses) and
 each level's (its residual's error).
@@ -41,7 +43,7 @@ import torch
 from einops import rearrange
 
 from vqtok import distributed as dist
-from vqtok.bottleneck.base import Bottleneck, BottleneckOutput, check_codes
+from vqtok.bottleneck.base import Bottleneck, BottleneckOutput, applied_mask, check_codes
 from vqtok.bottleneck.vq import VectorQuantizer, random_indices
 from vqtok.config import VQConfig, _require, _require_size
 
@@ -63,9 +65,12 @@ class RVQConfig(VQConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _require(isinstance(self.depth, int) and self.depth >= 1, f"depth must be an integer >= 1, got {self.depth}")
+        _require(isinstance(self.depth, int) and not isinstance(self.depth, bool) and self.depth >= 1,
+                 f"depth must be an integer >= 1, got {self.depth}")
         _require(0.0 <= self.quantizer_dropout <= 1.0,
                  f"quantizer_dropout must be in [0, 1], got {self.quantizer_dropout}")
+        _require(self.quantizer_dropout == 0 or self.depth >= 2, f"quantizer_dropout {self.quantizer_dropout} needs "
+                 "depth >= 2: one level has no shorter prefix to drop to")
         _require(not self.l2_normalize, "l2_normalize is not supported by rvq: the residuals a level quantizes are "
                                         "not unit vectors (use kind: vq for a codebook on the sphere)")
         _require(not self.rotation_trick, "rotation_trick is not supported by rvq: its levels share one "
@@ -75,8 +80,8 @@ class RVQConfig(VQConfig):
 
     @property
     def num_elements(self) -> int:
-        """Elements of every level's tensors, plus the dropout draw's seed."""
-        return self.depth * super().num_elements + 1
+        """Elements of every level's tensors, plus the dropout draws' seed and the step counter."""
+        return self.depth * super().num_elements + 2
 
     @property
     def level_config(self) -> VQConfig:
@@ -95,12 +100,10 @@ class ResidualVectorQuantizer(Bottleneck):
         self.code_depth = config.depth
         self.levels = torch.nn.ModuleList(VectorQuantizer(config.level_config) for _ in range(config.depth))
         self.register_buffer("rng_seed", torch.randint(0, 1 << 62, ()))  # the dropout draws' (saved: exact resume)
+        # optimizer steps applied after training forwards (a level's own `steps` start after its k-means): keys the
+        # dropout draws with `rng_seed`, and says whether the quantizer was trained
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self._micro_batches = 0  # forwards since the last optimizer step: keys the dropout draw of each micro-batch
-
-    @property
-    def steps(self) -> torch.Tensor:
-        """Optimizer steps the first level has applied (every level applies every step once initialised)."""
-        return self.levels[0].steps
 
     @property
     def initialized(self) -> torch.Tensor:
@@ -172,19 +175,27 @@ class ResidualVectorQuantizer(Bottleneck):
     # Once per optimizer step, and the statistics
 
     def on_optimizer_step(self, skipped: bool | torch.Tensor = False) -> dict[str, torch.Tensor]:
-        """Every level's step (each all-reduces what it gathered: one call per level, in level order on every rank);
-        their statistics under `level_l/`, with the overall usage and mean perplexity."""
-        self._micro_batches = 0
+        """Every level's step, in level order on every rank (each all-reduces what it gathered: one collective per
+        level, depth per step; while a level waits for its k-means it also reads its readiness on the host, as a
+        VQ's initialisation does), then `steps`, masked by a tensor `skipped` as the levels' buffers are. Returns
+        the levels' statistics under `level_l/`, with the overall usage and mean perplexity."""
+        trained, self._micro_batches = self._micro_batches > 0, 0
+        keep = applied_mask(skipped)
+        if trained and keep is not None:
+            self.steps += keep.long()
+        elif trained and not skipped:
+            self.steps += 1
         stats: dict[str, torch.Tensor] = {}
         for l, level in enumerate(self.levels):
             stats.update({f"level_{l}/{k}": v for k, v in level.on_optimizer_step(skipped).items()})
-        perplexities = [stats[f"level_{l}/perplexity"] for l in range(len(self.levels))
-                        if f"level_{l}/perplexity" in stats]
-        if len(perplexities) == len(self.levels):
-            stats["perplexity"] = torch.stack(perplexities).mean()
         if not stats:
             return {}
-        return {**self.codebook_stats(), **stats}
+        perplexities = [stats.get(f"level_{l}/perplexity") for l in range(len(self.levels))]
+        if all(p is not None for p in perplexities):
+            stats["perplexity"] = torch.stack(perplexities).mean()
+        usage = [stats[f"level_{l}/usage"] if f"level_{l}/usage" in stats else level.codebook_stats()["usage"]
+                 for l, level in enumerate(self.levels)]
+        return {**stats, "usage": torch.stack(usage).mean()}
 
     @torch.no_grad()
     def codebook_stats(self) -> dict[str, torch.Tensor]:

@@ -455,7 +455,7 @@ def _shape_text(shape: Sequence[int]) -> str:
 def _encode_batch(tokenizer: Tokenizer, images: torch.Tensor, augmentations: tuple[str, ...],
                   labels: torch.Tensor | None = None, *, precision: str = "float32",
                   channels_last: bool = False) -> list[np.ndarray]:
-    """uint8 [B, C, H, W] -> [codes [B, A, h, w]] (or [float16 latents [B, A, C, h, w]], or a hierarchical VAE's
+    """uint8 [B, C, H, W] -> [codes [B, A, h, w]] ([B, A, h, w, depth] a residual VQ's; or [float16 latents [B, A, C, h, w]], or a hierarchical VAE's
     float16 latents of every group, top first); `labels` [B]: a conditional tokenizer's, the same for every view.
     `precision`: see `encode_autocast`; `channels_last`: the views in that memory format (for an encoder in it)."""
     x = uint8_to_range(images, tokenizer.config.value_range)
@@ -648,7 +648,7 @@ class TokenDataset(Dataset):
 
     def gather(self, indices: Sequence[int] | np.ndarray | torch.Tensor
                ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]:
-        """Items `indices` at once: (codes [n, h, w] LongTensor, or float16 latents [n, C, h, w], or a hierarchical
+        """Items `indices` at once: (codes [n, *grid] LongTensor, or float16 latents [n, C, h, w], or a hierarchical
         store's tuple of every group's float16 latents [n, C_g, h_g, w_g]; labels [n])."""
         index = np.asarray(indices, dtype=np.int64).reshape(-1)
         if index.size and (index.min() < 0 or index.max() >= len(self)):

@@ -95,8 +95,8 @@ class VQFeatures(ModelLatents):
         return [self.model.encode(x.to(self.device), return_dict=True, **label_arguments(self.model, labels)).latents]
 
     def quantize(self, features: torch.Tensor) -> torch.Tensor:
-        """Features [B, dim, h, w] -> the codes [B, h, w] of their nearest code vectors (the bottleneck's exact
-        search, the one `encode` runs)."""
+        """Features [B, dim, h, w] -> the codes [B, h, w] of their nearest code vectors ([B, h, w, depth] for a
+        residual VQ; the bottleneck's exact search, the one `encode` runs)."""
         return self.model.bottleneck.encode(features.to(self.device))
 
     def decode(self, latents: Sequence[torch.Tensor], labels: Labels = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """The tokenizer: encoder -> quant_conv -> bottleneck -> post_quant_conv -> decoder.
 
-One class for every bottleneck. With a discrete one (VQ, FSQ, LFQ) `encode` gives integer codes [B, h, w] and
-`decode` takes them; with a Gaussian one `encode` gives the posterior (`.sample()`, `.mode()`, `.kl()`) and `decode`
+One class for every bottleneck. With a discrete one (VQ, FSQ, LFQ, residual VQ) `encode` gives integer codes
+[B, h, w] ([B, h, w, depth] for a residual VQ, whose `decode` takes any prefix of the levels) and `decode` takes them; with a Gaussian one `encode` gives the posterior (`.sample()`, `.mode()`, `.kl()`) and `decode`
 takes latents.
 `encode(x, return_dict=True)` gives an `EncoderOutput` with everything at once (codes, the quantized vectors, the
 features before quantization; or the posterior and a sample), `decode(..., return_dict=True)` a `DecoderOutput`;
@@ -56,7 +56,8 @@ class EncoderOutput:
     latents: VQ: the encoder's features before quantization [B, dim, h, w] (the quantizer's input; with
         l2_normalize the search compares their unit-norm directions); Gaussian: a sample of the posterior
         [B, dim, h, w] (drawn with `generator`; `posterior.mode()` is its mean).
-    codes: VQ: the codes LongTensor [B, h, w], what `encode` gives by default; Gaussian: None.
+    codes: VQ: the codes LongTensor [B, h, w] ([B, h, w, depth] for a residual VQ), what `encode` gives by default;
+        Gaussian: None.
     quantized: VQ: the code vectors z_q of those codes [B, dim, h, w] in float32 (the decoder's input); Gaussian: None.
     posterior: Gaussian: the posterior q(z | x), a DiagonalGaussian (`.mean`, `.std`, `.mode()`, `.sample()`,
         `.kl()`), what `encode` gives by default; VQ: None.

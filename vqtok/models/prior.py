@@ -3,7 +3,8 @@
 Decoder-only and pre-norm (GPT-2): the sequence is [class token, c_0, ..., c_{T-2}] and position t predicts code c_t,
 so T = h * w positions give the T codes of one image (a residual VQ's codes [h, w, R]: T = h * w * R, in raster order
 with the levels fastest, so each position's coarse-to-fine codes come together and its finer levels see its coarser
-ones; the learned or rotary position of each token tells its level). The first token is the image's class (conditional priors) or
+ones; each token's learned absolute position tells its level, which is why rotary positions, only relative, are
+refused there). The first token is the image's class (conditional priors) or
 the null class (unconditional priors, and the dropped labels that make classifier-free guidance work). Attention is
 `F.scaled_dot_product_attention` (flash / memory-efficient kernels where available); positions are learned absolute
 embeddings or rotary (RoPE on queries and keys).
@@ -220,7 +221,7 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
     # Training
 
     def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None, *, check: bool = True) -> torch.Tensor:
-        """Logits [B, T, vocab] of every code given the codes before it; codes [B, h, w] or [B, T], labels [B]
+        """Logits [B, T, vocab] of every code given the codes before it; codes [B, *grid] or [B, T], labels [B]
         (None: unconditional). In training mode labels are replaced by the null class with prob. label_dropout.
         `check=False` skips the value-range checks (a device sync each) for inputs already known to be valid."""
         codes = self._check_codes(codes, values=check)
@@ -620,7 +621,7 @@ def tokenizer_ref(tokenizer: Autoencoder) -> TokenizerRef:
 
 
 def code_nll(logits: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood in nats of codes [B, h, w] (or [B, T]) under logits [B, T, vocab], in float32."""
+    """Mean negative log-likelihood in nats of codes [B, *grid] (or [B, T]) under logits [B, T, vocab], in float32."""
     return F.cross_entropy(logits.float().flatten(0, 1), codes.reshape(-1))
 
 

@@ -192,6 +192,12 @@ def codebook_warnings(health: dict[str, Any], vq: Any, steps: int | None = None)
     FSQConfig or LFQConfig, after `steps` of training when known): one sentence each, none when it is healthy."""
     if not health:
         return []
+    if not health["codebook_initialized"] and vq.kind == "rvq":
+        gathered = f"{steps} training steps" if steps is not None else "its training"
+        return [f"a residual VQ codebook was never initialised: each level's k-means waits for {vq.kmeans_reservoir:,} "
+                f"residuals (bottleneck.kmeans_samples) gathered after the levels above it are initialised, and "
+                f"{gathered} did not get through all {vq.depth} levels, so the last ones are random vectors the EMA "
+                "never updated; train longer, lower kmeans_samples, or set kmeans_init: false"]
     if not health["codebook_initialized"]:
         gathered = f"{steps} training steps" if steps is not None else "its training"
         return [f"the VQ codebook was never initialised: k-means waits for {vq.kmeans_reservoir:,} encoder outputs "

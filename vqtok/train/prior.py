@@ -237,7 +237,7 @@ def unigram_bits(store: TokenDataset, items: np.ndarray, chunk: int = 8192) -> f
         codes, _ = store.gather(items[start : start + chunk])
         for level, level_codes in enumerate(codes.reshape(-1, levels).T):
             counts[level] += torch.bincount(level_codes, minlength=store.vocab_size).double()
-    p = counts / counts.sum(dim=1, keepdim=True)
+    p = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)  # (no items: 0 bits)
     return float(-torch.special.xlogy(p, p).sum(dim=1).mean() / math.log(2))
 
 

@@ -174,6 +174,22 @@ def train(models: dict[str, Autoencoder], args: argparse.Namespace, device: torc
                    "final_train_loss": statistics.mean(losses[name][-50:])} for name in models}
 
 
+@torch.no_grad()
+def joint_perplexity(model: Autoencoder, test_set, limit: int, device: torch.device) -> float:
+    """A residual VQ's perplexity of the tuple of codes at a position (c_0 + K c_1 + ...: K^depth values), the
+    figure comparable with a single codebook's perplexity at equal bits (evaluate's is the mean of the levels')."""
+    from vqtok.metrics import perplexity
+
+    k, depth = model.vocab_size, model.bottleneck.code_depth
+    counts = torch.zeros(k**depth, dtype=torch.float64)
+    subset = torch.utils.data.Subset(test_set, range(min(limit, len(test_set))))
+    for images, _ in torch.utils.data.DataLoader(subset, batch_size=250):
+        codes = model.encode(uint8_to_range(images.to(device), model.config.value_range)).cpu()
+        joint = (codes * (k ** torch.arange(depth))).sum(-1)
+        counts += torch.bincount(joint.flatten(), minlength=k**depth).double()
+    return float(perplexity(counts))
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     names = list(QUANTIZERS) if args.timing_only else args.quantizers.split(",")
@@ -199,6 +215,9 @@ def run(args: argparse.Namespace) -> dict:
                              size=32)
     for name, model in models.items():
         metrics = evaluate(model, test_set, limit=args.eval_images, batch_size=250)
+        if model.bottleneck.code_depth:
+            metrics["joint_code_perplexity"] = joint_perplexity(model, test_set, args.eval_images, device)
+        metrics["code_depth"] = model.bottleneck.code_depth or 1
         results["quantizers"][name].update(metrics, vocab_size=model.vocab_size)
         assert math.isfinite(metrics["psnr"]), name
     return results
@@ -214,14 +233,19 @@ def table(results: list[dict]) -> str:
                 timing[name] = m["ms_per_step"]
             else:
                 rows[name] = m
-    lines = ["| quantizer | codes | test PSNR | SSIM | usage | perplexity | ms/step |", "|---|---|---|---|---|---|---|"]
+    lines = ["| quantizer | codes per position | test PSNR | SSIM | usage | perplexity | ms/step |",
+             "|---|---|---|---|---|---|---|"]
     for name in QUANTIZERS:
         if name not in rows:
             continue
         m = rows[name]
         ms = timing.get(name, m["ms_per_step"])
-        lines.append(f"| {name} | {m['vocab_size']:,} | {m['psnr']:.2f} dB | {m['ssim']:.3f} | "
-                     f"{100 * m['code_usage']:.1f}% | {m['code_perplexity']:.1f} | {ms:.0f} |")
+        depth = m.get("code_depth", 1)
+        codes = f"{m['vocab_size']:,}" if depth == 1 else f"{m['vocab_size'] ** depth:,} ({m['vocab_size']}^{depth})"
+        joint = m.get("joint_code_perplexity")
+        shown = f"{m['code_perplexity']:.1f}" if joint is None else f"{joint:.1f} (joint)"
+        lines.append(f"| {name} | {codes} | {m['psnr']:.2f} dB | {m['ssim']:.3f} | "
+                     f"{100 * m['code_usage']:.1f}% | {shown} | {ms:.0f} |")
         for key in sorted(k for k in m if k.startswith("code_usage/level_")):  # a residual VQ's levels
             level = key.rsplit("_", 1)[1]
             lines.append(f"| {name} level {level} | {m['vocab_size']:,} | | | {100 * m[key]:.1f}% | "

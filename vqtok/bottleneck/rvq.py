@@ -160,7 +160,7 @@ class ResidualVectorQuantizer(Bottleneck):
         residual, codes = h.float(), []
         for level in self.levels:
             c = level.encode(residual)
-            residual = residual - level.decode(c)
+            residual = residual - rearrange(level.code_vectors()[c], "b h w d -> b d h w")  # (codes valid: no check)
             codes.append(c)
         return torch.stack(codes, dim=-1)
 

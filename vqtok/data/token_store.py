@@ -455,8 +455,8 @@ def _shape_text(shape: Sequence[int]) -> str:
 def _encode_batch(tokenizer: Tokenizer, images: torch.Tensor, augmentations: tuple[str, ...],
                   labels: torch.Tensor | None = None, *, precision: str = "float32",
                   channels_last: bool = False) -> list[np.ndarray]:
-    """uint8 [B, C, H, W] -> [codes [B, A, h, w]] ([B, A, h, w, depth] a residual VQ's; or [float16 latents [B, A, C, h, w]], or a hierarchical VAE's
-    float16 latents of every group, top first); `labels` [B]: a conditional tokenizer's, the same for every view.
+    """uint8 [B, C, H, W] -> [codes [B, A, h, w]] ([B, A, h, w, depth] a residual VQ's; or [float16 latents
+    [B, A, C, h, w]], or a hierarchical VAE's float16 latents of every group, top first); `labels` [B]: a conditional tokenizer's, the same for every view.
     `precision`: see `encode_autocast`; `channels_last`: the views in that memory format (for an encoder in it)."""
     x = uint8_to_range(images, tokenizer.config.value_range)
     views = [x if aug == "none" else x.flip(-1) for aug in augmentations]
@@ -611,9 +611,10 @@ class TokenDataset(Dataset):
     docstring) and that every shard has its recorded size and shape; each shard's codes are checked against the
     vocabulary (latents: checked finite) before their first read. `verify=True` also checks every file's sha256 and
     every shard's codes now. `tokenizer=` refuses a tokenizer whose weights differ from the store's. Item i is image
-    i // A under augmentation i % A: (LongTensor [h, w] codes ([h, w, R] a residual VQ's), or float16 latents [C, h, w], or for a hierarchical
-    VAE's store a tuple of every group's float16 latents [C_g, h_g, w_g], top first; int label). `grid` is one
-    item's code shape ([h, w] or [h, w, R]; latents: [h, w]; None for a hierarchical store), `group_shapes` every group's [C_g, h_g, w_g] (None for a single grid).
+    i // A under augmentation i % A: (LongTensor [h, w] codes ([h, w, R] a residual VQ's), or float16 latents
+    [C, h, w], or for a hierarchical VAE's store a tuple of every group's float16 latents [C_g, h_g, w_g], top first;
+    int label). `grid` is one item's code shape ([h, w] or [h, w, R]; latents: [h, w]; None for a hierarchical
+    store), `group_shapes` every group's [C_g, h_g, w_g] (None for a single grid).
     """
 
     def __init__(self, path: str | Path, *, tokenizer: Tokenizer | None = None, verify: bool = False):

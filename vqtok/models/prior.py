@@ -4,8 +4,8 @@ Decoder-only and pre-norm (GPT-2): the sequence is [class token, c_0, ..., c_{T-
 so T = h * w positions give the T codes of one image (a residual VQ's codes [h, w, R]: T = h * w * R, in raster order
 with the levels fastest, so each position's coarse-to-fine codes come together and its finer levels see its coarser
 ones; each token's learned absolute position tells its level, which is why rotary positions, only relative, are
-refused there). The first token is the image's class (conditional priors) or
-the null class (unconditional priors, and the dropped labels that make classifier-free guidance work). Attention is
+refused there). The first token is the image's class (conditional priors) or the null class (unconditional
+priors, and the dropped labels that make classifier-free guidance work). Attention is
 `F.scaled_dot_product_attention` (flash / memory-efficient kernels where available); positions are learned absolute
 embeddings or rotary (RoPE on queries and keys).
 
@@ -564,7 +564,8 @@ class TransformerPrior(HubModel, model_type="transformer_prior"):
                      "[vqtok](https://github.com/vqtok/vqtok).",
             "tags": ["autoregressive-prior"],
             "pipeline_tag": "unconditional-image-generation",
-            "usage": (f"import vqtok\n\nprior = {load}\ncodes = {sample}  # LongTensor [16, h, w{', R' if len(c.grid) == 3 else ''}]\ntokenizer = "
+            "usage": (f"import vqtok\n\nprior = {load}\ncodes = {sample}  # LongTensor [16, h, w"
+                      f"{', R' if len(c.grid) == 3 else ''}]\ntokenizer = "
                       "prior.load_tokenizer()  # the recorded tokenizer, checked by its weights' hash\nimages = "
                       "tokenizer.postprocess(tokenizer.decode(codes), output_type=\"pil\")"),
             "intended_use": "Sampling new images code by code (of a chosen class when it is class-conditional, with "

@@ -84,8 +84,8 @@ def evaluate(
                          "on binary images, or logistic_mixture)")
     generator = torch.Generator(device).manual_seed(0)  # the posterior samples of the code length and the bounds
     kl_groups, statistics = 0.0, latents if latents is not None else LatentStatistics()
-    codes = codes if codes is not None else CodeCounts(model.vocab_size or 0, getattr(model.bottleneck, "code_depth",
-                                                                                      None) if model.vocab_size else None)
+    depth = getattr(model.bottleneck, "code_depth", None) if model.vocab_size else None  # a residual VQ's levels
+    codes = codes if codes is not None else CodeCounts(model.vocab_size or 0, depth)
     n = dims = values = 0
     num_classes = getattr(model.config, "num_classes", 0)
     bar = tqdm(total=len(dataset), unit="img", desc="eval", disable=not progress)
@@ -175,8 +175,9 @@ def collapse_metrics(model: Autoencoder | HierarchicalVAE, statistics: LatentSta
 
 
 def codebook_health(model: Autoencoder | HierarchicalVAE) -> dict[str, Any]:
-    """For a discrete tokenizer (VQ, FSQ, LFQ), from the state saved with it: whether k-means initialised its
-    codebook (`codebook_initialized`; always true for FSQ and LFQ, whose codebooks are implicit) and the fraction of
+    """For a discrete tokenizer (VQ, FSQ, LFQ, residual VQ), from the state saved with it: whether k-means
+    initialised its codebook (`codebook_initialized`; every level's for a residual VQ; always true for FSQ and LFQ,
+    whose codebooks are implicit) and the fraction of
     codes used over its last `usage_window` training steps (`train_code_usage`; None when its quantizer recorded no
     training step: converted from another library, or never initialised); {} for other models."""
     bottleneck = getattr(model, "bottleneck", None)
@@ -189,7 +190,7 @@ def codebook_health(model: Autoencoder | HierarchicalVAE) -> dict[str, Any]:
 
 def codebook_warnings(health: dict[str, Any], vq: Any, steps: int | None = None) -> list[str]:
     """What is wrong with a trained discrete bottleneck, from `codebook_health` (and its config `vq`, a VQConfig,
-    FSQConfig or LFQConfig, after `steps` of training when known): one sentence each, none when it is healthy."""
+    FSQConfig, LFQConfig or RVQConfig, after `steps` of training when known): one sentence each, none when it is healthy."""
     if not health:
         return []
     if not health["codebook_initialized"] and vq.kind == "rvq":

@@ -50,7 +50,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_vq_training import add_training_arguments, batches, train_step  # noqa: E402 (the VQ comparison's)
+from bench_vq_training import (  # noqa: E402 (the VQ comparison's loop and options)
+    add_training_arguments,
+    batches,
+    optimizers_for,
+    train_step,
+)
 
 from vqtok.bottleneck import Bottleneck, BottleneckOutput  # noqa: E402
 from vqtok.config import AutoencoderConfig, DataConfig, VQConfig  # noqa: E402
@@ -58,7 +63,6 @@ from vqtok.data import build_dataset  # noqa: E402
 from vqtok.images import uint8_to_range  # noqa: E402
 from vqtok.models import Autoencoder  # noqa: E402
 from vqtok.train.evaluate import evaluate  # noqa: E402
-from vqtok.train.schedules import lr_factor  # noqa: E402
 
 QUANTIZERS = ("vq", "vq_rotation", "fsq", "peer_fsq", "lfq", "peer_lfq", "rvq")
 FSQ_LEVELS = (8, 5, 5, 5)
@@ -150,13 +154,7 @@ def build_models(names: list[str], args: argparse.Namespace) -> dict[str, Autoen
 
 
 def train(models: dict[str, Autoencoder], args: argparse.Namespace, device: torch.device, train_set) -> dict:
-    optimizers = {}
-    for name, model in models.items():
-        model.to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-            s, warmup_steps=args.warmup_steps, max_steps=args.steps, min_ratio=0.1))
-        optimizers[name] = (optimizer, scheduler)
+    optimizers = optimizers_for(models, args, device)
     times: dict[str, list[float]] = {name: [] for name in models}
     losses: dict[str, list[float]] = {name: [] for name in models}
     value_range = next(iter(models.values())).config.value_range

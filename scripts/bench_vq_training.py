@@ -88,6 +88,19 @@ def batches(dataset, *, steps: int, batch_size: int, seed: int):
         yield torch.where(flips[:, None, None, None], images.flip(-1), images)
 
 
+def optimizers_for(models: dict[str, Autoencoder], args: argparse.Namespace, device: torch.device) -> dict:
+    """Each model moved to `device` in training mode, with its own AdamW (lr, betas 0.9/0.99, no weight decay) and
+    warm-up + cosine schedule to 0.1x: name -> (optimizer, scheduler), as `train_step` takes them."""
+    optimizers = {}
+    for name, model in models.items():
+        model.to(device).train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+            s, warmup_steps=args.warmup_steps, max_steps=args.steps, min_ratio=0.1))
+        optimizers[name] = (optimizer, scheduler)
+    return optimizers
+
+
 def train_step(model: Autoencoder, optimizer, scheduler, x: torch.Tensor, clip: float) -> tuple[float, float]:
     """One update; returns (seconds, loss)."""
     _synchronize(x.device)
@@ -138,13 +151,7 @@ def main() -> None:
     models["peer"] = copy.deepcopy(models["vqtok"])
     torch.manual_seed(args.seed)
     models["peer"].bottleneck = PeerVQ(64, 1024)
-    optimizers = {}
-    for name, model in models.items():
-        model.to(device).train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-            s, warmup_steps=args.warmup_steps, max_steps=args.steps, min_ratio=0.1))
-        optimizers[name] = (optimizer, scheduler)
+    optimizers = optimizers_for(models, args, device)
     params = sum(p.numel() for n, p in models["vqtok"].named_parameters() if not n.startswith("bottleneck."))
     print(f"encoder + decoder: {params / 1e6:.2f} M parameters, shared initial weights; {args.steps} steps at batch "
           f"{args.batch_size} on {device}")

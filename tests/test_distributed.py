@@ -49,15 +49,21 @@ def test_kmeans_and_restarts_are_identical_on_every_rank(two_ranks):
     assert torch.equal(r0["kmeans_ema_count"], r1["kmeans_ema_count"])
 
 
-def test_fsq_statistics_are_those_of_the_whole_batch(two_ranks):
-    model = fsq_model()
+@pytest.mark.parametrize("name, build, exact, close", [
+    ("fsq", fsq_model, ("usage",), ("perplexity",)),
+    ("lfq", lfq_model, (), ("perplexity", "bit_entropy")),  # code and bit counts reduced in one call
+])
+def test_implicit_codebook_statistics_are_those_of_the_whole_batch(two_ranks, name, build, exact, close):
+    model = build()
     stats = train_step(model, model, batch())
     for rank in two_ranks:
-        assert torch.equal(rank["fsq_last_used"], model.bottleneck.last_used)
-        assert float(rank["fsq_perplexity"]) == pytest.approx(float(stats["perplexity"]), rel=1e-5)
-        assert float(rank["fsq_usage"]) == float(stats["usage"])
-    half = fsq_model()  # one rank's half alone is not the whole batch's: the reduction is what makes them equal
-    assert float(train_step(half, half, batch().chunk(2)[0])["perplexity"]) != pytest.approx(float(stats["perplexity"]))
+        assert torch.equal(rank[f"{name}_last_used"], model.bottleneck.last_used)
+        assert all(float(rank[f"{name}_{k}"]) == float(stats[k]) for k in exact)
+        assert all(float(rank[f"{name}_{k}"]) == pytest.approx(float(stats[k]), rel=1e-5) for k in close)
+    half = build()  # one rank's half alone is not the whole batch's: the reduction is what makes them equal
+    statistic = close[-1]
+    assert float(train_step(half, half, batch().chunk(2)[0])[statistic]) != pytest.approx(float(stats[statistic]),
+                                                                                           rel=1e-5)
 
 
 def test_every_residual_level_reduces_its_statistics_over_the_whole_batch(two_ranks):
@@ -71,18 +77,6 @@ def test_every_residual_level_reduces_its_statistics_over_the_whole_batch(two_ra
             torch.testing.assert_close(rank[f"rvq_levels.{level}.codebook"], state[f"levels.{level}.codebook"],
                                        rtol=1e-5, atol=1e-6)
         assert float(rank["rvq_perplexity"]) == pytest.approx(float(stats["perplexity"]), rel=1e-5)
-
-
-def test_lfq_code_and_bit_statistics_are_those_of_the_whole_batch(two_ranks):
-    model = lfq_model()
-    stats = train_step(model, model, batch())
-    for rank in two_ranks:
-        assert torch.equal(rank["lfq_last_used"], model.bottleneck.last_used)
-        assert float(rank["lfq_perplexity"]) == pytest.approx(float(stats["perplexity"]), rel=1e-5)
-        assert float(rank["lfq_bit_entropy"]) == pytest.approx(float(stats["bit_entropy"]), rel=1e-5)
-    half = lfq_model()
-    assert float(train_step(half, half, batch().chunk(2)[0])["bit_entropy"]) != pytest.approx(
-        float(stats["bit_entropy"]), rel=1e-5)
 
 
 def test_ranks_draw_their_own_quantizer_dropout(two_ranks):

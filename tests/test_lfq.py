@@ -19,7 +19,12 @@ import vqtok
 import vqtok.cli
 from tests.conftest import tiny_config
 from tests.host_sync import no_host_sync
-from tests.scripts.common import bottleneck_config_error, through_store_and_prior, tiny_train_config
+from tests.scripts.common import (
+    bottleneck_config_error,
+    saved_and_reloaded,
+    through_store_and_prior,
+    tiny_train_config,
+)
 from vqtok.bottleneck import LFQConfig, LookupFreeQuantizer, build_bottleneck
 from vqtok.bottleneck.lfq import batch_entropy, sample_entropy, sign_ste
 from vqtok.config import AutoencoderConfig, ConfigError, DataConfig, load_yaml
@@ -318,22 +323,12 @@ def test_save_load_strict_model_card_and_info(tmp_path, capsys):
     model.on_optimizer_step()
     keys = [k for k in model.state_dict() if k.startswith("bottleneck.")]
     assert sorted(keys) == ["bottleneck.last_used", "bottleneck.steps"]
-    model.save_pretrained(tmp_path / "tok")
-    config = json.loads((tmp_path / "tok" / "config.json").read_text())
+    _, config = saved_and_reloaded(model, tmp_path, required_key="bottleneck.last_used",
+                                   unexpected_key="bottleneck.codebook")
     assert config["bottleneck"] == {"kind": "lfq", "bits": 10, "spherical": True, "beta": 0.25, "entropy_weight": 0.1,
                                     "diversity_weight": 1.0, "temperature": 0.01, "entropy_group_bits": None,
                                     "usage_window": 100}
     assert config["vocab_size"] == 1024 and config["latent_dim"] == 10
-    loaded = vqtok.load(tmp_path / "tok")
-    assert loaded.config == model.config
-    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
-    x = torch.rand(2, 3, 16, 16) * 2 - 1
-    assert torch.equal(loaded.encode(x), model.eval().encode(x))
-    state = model.state_dict()
-    with pytest.raises(RuntimeError, match="codebook"):
-        loaded.load_state_dict({**state, "bottleneck.codebook": torch.zeros(3)})
-    with pytest.raises(RuntimeError, match="last_used"):
-        loaded.load_state_dict({k: v for k, v in state.items() if k != "bottleneck.last_used"})
     readme = (tmp_path / "tok" / "README.md").read_text()
     assert "A BSQ image tokenizer made with" in readme and "vocabulary of 1,024 (10 bits)" in readme
     assert vqtok.cli.main(["info", str(tmp_path / "tok")]) == 0

@@ -194,3 +194,30 @@ def through_store_and_prior(tok_dir, tmp_path, *, vocab_size: int, dtype: str):
     images = prior.tokenizer.decode(codes)
     assert images.shape == (2, 1, 16, 16) and torch.isfinite(images).all()
     return prior
+
+
+def saved_and_reloaded(model: Autoencoder, tmp_path, *, required_key: str,
+                       unexpected_key: str | None = None) -> tuple[Autoencoder, dict]:
+    """Save a discrete tokenizer in the Hub format (tmp_path / "tok") and load it back: the config and every tensor
+    equal, the same codes for the same images, and loading is strict - a state dict without `required_key` (or with
+    `unexpected_key` added) refused. Returns the loaded model and the saved config.json."""
+    import json
+
+    import pytest
+
+    import vqtok
+
+    model.save_pretrained(tmp_path / "tok")
+    saved = json.loads((tmp_path / "tok" / "config.json").read_text())
+    loaded = vqtok.load(tmp_path / "tok")
+    assert loaded.config == model.config
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in model.state_dict().items())
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert torch.equal(loaded.encode(x), model.eval().encode(x))
+    state = model.state_dict()
+    if unexpected_key is not None:
+        with pytest.raises(RuntimeError, match=unexpected_key.rsplit(".", 1)[-1]):
+            loaded.load_state_dict({**state, unexpected_key: torch.zeros(3)})
+    with pytest.raises(RuntimeError, match=required_key.split(".", 1)[-1]):
+        loaded.load_state_dict({k: v for k, v in state.items() if k != required_key})
+    return loaded, saved

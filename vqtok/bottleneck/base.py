@@ -90,6 +90,19 @@ class Bottleneck(nn.Module, ABC):
             )
 
 
+@torch.no_grad()
+def record_step(steps: torch.Tensor, last_used: torch.Tensor, counts: torch.Tensor, keep: torch.Tensor | None) -> None:
+    """Advance a discrete bottleneck's step counter and mark the codes this step counted as last used now; with
+    `keep` (0-d bool, `applied_mask`) False, both buffers stay as they are (masked, nothing read on the host)."""
+    applied = counts > 0
+    if keep is None:
+        steps += 1
+    else:
+        steps += keep.long()
+        applied &= keep
+    last_used.copy_(torch.where(applied, steps, last_used))
+
+
 class ImplicitCodebookUsage:
     """Usage statistics of a bottleneck whose codebook is implicit (FSQ, LFQ: no parameters to update), mixed into its
     `Bottleneck` class: the only buffers are `steps` (optimizer steps applied) and `last_used` (the last step that used
@@ -134,13 +147,7 @@ class ImplicitCodebookUsage:
         elif not had_pending:
             self._pending.zero_()
         packed = dist.all_reduce_sum_(self._pending)
-        applied = packed[: self.last_used.numel()] > 0
-        if keep is None:
-            self.steps += 1
-        else:
-            self.steps += keep.long()
-            applied &= keep
-        self.last_used.copy_(torch.where(applied, self.steps, self.last_used))
+        record_step(self.steps, self.last_used, packed[: self.last_used.numel()], keep)
         return packed
 
     @torch.no_grad()

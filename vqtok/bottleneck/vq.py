@@ -46,7 +46,7 @@ from einops import rearrange
 from torch import nn
 
 from vqtok import distributed as dist
-from vqtok.bottleneck.base import NEVER, Bottleneck, BottleneckOutput, applied_mask, check_codes
+from vqtok.bottleneck.base import NEVER, Bottleneck, BottleneckOutput, applied_mask, check_codes, record_step
 from vqtok.bottleneck.kmeans import kmeans
 from vqtok.bottleneck.search import code_counts, nearest_code
 from vqtok.config import VQConfig
@@ -415,12 +415,7 @@ class VectorQuantizer(Bottleneck):
         if self.config.dead_threshold > 0:
             self._draw_candidates(p["candidates"])
         dist.all_reduce_sum_(self._pending)
-        applied = p["count"] > 0 if keep is None else (p["count"] > 0) & keep
-        if keep is None:
-            self.steps += 1
-        else:
-            self.steps += keep.long()
-        self.last_used.copy_(torch.where(applied, self.steps, self.last_used))
+        record_step(self.steps, self.last_used, p["count"], keep)
         sq_error = p["sq_error"] / p["n"].clamp_min(1) / self.dim
         self._update_ema(p["count"], p["sum"] if self.config.ema else None, sq_error, keep)
         # the perplexity of the whole step: its micro-batches' (and processes') counts, not a mean of theirs
